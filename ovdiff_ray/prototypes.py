@@ -1,0 +1,158 @@
+"""Features + masks -> prototypes of one class (OVDIFF.md section 5).
+
+Per extractor, for foreground and background: a class prototype (mean of all pixels), instance prototypes (mean
+per support image) and part prototypes (k-means, K from the recipe, seeded). Non-finite rows are dropped, rows are
+L2-normalised. `ClassPrototypes` is what the store writes as one shard.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+KINDS = ("fg", "bg")
+LEVELS = ("class", "instance", "part")
+
+
+@dataclass
+class ProtoSet:
+    """Prototypes of one class for one extractor. Rows sorted by (kind, level)."""
+
+    vectors: np.ndarray  # [n, D] float32, unit norm
+    kind: np.ndarray  # [n] str: fg | bg
+    level: np.ndarray  # [n] str: class | instance | part
+    source: np.ndarray  # [n] int16: support image index, -1 when pooled
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.vectors.shape[0])
+
+    def select(self, kind: str, level: str | None = None) -> np.ndarray:
+        m = self.kind == kind
+        if level is not None:
+            m &= self.level == level
+        return self.vectors[m]
+
+
+@dataclass
+class ClassPrototypes:
+    """Everything the bank holds for one class."""
+
+    name: str
+    kind: str  # thing | stuff
+    sets: dict[str, ProtoSet]  # extractor name -> prototypes
+    text: np.ndarray  # [E] float32 unit-norm class text embedding (pre-filter)
+    info: dict = field(default_factory=dict)  # n_images, skipped, seconds per stage, ...
+
+    @property
+    def rows(self) -> int:
+        return sum(len(s) for s in self.sets.values()) + 1
+
+
+def l2n(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> torch.Tensor:
+    """k-means++ init + Lloyd iterations on `x [n, D]` -> centroids `[min(k, n), D]`. Deterministic for a seed."""
+    n = x.shape[0]
+    k = min(k, n)
+    if k == 0:
+        return x[:0]
+    g = torch.Generator().manual_seed(seed)
+    x = x.float()
+    xx = (x * x).sum(1)
+    centers = [x[torch.randint(n, (1,), generator=g).item()]]
+    d2 = (xx - 2 * x @ centers[0] + centers[0].dot(centers[0])).clamp_min(0)
+    for _ in range(1, k):
+        total = d2.sum()
+        if total <= 0:
+            idx = torch.randint(n, (1,), generator=g).item()
+        else:
+            idx = torch.multinomial(d2 / total, 1, generator=g).item()
+        c = x[idx]
+        centers.append(c)
+        d2 = torch.minimum(d2, (xx - 2 * x @ c + c.dot(c)).clamp_min(0))
+    c = torch.stack(centers)
+    for _ in range(iters):
+        dist = xx[:, None] - 2 * x @ c.T + (c * c).sum(1)[None]  # [n, k]
+        assign = dist.argmin(1)
+        new = torch.zeros_like(c).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k).float()
+        empty = counts == 0
+        new = torch.where(empty[:, None], c, new / counts.clamp_min(1)[:, None])
+        if torch.allclose(new, c, atol=1e-6):
+            c = new
+            break
+        c = new
+    return c
+
+
+def downsample_mask(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """`mask [N, H, W] bool` -> `[N, h, w] bool`; any coverage of a cell counts as inside."""
+    m = mask[:, None].float()
+    return F.adaptive_max_pool2d(m, (h, w))[:, 0] > 0 if m.shape[-1] % w or m.shape[-2] % h else (
+        F.max_pool2d(m, (m.shape[-2] // h, m.shape[-1] // w))[:, 0] > 0)
+
+
+def region_prototypes(feats: torch.Tensor, mask: torch.Tensor, parts: int, iters: int, seed: int,
+                      max_pixels: int) -> tuple[list[torch.Tensor], list[str], list[int]]:
+    """One region (fg or bg) of one extractor.
+
+    feats: [N, D, h, w] raw features; mask: [N, h, w] bool. Returns rows, their levels and sources.
+    """
+    n, d = feats.shape[:2]
+    pix = feats.permute(0, 2, 3, 1)  # [N, h, w, D]
+    rows, levels, sources = [], [], []
+    sel = pix[mask]  # [P, D]
+    sel = sel[torch.isfinite(sel).all(1)]
+    if sel.shape[0] == 0:
+        return rows, levels, sources
+    rows.append(sel.double().mean(0).float())
+    levels.append("class")
+    sources.append(-1)
+    for i in range(n):
+        p = pix[i][mask[i]]
+        p = p[torch.isfinite(p).all(1)]
+        if p.shape[0]:
+            rows.append(p.double().mean(0).float())
+            levels.append("instance")
+            sources.append(i)
+    if parts > 0:
+        if sel.shape[0] > max_pixels:
+            g = torch.Generator().manual_seed(seed + 1)
+            sel = sel[torch.randperm(sel.shape[0], generator=g)[:max_pixels]]
+        for c in kmeans(sel, parts, iters, seed):
+            rows.append(c)
+            levels.append("part")
+            sources.append(-1)
+    return rows, levels, sources
+
+
+def build_protoset(feats: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, parts: int, iters: int = 50,
+                   seed: int = 0, max_pixels: int = 200_000) -> ProtoSet:
+    """feats: [N, D, h, w]; fg, bg: [N, H, W] bool masks at image size -> ProtoSet (unit-norm rows)."""
+    h, w = feats.shape[-2:]
+    vecs, kinds, levels, sources = [], [], [], []
+    for kind, mask in (("fg", fg), ("bg", bg)):
+        m = downsample_mask(mask.bool(), h, w)
+        r, lv, src = region_prototypes(feats, m, parts, iters, seed, max_pixels)
+        vecs += r
+        levels += lv
+        sources += src
+        kinds += [kind] * len(r)
+    d = feats.shape[1]
+    v = l2n(torch.stack(vecs)) if vecs else torch.zeros(0, d)
+    keep = torch.isfinite(v).all(1) & (v.norm(dim=1) > 0.5)
+    idx = keep.nonzero()[:, 0].tolist()
+    return ProtoSet(
+        vectors=v[keep].numpy().astype(np.float32),
+        kind=np.array([kinds[i] for i in idx], dtype=object),
+        level=np.array([levels[i] for i in idx], dtype=object),
+        source=np.array([sources[i] for i in idx], dtype=np.int16),
+    )

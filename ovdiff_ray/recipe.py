@@ -1,0 +1,271 @@
+"""Typed recipe: every knob of the method, loaded from YAML (`bank/recipes/*.yaml`).
+
+A recipe is plain data. Unknown keys, wrong types and missing required values are errors that name the key
+(`generation.steps: expected int, got str`). `Recipe.to_dict()` round-trips and is what a bank's manifest records.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPE_DIRS = [Path(p) for p in os.environ.get("OVDIFF_RECIPE_PATH", "").split(os.pathsep) if p] + [
+    REPO_ROOT / "bank" / "recipes"
+]
+MAX_RECIPE_BYTES = 1 << 20
+
+
+class RecipeError(ValueError):
+    """A recipe that does not parse or does not validate; the message names the file and key."""
+
+
+@dataclass
+class GenerationConfig:
+    """Support-set generation (OVDIFF.md section 1)."""
+
+    generator: str = "diffusers"  # diffusers | toy
+    model: str = ""  # model reference: hub id, folder, s3:// prefix, or tiny:<name>
+    n_images: int = 64
+    batch_size: int = 8
+    steps: int = 30
+    guidance: float = 8.0
+    scheduler: str = "dpm_multistep"  # dpm_multistep | ddim | pndm
+    resolution: int = 512
+    prompt_template: str = "A good picture of a {name}"
+    negative_prompt: str = "text, low quality, blurry, cartoon, meme, low resolution, bad, poor, faded"
+    prompt_names: dict[str, str] = field(default_factory=dict)
+    dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16
+
+
+@dataclass
+class AttributionConfig:
+    """DAAM-style cross-attention attribution (OVDIFF.md section 2)."""
+
+    grid: int = 64  # heads/layers are upsampled to grid x grid before averaging
+
+
+@dataclass
+class MasksConfig:
+    """Foreground/background rule (OVDIFF.md section 3)."""
+
+    method: str = "maskcut"  # maskcut | cutler | none
+    maskcut_n: int = 3  # instance masks per image
+    maskcut_tau: float = 0.15
+    maskcut_size: int = 224  # image side fed to DINO for MaskCut
+    cutler_weights: str = ""
+    cutler_score: float = 0.35
+    fg_threshold: float = 0.5  # fallback: fg = attribution > this
+    bg_threshold: float = 0.2  # bg = attribution < this
+    erode: int = 1
+
+
+@dataclass
+class ExtractorConfig:
+    """One dense feature extractor (OVDIFF.md section 4); each gives a separate set of prototypes."""
+
+    name: str = ""
+    type: str = ""  # sd | dino | clip | toy
+    model: str = ""
+    view_size: int = 0  # segmentation: views resized to this square side; 0 = keep (long side capped)
+    max_side: int = 800
+    timestep: int = 200  # sd only
+    layers: list[str] = field(default_factory=list)  # sd only: attention modules whose to_q is taken
+    block: int = -1  # dino/clip: block whose keys are taken (-1 = last)
+    normalise: str = "default"  # default | imagenet | clip
+    input_size: int = 0  # support images resized to this before extraction (0 = as generated)
+
+
+@dataclass
+class PrototypesConfig:
+    """Prototype kinds (OVDIFF.md section 5)."""
+
+    parts: int = 32
+    kmeans_iters: int = 50
+    seed: int = 0
+    max_pixels: int = 200_000  # foreground pixels sampled for k-means
+
+
+@dataclass
+class ClassifierConfig:
+    """Pre-filter classifier and text embeddings (OVDIFF.md sections 5-6)."""
+
+    type: str = "clip"  # clip | toy
+    model: str = ""
+    text_template: str = "a {name}"
+    image_size: int = 224
+
+
+@dataclass
+class SegmentationConfig:
+    """Test-time segmentation (OVDIFF.md section 6); booleans are ablation switches."""
+
+    short_side: int = 448
+    windows: list[list[int]] = field(default_factory=lambda: [[448, 224], [336, 224]])
+    whole_image: bool = True
+    prefilter: bool = True
+    max_candidates: int = 10
+    background: bool = True
+    stuff_filter: bool = True
+    stuff_threshold: float = 0.85
+    class_mean_only: bool = False
+    retrieval_classes: int = 64  # no pre-filter over a large vocabulary: faiss class retrieval keeps this many
+    pamr_iters: int = 10
+    pamr_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 24])
+
+
+@dataclass
+class Recipe:
+    name: str = ""
+    seed: int = 0
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    masks: MasksConfig = field(default_factory=MasksConfig)
+    extractors: list[ExtractorConfig] = field(default_factory=list)
+    prototypes: PrototypesConfig = field(default_factory=PrototypesConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def sha256(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    def model_refs(self) -> dict[str, str]:
+        """Every model reference in the recipe, keyed by where it is used."""
+        refs = {"generation": self.generation.model, "classifier": self.classifier.model}
+        refs.update({f"extractor.{e.name}": e.model for e in self.extractors})
+        return {k: v for k, v in refs.items() if v}
+
+    def summary(self) -> str:
+        ex = ",".join(f"{e.name}:{e.type}" for e in self.extractors)
+        g = self.generation
+        return (f"{self.name}: {g.generator} N={g.n_images} steps={g.steps} cfg={g.guidance} "
+                f"masks={self.masks.method} K={self.prototypes.parts} extractors=[{ex}]")
+
+
+_CHOICES = {
+    "generation.generator": {"diffusers", "toy"},
+    "generation.scheduler": {"dpm_multistep", "ddim", "pndm"},
+    "generation.dtype": {"auto", "fp32", "fp16"},
+    "masks.method": {"maskcut", "cutler", "none"},
+    "extractors.type": {"sd", "dino", "clip", "toy"},
+    "extractors.normalise": {"default", "imagenet", "clip"},
+    "classifier.type": {"clip", "toy"},
+}
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{key}: expected a list, got {type(value).__name__}")
+        (item_tp,) = typing.get_args(tp)
+        return [_check_type(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping, got {type(value).__name__}")
+        k_tp, v_tp = typing.get_args(tp)
+        return {_check_type(k, k_tp, key): _check_type(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if isinstance(value, bool) and tp is not bool or not isinstance(value, tp):
+            raise RecipeError(f"{key}: expected {tp.__name__}, got {type(value).__name__} ({value!r})")
+        return value
+    if isinstance(tp, types.UnionType):  # pragma: no cover - not used today
+        return value
+    raise RecipeError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{prefix or 'recipe'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise RecipeError(f"unknown key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _check_type(value, hints[name], key)
+        choice_key = key.split("[")[0] if not key.startswith("extractors") else "extractors." + name
+        allowed = _CHOICES.get(choice_key)
+        if allowed is not None and kwargs[name] not in allowed:
+            raise RecipeError(f"{key}: {kwargs[name]!r} is not one of {sorted(allowed)}")
+    return cls(**kwargs)
+
+
+def _validate(r: Recipe) -> None:
+    if not r.extractors:
+        raise RecipeError("extractors: at least one extractor is required")
+    seen = set()
+    for i, e in enumerate(r.extractors):
+        if not e.name or not e.type:
+            raise RecipeError(f"extractors[{i}]: 'name' and 'type' are required")
+        if e.name in seen:
+            raise RecipeError(f"extractors[{i}].name: duplicate extractor name {e.name!r}")
+        seen.add(e.name)
+        if e.type != "toy" and not e.model:
+            raise RecipeError(f"extractors[{i}].model: missing model reference for extractor {e.name!r}")
+    if r.generation.generator == "diffusers" and not r.generation.model:
+        raise RecipeError("generation.model: missing model reference for the diffusers generator")
+    if r.classifier.type == "clip" and not r.classifier.model:
+        raise RecipeError("classifier.model: missing model reference for the CLIP classifier")
+    if r.generation.n_images < 1 or r.generation.batch_size < 1:
+        raise RecipeError("generation.n_images and generation.batch_size must be >= 1")
+    if "{name}" not in r.generation.prompt_template:
+        raise RecipeError("generation.prompt_template: must contain {name}")
+    if r.prototypes.parts < 0:
+        raise RecipeError("prototypes.parts: must be >= 0")
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        r = _build(Recipe, data, "")
+        _validate(r)
+    except RecipeError as e:
+        raise RecipeError(f"{source}: {e}") from None
+    return r
+
+
+def resolve_recipe_path(name_or_path: str | os.PathLike) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise RecipeError(f"recipe file {p} does not exist")
+        return p
+    for d in RECIPE_DIRS:
+        cand = d / f"{name_or_path}.yaml"
+        if cand.is_file():
+            return cand
+    known = sorted({q.stem for d in RECIPE_DIRS if d.is_dir() for q in d.glob("*.yaml")})
+    raise RecipeError(f"unknown recipe {str(name_or_path)!r}: not a file, and not one of {known}")
+
+
+def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
+    """Load a recipe by name (`bank/recipes/<name>.yaml`) or by path."""
+    path = resolve_recipe_path(name_or_path)
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: larger than {MAX_RECIPE_BYTES} bytes")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    data = data or {}
+    data.setdefault("name", path.stem)
+    return recipe_from_dict(data, str(path))

@@ -1,0 +1,107 @@
+"""In-memory bank for matching: class-sorted prototype arrays per extractor with per-class offsets.
+
+`Bank.load(uri)` reads a committed manifest and its shards (sha256 verified); `Bank.from_prototypes` builds the same
+structure from `ClassPrototypes` in memory (tests, previews).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..prototypes import ClassPrototypes
+from ..recipe import Recipe, recipe_from_dict
+
+KIND_CODES = {"fg": 0, "bg": 1}
+LEVEL_CODES = {"class": 0, "instance": 1, "part": 2}
+
+
+@dataclass
+class BankArrays:
+    """Prototypes of one extractor, all classes, sorted by class then (kind, level)."""
+
+    vectors: np.ndarray  # [R, D] float16, unit norm
+    class_idx: np.ndarray  # [R] int32: index into Bank.names
+    kind: np.ndarray  # [R] uint8: 0 fg, 1 bg
+    level: np.ndarray  # [R] uint8: 0 class, 1 instance, 2 part
+    offsets: np.ndarray  # [C + 1] int64: rows of class c are offsets[c]:offsets[c+1]
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def rows_of(self, c: int) -> slice:
+        return slice(int(self.offsets[c]), int(self.offsets[c + 1]))
+
+
+@dataclass
+class Bank:
+    bank_id: str
+    version: int
+    recipe: Recipe
+    names: list[str]  # class names in id order (id = index)
+    kinds: list[str]  # thing | stuff per class
+    text: np.ndarray  # [C, E] float32 unit-norm class text embeddings
+    extractors: dict[str, BankArrays]
+    manifest: dict = field(default_factory=dict)
+    uri: str = ""
+
+    def index(self, name: str) -> int:
+        from ..vocab import fold
+
+        if not hasattr(self, "_index"):
+            self._index = {fold(n): i for i, n in enumerate(self.names)}
+        return self._index[fold(name)]
+
+    def resolve(self, classes: list[str] | None) -> list[int]:
+        """Class names -> ids; unknown names raise a KeyError that lists them all."""
+        if classes is None:
+            return list(range(len(self.names)))
+        from ..vocab import fold
+
+        self.index(self.names[0]) if self.names else None
+        unknown = [c for c in classes if fold(c) not in self._index]
+        if unknown:
+            raise KeyError(f"unknown classes (not in bank {self.bank_id} v{self.version}): {', '.join(unknown)}")
+        return sorted({self._index[fold(c)] for c in classes})
+
+    @classmethod
+    def from_prototypes(cls, protos: list[ClassPrototypes], recipe: Recipe, bank_id: str = "memory",
+                        version: int = 0) -> "Bank":
+        names = [p.name for p in protos]
+        kinds = [p.kind for p in protos]
+        text = np.stack([p.text for p in protos]).astype(np.float32) if protos else np.zeros((0, 0), np.float32)
+        ex_names = [e.name for e in recipe.extractors]
+        arrays = {}
+        for ex in ex_names:
+            vecs, cidx, kind, level, offsets = [], [], [], [], [0]
+            for c, p in enumerate(protos):
+                s = p.sets.get(ex)
+                n = 0 if s is None else len(s)
+                if n:
+                    vecs.append(s.vectors.astype(np.float16))
+                    cidx.append(np.full(n, c, np.int32))
+                    kind.append(np.array([KIND_CODES[k] for k in s.kind], np.uint8))
+                    level.append(np.array([LEVEL_CODES[v] for v in s.level], np.uint8))
+                offsets.append(offsets[-1] + n)
+            dim = next((p.sets[ex].dim for p in protos if ex in p.sets), 0)
+            arrays[ex] = BankArrays(
+                vectors=np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float16),
+                class_idx=np.concatenate(cidx) if cidx else np.zeros(0, np.int32),
+                kind=np.concatenate(kind) if kind else np.zeros(0, np.uint8),
+                level=np.concatenate(level) if level else np.zeros(0, np.uint8),
+                offsets=np.array(offsets, np.int64),
+            )
+        return cls(bank_id, version, recipe, names, kinds, text, arrays)
+
+    @classmethod
+    def load(cls, uri: str, version: int | None = None, classes: list[str] | None = None,
+             storage_options: dict | None = None) -> "Bank":
+        """Load a committed bank (latest or `version`), all classes or only `classes`; shards sha256-verified."""
+        from .shards import load_bank
+
+        return load_bank(uri, version=version, classes=classes, storage_options=storage_options)
+
+    @staticmethod
+    def recipe_of(manifest: dict) -> Recipe:
+        return recipe_from_dict(manifest["recipe"], f"manifest v{manifest.get('version')}")
