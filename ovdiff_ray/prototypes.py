@@ -95,35 +95,36 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> torch.Ten
 
 def downsample_mask(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """`mask [N, H, W] bool` -> `[N, h, w] bool`; any coverage of a cell counts as inside."""
-    m = mask[:, None].float()
-    return F.adaptive_max_pool2d(m, (h, w))[:, 0] > 0 if m.shape[-1] % w or m.shape[-2] % h else (
-        F.max_pool2d(m, (m.shape[-2] // h, m.shape[-1] // w))[:, 0] > 0)
+    return F.adaptive_max_pool2d(mask[:, None].float(), (h, w))[:, 0] > 0
 
 
-def region_prototypes(feats: torch.Tensor, mask: torch.Tensor, parts: int, iters: int, seed: int,
+def masked_pixels(feats: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """feats: [N, D, h, w]; mask: [N, H, W] bool at image size -> per image `[P_i, D]` finite pixel features."""
+    m = downsample_mask(mask.bool(), *feats.shape[-2:])
+    out = []
+    for f, mi in zip(feats, m):
+        p = f.permute(1, 2, 0)[mi]
+        out.append(p[torch.isfinite(p).all(1)])
+    return out
+
+
+def region_prototypes(pixels: list[torch.Tensor], parts: int, iters: int, seed: int,
                       max_pixels: int) -> tuple[list[torch.Tensor], list[str], list[int]]:
-    """One region (fg or bg) of one extractor.
-
-    feats: [N, D, h, w] raw features; mask: [N, h, w] bool. Returns rows, their levels and sources.
-    """
-    n, d = feats.shape[:2]
-    pix = feats.permute(0, 2, 3, 1)  # [N, h, w, D]
+    """One region (fg or bg) of one extractor: per-image pixels `[P_i, D]` -> rows, levels, sources."""
     rows, levels, sources = [], [], []
-    sel = pix[mask]  # [P, D]
-    sel = sel[torch.isfinite(sel).all(1)]
-    if sel.shape[0] == 0:
+    nonempty = [(i, p.float()) for i, p in enumerate(pixels) if p.shape[0]]
+    if not nonempty:
         return rows, levels, sources
-    rows.append(sel.double().mean(0).float())
+    total = sum(p.shape[0] for _, p in nonempty)
+    rows.append(sum(p.double().sum(0) for _, p in nonempty).div(total).float())
     levels.append("class")
     sources.append(-1)
-    for i in range(n):
-        p = pix[i][mask[i]]
-        p = p[torch.isfinite(p).all(1)]
-        if p.shape[0]:
-            rows.append(p.double().mean(0).float())
-            levels.append("instance")
-            sources.append(i)
+    for i, p in nonempty:
+        rows.append(p.double().mean(0).float())
+        levels.append("instance")
+        sources.append(i)
     if parts > 0:
+        sel = torch.cat([p for _, p in nonempty])
         if sel.shape[0] > max_pixels:
             g = torch.Generator().manual_seed(seed + 1)
             sel = sel[torch.randperm(sel.shape[0], generator=g)[:max_pixels]]
@@ -134,20 +135,17 @@ def region_prototypes(feats: torch.Tensor, mask: torch.Tensor, parts: int, iters
     return rows, levels, sources
 
 
-def build_protoset(feats: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, parts: int, iters: int = 50,
-                   seed: int = 0, max_pixels: int = 200_000) -> ProtoSet:
-    """feats: [N, D, h, w]; fg, bg: [N, H, W] bool masks at image size -> ProtoSet (unit-norm rows)."""
-    h, w = feats.shape[-2:]
+def protoset_from_pixels(fg: list[torch.Tensor], bg: list[torch.Tensor], dim: int, parts: int, iters: int = 50,
+                         seed: int = 0, max_pixels: int = 200_000) -> ProtoSet:
+    """Per-image fg and bg pixel features (`[P_i, D]` each) -> ProtoSet with unit-norm rows."""
     vecs, kinds, levels, sources = [], [], [], []
-    for kind, mask in (("fg", fg), ("bg", bg)):
-        m = downsample_mask(mask.bool(), h, w)
-        r, lv, src = region_prototypes(feats, m, parts, iters, seed, max_pixels)
+    for kind, pixels in (("fg", fg), ("bg", bg)):
+        r, lv, src = region_prototypes(pixels, parts, iters, seed, max_pixels)
         vecs += r
         levels += lv
         sources += src
         kinds += [kind] * len(r)
-    d = feats.shape[1]
-    v = l2n(torch.stack(vecs)) if vecs else torch.zeros(0, d)
+    v = l2n(torch.stack(vecs)) if vecs else torch.zeros(0, dim)
     keep = torch.isfinite(v).all(1) & (v.norm(dim=1) > 0.5)
     idx = keep.nonzero()[:, 0].tolist()
     return ProtoSet(
@@ -156,3 +154,10 @@ def build_protoset(feats: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, part
         level=np.array([levels[i] for i in idx], dtype=object),
         source=np.array([sources[i] for i in idx], dtype=np.int16),
     )
+
+
+def build_protoset(feats: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, parts: int, iters: int = 50,
+                   seed: int = 0, max_pixels: int = 200_000) -> ProtoSet:
+    """feats: [N, D, h, w]; fg, bg: [N, H, W] bool masks at image size -> ProtoSet (unit-norm rows)."""
+    return protoset_from_pixels(masked_pixels(feats, fg), masked_pixels(feats, bg), feats.shape[1], parts, iters,
+                                seed, max_pixels)

@@ -1,0 +1,68 @@
+"""`ovdiff bank inspect URI [--version N] [--verify] [--json]`: what a committed bank holds."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .fs import Location, StoreError
+from .schema import ManifestError
+from .shards import read_manifest, read_shard_bytes
+
+
+def summarize(m: dict) -> dict:
+    extractors: dict[str, dict] = {}
+    for c in m["classes"]:
+        for ex, n in c.get("prototypes", {}).items():
+            e = extractors.setdefault(ex, {"dim": c.get("dims", {}).get(ex, 0), "prototypes": 0})
+            e["prototypes"] += n
+    r = m["recipe"]
+    g = r.get("generation", {})
+    return {
+        "bank_id": m["bank_id"], "version": m["version"], "created": m.get("created"),
+        "num_classes": len(m["classes"]), "classes": [c["name"] for c in m["classes"]],
+        "kinds": {k: sum(c["kind"] == k for c in m["classes"]) for k in ("thing", "stuff")},
+        "extractors": extractors, "bytes": sum(int(c.get("bytes", 0)) for c in m["classes"]),
+        "recipe": {"name": r.get("name"), "generator": g.get("generator"), "n_images": g.get("n_images"),
+                   "steps": g.get("steps"), "masks": r.get("masks", {}).get("method"),
+                   "parts": r.get("prototypes", {}).get("parts"),
+                   "extractors": [e.get("name") for e in r.get("extractors", [])]},
+        "failed": m.get("failed", []),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="ovdiff bank", description="Inspect a committed prototype bank.")
+    sub = ap.add_subparsers(dest="action", required=True)
+    ins = sub.add_parser("inspect", help="show a bank's version, classes, extractors and size")
+    ins.add_argument("uri", help="bank location: local folder, file:// or s3://bucket/prefix")
+    ins.add_argument("--version", type=int, default=None, help="manifest version (default: latest)")
+    ins.add_argument("--verify", action="store_true", help="read every shard and check its sha256")
+    ins.add_argument("--json", action="store_true", help="print one JSON object")
+    a = ap.parse_args(argv)
+    try:
+        loc = Location(a.uri)
+        m = read_manifest(loc, a.version)
+        if m is None:
+            raise ManifestError(f"{a.uri}: no committed bank here (no manifests/)")
+        info = summarize(m)
+        if a.verify:
+            for c in m["classes"]:
+                read_shard_bytes(loc, c)
+            info["verified"] = True
+    except (StoreError, ManifestError, OSError) as e:
+        print(f"ovdiff bank inspect: error: {e}", file=sys.stderr)
+        return 1
+    if a.json:
+        print(json.dumps(info))
+        return 0
+    print(f"bank {info['bank_id']} v{info['version']} at {a.uri} (created {info['created']})")
+    print(f"classes: {info['num_classes']} ({info['kinds']['thing']} thing, {info['kinds']['stuff']} stuff)")
+    for ex, e in info["extractors"].items():
+        print(f"  extractor {ex}: dim {e['dim']}, {e['prototypes']} prototypes")
+    print(f"bytes: {info['bytes']:,}  recipe: {info['recipe']}")
+    if info["failed"]:
+        print(f"failed classes: {', '.join(f['name'] for f in info['failed'])}")
+    if a.verify:
+        print(f"verified: all {info['num_classes']} shards match their sha256")
+    return 0

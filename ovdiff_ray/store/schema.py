@@ -1,0 +1,66 @@
+"""Arrow schema of a class shard and the manifest format.
+
+A shard holds one class: rows = prototypes of every extractor (sorted by extractor, kind, level; one row group per
+extractor) plus one `kind = "text"` row with the class text embedding. Extractors have different dims, so `vector` is
+`list<float16>` with the dim in its own column (a fixed_size_list needs one D per file); readers reshape per
+extractor into `[R, D]`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "ovdiff-bank/1"
+SHARD_SCHEMA = pa.schema([
+    ("class_id", pa.int32()),
+    ("class_name", pa.string()),
+    ("extractor", pa.string()),  # extractor name, or "text"
+    ("kind", pa.string()),  # fg | bg | text
+    ("level", pa.string()),  # class | instance | part
+    ("source", pa.int16()),  # support image index, -1 when pooled
+    ("dim", pa.int32()),
+    ("vector", pa.list_(pa.float16())),  # L2-normalised
+], metadata={b"schema": SCHEMA_VERSION.encode()})
+MAX_MANIFEST_BYTES = 64 << 20
+MANIFEST_KEYS = ("schema", "bank_id", "version", "created", "recipe", "classes")
+
+
+class ManifestError(ValueError):
+    """A manifest that does not parse or validate; names the object."""
+
+
+def slug(name: str) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return (s or "class")[:60]
+
+
+def manifest_key(version: int) -> str:
+    return f"manifests/v{version:06d}.json"
+
+
+LATEST_KEY = "manifests/latest"
+
+
+def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
+    try:
+        m = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{where}: manifest does not parse: {e}") from None
+    if not isinstance(m, dict):
+        raise ManifestError(f"{where}: manifest is not a JSON object")
+    if m.get("schema") != SCHEMA_VERSION:
+        raise ManifestError(f"{where}: unknown manifest schema {m.get('schema')!r} (this reader knows {SCHEMA_VERSION})")
+    missing = [k for k in MANIFEST_KEYS if k not in m]
+    if missing:
+        raise ManifestError(f"{where}: manifest lacks {', '.join(missing)}")
+    for i, c in enumerate(m["classes"]):
+        if not all(k in c for k in ("name", "kind", "shard", "sha256", "rows")):
+            raise ManifestError(f"{where}: classes[{i}] lacks name/kind/shard/sha256/rows")
+    return m
+
+
+def dump_manifest(m: dict[str, Any]) -> bytes:
+    return (json.dumps(m, indent=1, sort_keys=False) + "\n").encode()
