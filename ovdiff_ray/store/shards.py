@@ -69,7 +69,8 @@ def _table(p: ClassPrototypes, class_id: int, extractor: str, vectors: np.ndarra
 def encode_shard(p: ClassPrototypes, class_id: int) -> bytes:
     """ClassPrototypes -> Parquet bytes: rows sorted by extractor/kind/level, one row group per extractor."""
     buf = io.BytesIO()
-    with pq.ParquetWriter(buf, SHARD_SCHEMA, compression="none", write_statistics=True) as w:
+    with pq.ParquetWriter(buf, SHARD_SCHEMA, compression="none", write_statistics=True,
+                          use_dictionary=["class_name", "extractor", "kind", "level"]) as w:
         for ex in sorted(p.sets):
             s = p.sets[ex]
             order = sorted(range(len(s)), key=lambda i: (KIND_CODES[s.kind[i]], LEVEL_CODES[s.level[i]], i))
@@ -187,10 +188,15 @@ def load_bank(uri: str, version: int | None = None, classes: list[str] | None = 
             raise KeyError(f"unknown classes (not in bank {m['bank_id']} v{m['version']}): {', '.join(unknown)}")
         wanted = {fold(c) for c in classes}
         entries = [c for c in entries if fold(c["name"]) in wanted]
-    with ThreadPoolExecutor(max(1, min(threads, len(entries)))) as ex:
-        blobs = list(ex.map(lambda e: read_shard_bytes(loc, e), entries))
-    tables = [_decode(b, loc.display(e["shard"])) for b, e in zip(blobs, entries)]
+    with ThreadPoolExecutor(max(1, min(threads, len(entries)))) as ex:  # pyarrow decodes without the GIL
+        tables = list(ex.map(lambda e: _decode(read_shard_bytes(loc, e), loc.display(e["shard"])), entries))
     return assemble(m, entries, tables, uri)
+
+
+def _vectors(col: pa.ChunkedArray, n: int, d: int) -> np.ndarray:
+    """list<float16> column (one extractor, all rows of dim d) -> [n, d] float16 without per-value work."""
+    flat = [c.flatten().to_numpy(zero_copy_only=False) for c in col.chunks]
+    return (flat[0] if len(flat) == 1 else np.concatenate(flat)).reshape(n, d)
 
 
 def _codes(values: np.ndarray, table: dict[str, int]) -> np.ndarray:
@@ -211,10 +217,12 @@ def assemble(m: dict, entries: list[dict], tables: list[pa.Table], uri: str) -> 
         exs = t.column("extractor").to_numpy(zero_copy_only=False)
         for ex in ex_names + ["text"]:
             idx = np.nonzero(exs == ex)[0]
-            sub = t.take(idx) if len(idx) != len(t) else t
             n = len(idx)
+            if n and idx[-1] - idx[0] + 1 != n:
+                raise ShardError(f"{entries[c]['shard']}: rows of extractor {ex!r} are not contiguous")
+            sub = t.slice(int(idx[0]), n) if n else t.slice(0, 0)  # rows are sorted by extractor: zero-copy
             d = int(sub.column("dim")[0].as_py()) if n else 0
-            vec = sub.column("vector").combine_chunks().values.to_numpy(zero_copy_only=False).reshape(n, d) if n else None
+            vec = _vectors(sub.column("vector"), n, d) if n else None
             if ex == "text":
                 if n != 1:
                     raise ShardError(f"{entries[c]['shard']}: expected one text row, found {n}")
