@@ -276,7 +276,6 @@ class DiffusionGenerator:
         s.span = token_span(self.pipe.tokenizer, cfg.prompt_template, pname)
         s.n_images, s.grid = b, self.recipe.attribution.grid
         s.latent_hw = (res // self.pipe.vae_scale_factor,) * 2
-        s.profile = str(self.device).startswith("cuda") and s.profile
         s.active = True
         try:
             out = self.pipe(

@@ -40,7 +40,7 @@ def write_clip_tokenizer(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    CLIPTokenizer.from_pretrained(folder).save_pretrained(folder)
+    CLIPTokenizer.from_pretrained(folder, model_max_length=77).save_pretrained(folder)
 
 
 def build_sd(folder: Path) -> None:

@@ -1,0 +1,279 @@
+"""`build_bank`: build a prototype bank on Ray, one class per unit of work, resumable and exactly-once.
+
+The driver (no GPU) diffs the vocabulary against the bank's committed manifest and sends only the pending classes
+through Ray Data (`from_items` -> `map_batches(ClassWorker)` under an actor pool). Each worker loads the recipe's
+models once, writes its class's shard and returns metadata only; the driver commits manifest v(N+1) = previous
+classes + new ones, every `--commit-every` classes and at the end.
+
+    build_bank --vocab bank/vocab/toy.tsv --recipe toy --out ./banks/toy
+    ray job submit --address http://HEAD:8265 -- build_bank --vocab bank/vocab/lvis1203.tsv --recipe paper \\
+        --out s3://bucket/banks/lvis --gpus-per-worker 1 --workers 8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
+from .store.fs import CommitConflict, Location, StorageConfig, StoreError
+from .store.schema import ManifestError
+from .store.shards import commit_manifest, new_manifest, read_manifest, write_shard
+from .vocab import VocabError, Vocabulary, fold, load_vocab
+
+COMMIT_SECONDS = 300.0  # also commit when this long has passed since the last commit
+
+
+class ClassWorker:
+    """Ray Data callable class: models loaded once per actor; one batch row = one class -> one metadata row.
+
+    A class that raises is retried here up to `retries` times, then returned as failed with its reason; a worker
+    process or node that dies is retried by Ray Data on another actor. Shard keys are content-addressed and seeds
+    derive from (bank seed, class, image), so a retry rewrites the same shard.
+    """
+
+    def __init__(self, recipe: dict, uri: str, storage: dict | None, retries: int = 2):
+        from .sample import SamplingModels
+
+        self.recipe = recipe_from_dict(recipe, "bank recipe")
+        self.loc = Location(uri, storage)
+        self.retries = retries
+        self.models = SamplingModels.load(self.recipe)
+        self.node = socket.gethostname() + f":{os.getpid()}"
+
+    def build_one(self, class_id: int, name: str, kind: str) -> dict:
+        from .sample import sample_class
+
+        errors = []
+        for attempt in range(1, self.retries + 2):
+            t0 = time.perf_counter()
+            try:
+                protos = sample_class(name, self.recipe, self.models, kind=kind)
+                info = write_shard(self.loc, protos, class_id)
+                return dict(status="ok", entry=json.dumps({**info.to_entry(), "id": class_id}), error="",
+                            seconds=time.perf_counter() - t0, attempts=attempt, worker=self.node)
+            except Exception as e:  # noqa: BLE001 - any model/data error is retried, then reported
+                errors.append(f"{type(e).__name__}: {e}")
+                last = traceback.format_exc(limit=3)
+        return dict(status="failed", entry="", error=f"{errors[-1]} (after {len(errors)} attempts)\n{last}",
+                    seconds=0.0, attempts=len(errors), worker=self.node)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out: dict[str, list] = {k: [] for k in ("class_id", "name", "status", "entry", "error", "seconds",
+                                                "attempts", "worker")}
+        for cid, name, kind in zip(batch["class_id"], batch["name"], batch["kind"]):
+            r = self.build_one(int(cid), str(name), str(kind))
+            out["class_id"].append(int(cid))
+            out["name"].append(str(name))
+            for k, v in r.items():
+                out[k].append(v)
+        return out
+
+
+@dataclass
+class BuildState:
+    """What the driver holds between commits."""
+
+    loc: Location
+    bank_id: str
+    recipe: Recipe
+    vocab: Vocabulary
+    committed: list[dict]  # manifest entries of the last committed version
+    version: int  # last committed version (0 = none)
+    pending_entries: list[dict] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+    built: int = 0
+
+    def commit(self) -> bool:
+        """Commit previous classes + new ones as v(N+1); on a conflict merge with the winner and retry."""
+        if not self.pending_entries:
+            return False
+        for _ in range(10):
+            have = {fold(c["name"]) for c in self.committed}
+            new = [e for e in self.pending_entries if fold(e["name"]) not in have]
+            if not new:
+                self.pending_entries = []
+                return False
+            m = new_manifest(self.bank_id, self.version + 1, self.recipe.to_dict(), self.committed + new,
+                             recipe_sha256=self.recipe.sha256(), vocab_sha256=self.vocab.sha256,
+                             models=model_hashes(self.recipe), failed=self.failed)
+            try:
+                commit_manifest(self.loc, m)
+            except CommitConflict:
+                latest = read_manifest(self.loc)
+                if latest["recipe"] != self.recipe.to_dict():
+                    raise
+                self.committed, self.version = latest["classes"], latest["version"]
+                continue
+            self.committed, self.version = m["classes"], m["version"]
+            self.pending_entries = []
+            return True
+        raise StoreError(f"{self.loc.uri}: could not commit after 10 conflicting writers")
+
+
+def model_hashes(recipe: Recipe) -> dict[str, str]:
+    try:
+        from .models.weights import model_hash
+    except ImportError:  # pragma: no cover - weights module absent
+        return dict(recipe.model_refs())
+    out = {}
+    for where, ref in recipe.model_refs().items():
+        try:
+            out[where] = f"{ref}@{model_hash(ref)}"
+        except Exception:  # noqa: BLE001 - a hub id not in the local cache: record the reference only
+            out[where] = ref
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="build_bank", description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vocab", required=True, help="vocabulary: .tsv (name, kind) or .txt (one name a line)")
+    ap.add_argument("--recipe", required=True, help="recipe name in bank/recipes (paper, tiny, toy) or a YAML file")
+    ap.add_argument("--out", required=True, help="bank location: local folder, file:// or s3://bucket/prefix")
+    ap.add_argument("--workers", type=int, default=None, help="actors in the pool (default: GPUs, or 2 on CPU)")
+    ap.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (0 on CPU machines)")
+    ap.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per actor (default 1)")
+    ap.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, a running cluster, or local)")
+    ap.add_argument("--bank-id", default=None, help="id of a new bank (default: derived from the vocab and recipe)")
+    ap.add_argument("--max-failures", type=int, default=None,
+                    help="stop scheduling after this many failed classes (default: no limit)")
+    ap.add_argument("--retries", type=int, default=2, help="retries of a class that raises (default 2)")
+    ap.add_argument("--commit-every", type=int, default=16, help="commit a version every N built classes (default 16)")
+    ap.add_argument("--new-bank", action="store_true", help="start a new bank at --out even if its recipe differs")
+    ap.add_argument("--limit", type=int, default=None, help="build at most N pending classes this run")
+    return ap.parse_args(argv)
+
+
+def plan(args: argparse.Namespace) -> tuple[BuildState, list[dict]]:
+    """Validate inputs and diff the vocabulary against the committed manifest. Nothing starts before this passes."""
+    vocab = load_vocab(args.vocab)
+    recipe = load_recipe(args.recipe)
+    loc = Location(args.out)
+    latest = read_manifest(loc)
+    committed, version = [], 0
+    bank_id = args.bank_id or f"{recipe.name}-{vocab.sha256[:8]}-{uuid.uuid4().hex[:6]}"
+    if latest is not None:
+        version = latest["version"]
+        if latest["recipe"] != recipe.to_dict() and not args.new_bank:
+            raise RecipeError(f"{args.out} holds bank {latest['bank_id']} v{version} built with recipe "
+                              f"{latest['recipe'].get('name')!r}, which differs from {recipe.name!r}: a bank never "
+                              "mixes recipes (pass --new-bank to start a new bank there, or choose another --out)")
+        if not args.new_bank:
+            committed, bank_id = latest["classes"], latest["bank_id"]
+    have = {fold(c["name"]) for c in committed}
+    next_id = max((c.get("id", i) for i, c in enumerate(committed)), default=-1) + 1
+    pending = []
+    for c in vocab.classes:
+        if fold(c.name) not in have:
+            pending.append({"class_id": next_id, "name": c.name, "kind": c.kind})
+            next_id += 1
+    if args.limit is not None:
+        pending = pending[: args.limit]
+    return BuildState(loc, bank_id, recipe, vocab, committed, version), pending
+
+
+def run(args: argparse.Namespace) -> int:
+    t_start = time.perf_counter()
+    try:
+        state, pending = plan(args)
+    except (VocabError, RecipeError, ManifestError, StoreError) as e:
+        print(f"build_bank: error: {e}", file=sys.stderr)
+        return 2
+    skipped = len(state.vocab) - len(pending)
+    print(f"build_bank: bank {state.bank_id} at {args.out}: {len(state.vocab)} classes in vocab, {skipped} already "
+          f"in v{state.version}, {len(pending)} to build (recipe {state.recipe.name})", flush=True)
+    if not pending:
+        print(f"build_bank: nothing to build: committed nothing, bank {args.out} stays at v{state.version}")
+        print(f"summary: built 0, skipped {skipped}, failed 0, wall {time.perf_counter() - t_start:.1f}s, "
+              f"bank {args.out} v{state.version}")
+        return 0
+    import ray
+
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address=args.address, log_to_driver=True, logging_level="WARNING")
+    interrupted = False
+    try:
+        interrupted = execute(args, state, pending)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    wall = time.perf_counter() - t_start
+    for f in state.failed:
+        print(f"failed: {f['name']}: {f['error'].splitlines()[0]}", file=sys.stderr)
+    print(f"summary: built {state.built}, skipped {skipped}, failed {len(state.failed)}, wall {wall:.1f}s, "
+          f"bank {args.out} v{state.version}{' (interrupted)' if interrupted else ''}")
+    if interrupted:
+        return 130
+    return 1 if state.failed else 0
+
+
+def execute(args: argparse.Namespace, state: BuildState, pending: list[dict]) -> bool:
+    """Stream the pending classes through the actor pool, committing as results arrive. Returns True on Ctrl-C."""
+    import ray
+    from tqdm import tqdm
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = False
+    gpus = ray.cluster_resources().get("GPU", 0)
+    workers = args.workers or (int(gpus // args.gpus_per_worker) if args.gpus_per_worker and gpus else 2)
+    workers = max(1, min(workers, len(pending)))
+    storage = StorageConfig.from_env().to_dict() if args.out.startswith("s3://") else None
+    ds = ray.data.from_items(pending, override_num_blocks=len(pending)).map_batches(
+        ClassWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
+        fn_constructor_kwargs={"recipe": state.recipe.to_dict(), "uri": args.out, "storage": storage,
+                               "retries": args.retries},
+        num_gpus=args.gpus_per_worker, num_cpus=args.cpus_per_worker)
+    old = signal.getsignal(signal.SIGINT)
+    last_commit, since = time.monotonic(), 0
+    bar = tqdm(total=len(pending), unit="class", desc="build_bank", dynamic_ncols=True, file=sys.stderr,
+               mininterval=1.0)
+    t0 = time.perf_counter()
+    try:
+        for row in ds.iter_rows():
+            if row["status"] == "ok":
+                state.pending_entries.append(json.loads(row["entry"]))
+                state.built += 1
+                since += 1
+            else:
+                state.failed.append({"name": row["name"], "error": row["error"], "attempts": int(row["attempts"])})
+                tqdm.write(f"build_bank: class {row['name']!r} failed: {row['error'].splitlines()[0]}", file=sys.stderr)
+            bar.update(1)
+            done = bar.n
+            rate = done / max(time.perf_counter() - t0, 1e-9) * 60
+            bar.set_postfix_str(f"{rate:.1f} classes/min, {len(state.failed)} failed, v{state.version}")
+            if since >= args.commit_every or time.monotonic() - last_commit > COMMIT_SECONDS:
+                if state.commit():
+                    tqdm.write(f"build_bank: committed v{state.version} ({len(state.committed)} classes)")
+                last_commit, since = time.monotonic(), 0
+            if args.max_failures is not None and len(state.failed) >= args.max_failures:
+                tqdm.write(f"build_bank: stopping after {len(state.failed)} failures (--max-failures)")
+                break
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the commit
+        bar.close()
+        state.commit()
+        signal.signal(signal.SIGINT, old)
+        return True
+    bar.close()
+    state.commit()
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
