@@ -19,17 +19,13 @@ import torch.nn.functional as F
 
 from ..recipe import Recipe
 from .base import SupportSet, image_seed
-from .weights import resolve_model
+from .weights import ModelLoadError, quiet_loading, resolve_model
 
 log = logging.getLogger(__name__)
 
 SCHEDULERS = {"dpm_multistep": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler", "pndm": "PNDMScheduler"}
 _PIPELINES: dict[tuple[str, str, torch.dtype], object] = {}
 _LOCK = threading.Lock()
-
-
-class ModelLoadError(RuntimeError):
-    """A model reference that resolved but could not be loaded by its library; names the reference."""
 
 
 def torch_dtype(name: str, device: str) -> torch.dtype:
@@ -45,15 +41,13 @@ def load_pipeline(ref: str, device: str, dtype: torch.dtype):
     The generator and the SD feature extractor share it (one copy of the UNet in memory).
     """
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import logging as dlog
 
     path = resolve_model(ref)
     key = (path, str(device), dtype)
     with _LOCK:
         if key not in _PIPELINES:
-            dlog.disable_progress_bar()
             try:
-                with warnings.catch_warnings():
+                with warnings.catch_warnings(), quiet_loading():
                     warnings.simplefilter("ignore")
                     pipe = StableDiffusionPipeline.from_pretrained(
                         path, torch_dtype=dtype, safety_checker=None, feature_extractor=None,
@@ -62,7 +56,8 @@ def load_pipeline(ref: str, device: str, dtype: torch.dtype):
                 raise ModelLoadError(f"cannot load diffusion model {ref!r} (resolved to {path}): {e}") from e
             pipe.to(device)
             pipe.set_progress_bar_config(disable=True)
-            pipe.unet.eval(), pipe.vae.eval(), pipe.text_encoder.eval()
+            for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+                m.eval()
             _PIPELINES[key] = pipe
         return _PIPELINES[key]
 
@@ -229,12 +224,13 @@ class DiffusionGenerator:
     `timings` holds the seconds of the last call: `generate` (pipeline, without capture) and `attribution`.
     """
 
-    def __init__(self, recipe: Recipe, device: str = "cpu"):
+    def __init__(self, recipe: Recipe, device: str = "cpu", pipe=None):
+        """`pipe`: an already loaded pipeline to use instead of `generation.model` (benchmarks, tests)."""
         from diffusers import StableDiffusionPipeline
 
         self.recipe, self.cfg, self.device = recipe, recipe.generation, device
         self.dtype = torch_dtype(self.cfg.dtype, device)
-        base = load_pipeline(self.cfg.model, device, self.dtype)
+        base = pipe if pipe is not None else load_pipeline(self.cfg.model, device, self.dtype)
         scheduler = make_scheduler(self.cfg.scheduler, base.scheduler.config)
         comps = {**base.components, "scheduler": scheduler}
         comps.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -261,7 +257,8 @@ class DiffusionGenerator:
         t0 = time.perf_counter()
         for i in range(0, n, self.cfg.batch_size):
             imgs, att = self._batch(pname, seeds[i:i + self.cfg.batch_size])
-            images.append(imgs), attrs.append(att)
+            images.append(imgs)
+            attrs.append(att)
             spent += self.store.seconds
         total = time.perf_counter() - t0
         self.timings = {"generate": total - spent, "attribution": spent}

@@ -115,6 +115,8 @@ def build(name: str, folder: str | Path) -> Path:
         raise ValueError(f"unknown tiny model 'tiny:{name}' (known: {', '.join('tiny:' + k for k in BUILDERS)})")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):
+    from .weights import quiet_loading
+
+    with torch.random.fork_rng(devices=[]), quiet_loading():
         BUILDERS[name](folder)
     return folder

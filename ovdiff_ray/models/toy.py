@@ -168,7 +168,7 @@ def texture_pattern(texture: str, h: int, w: int, rng: np.random.Generator) -> n
     elif texture == "waves":
         p = 0.5 + 0.5 * np.sin(2 * np.pi * y / (7 * j) + 2.0 * np.sin(2 * np.pi * x / 28))
     elif texture == "grain":
-        n = ndimage.gaussian_filter(rng.standard_normal((h, w)), 1.0)
+        n = ndimage.gaussian_filter(rng.standard_normal((h, w)), (4.0, 0.8))  # vertical streaks
         p = np.clip(0.5 + n / (4 * n.std() + 1e-6), 0, 1)
     else:
         raise ToyNameError(f"unknown texture {texture!r}")
@@ -220,12 +220,10 @@ class ToyGenerator:
         s = self.size
         if c.is_stuff:
             img = texture_field(c, s, s, rng)
-            other = ToyClass(list(COLOURS)[rng.integers(len(COLOURS))], TEXTURES[rng.integers(len(TEXTURES))])
-            if other.colour == c.colour:
-                other = ToyClass(list(COLOURS)[(list(COLOURS).index(c.colour) + 4) % len(COLOURS)], other.form)
+            grey = rng.uniform(90, 170) + 0 * img  # an unsaturated, untextured region at one side
             blob = shape_coverage("circle", s, s, rng.uniform(0, s), rng.choice([0.0, s]) + rng.uniform(-8, 8),
                                   rng.uniform(0.25, 0.4) * s, 0.0)
-            img = img * (1 - blob[..., None]) + texture_field(other, s, s, rng) * blob[..., None]
+            img = img * (1 - blob[..., None]) + grey * blob[..., None]
             mask = 1 - blob
         else:
             img = texture_field(typical_background(name), s, s, rng)
@@ -281,49 +279,82 @@ def hsv(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 HUE_RAD = torch.tensor([np.radians(HUES[c]) for c in COLOURS], dtype=torch.float32)
 
 
-def colour_channels(images: torch.Tensor, kappa: float = 14.0) -> torch.Tensor:
+def colour_channels(images: torch.Tensor, kappa: float = 14.0, hsv_: tuple | None = None) -> torch.Tensor:
     """Soft hue histogram per pixel `[B, 8, H, W]`, weighted by saturation."""
-    h, s, _ = hsv(images)
+    h, s, _ = hsv_ or hsv(images)
     d = torch.cos(h[:, None] - HUE_RAD.to(h)[None, :, None, None]) - 1
     return torch.exp(kappa * d) * s[:, None].clamp(0, 1)
 
 
-def texture_channels(images: torch.Tensor) -> torch.Tensor:
-    """Log-luminance texture statistics `[B, 7, H, W]`: 4 orientation energies, 2 band energies, flatness."""
-    _, _, v = hsv(images)
+def raw_energies(v: torch.Tensor) -> torch.Tensor:
+    """Value `[B, H, W]` -> unsmoothed log-luminance energies `[B, 10, H, W]`: |d/dx|, |d/dy| and both diagonals
+    at 2 scales, and 2 band energies."""
     lv = torch.log(v + 0.03)[:, None]
-    p = F.pad(lv, (1, 1, 1, 1), mode="replicate")
-    dx = (p[..., 1:-1, 2:] - p[..., 1:-1, :-2]) / 2
-    dy = (p[..., 2:, 1:-1] - p[..., :-2, 1:-1]) / 2
-    d1, d2 = (dx + dy) / np.sqrt(2), (dx - dy) / np.sqrt(2)
-    grads = torch.cat([dx.abs(), dy.abs(), d1.abs(), d2.abs()], 1) * 4.0
+    out = []
+    for sigma, step in ((0.7, 1), (2.0, 2)):
+        p = F.pad(gauss_blur(lv, sigma), (step,) * 4, mode="replicate")
+        dx = (p[..., step:-step, 2 * step:] - p[..., step:-step, :-2 * step]) / 2
+        dy = (p[..., 2 * step:, step:-step] - p[..., :-2 * step, step:-step]) / 2
+        out += [dx.abs(), dy.abs(), ((dx + dy) / np.sqrt(2)).abs(), ((dx - dy) / np.sqrt(2)).abs()]
     g1, g3 = gauss_blur(lv, 1.2), gauss_blur(lv, 3.0)
-    bands = torch.cat([(lv - g1).abs() * 5.0, (g1 - g3).abs() * 3.0], 1)
-    tex = gauss_blur(torch.cat([grads, bands], 1), 1.5)
-    flat = torch.exp(-tex.sum(1, keepdim=True) / 0.6)
-    return torch.cat([tex, flat * 1.5], 1)
+    out += [(lv - g1).abs(), (g1 - g3).abs()]
+    return torch.cat(out, 1)
+
+
+def cell_channels(images: torch.Tensor, stride: int, references: torch.Tensor | None = None) -> torch.Tensor:
+    """Per cell of `stride` pixels `[B, 14, h, w]`: 8 hue channels, 5 texton channels, flatness."""
+    hsv_ = hsv(images)
+    pix = torch.cat([colour_channels(images, hsv_=hsv_), raw_energies(hsv_[2])], 1)
+    cells = F.avg_pool2d(pix, stride, ceil_mode=True) if stride > 1 else pix
+    e = gauss_blur(cells[:, 8:], 2.0 / stride)
+    return torch.cat([cells[:, :8], texton_channels(e, references)], 1)
+
+
+@lru_cache(maxsize=4)
+def texton_references(stride: int = 2) -> torch.Tensor:
+    """Mean energy direction of each texture `[T, 10]` from rendered samples: the extractor's fixed calibration."""
+    rng = np.random.default_rng(12345)
+    refs = []
+    for t in TEXTURES:
+        imgs = [finish(texture_field(ToyClass(c, t), 96, 96, rng), rng) for c in ("red", "green", "blue")]
+        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255
+        e = gauss_blur(F.avg_pool2d(raw_energies(hsv(x)[2]), stride), 2.0 / stride)
+        m = 8 // stride
+        e = e[..., m:-m, m:-m]
+        refs.append((e / e.sum(1, keepdim=True).clamp_min(1e-6)).mean((0, 2, 3)))
+    return torch.stack(refs)
+
+
+def texton_channels(e: torch.Tensor, references: torch.Tensor | None = None, tau: float = 0.003) -> torch.Tensor:
+    """Energies `[B, 10, h, w]` -> `[B, T + 1, h, w]`: soft assignment of the energy direction to the textures
+    (zero where flat), and flatness."""
+    total = e.sum(1, keepdim=True)
+    flat = torch.exp(-(total / 0.15) ** 2)
+    d = e / total.clamp_min(1e-6)
+    ref = (texton_references() if references is None else references).to(d)
+    dist = ((d[:, None] - ref[None, :, :, None, None]) ** 2).sum(2)  # [B, T, h, w]
+    tex = torch.softmax(-dist / tau, 1) * (1 - flat)
+    return torch.cat([tex, flat], 1)
 
 
 class ToyExtractor:
-    """Fixed dense features `[B, D, h, w]` at stride 4: local colour + texture, plus the same over `cfg.block` cells.
+    """Fixed dense features `[B, D, h, w]` at stride 2: local colour + texture, plus the same over `cfg.block` cells.
 
-    D = 30: 15 local channels (8 hue, 6 texture, 1 flatness) and 15 context channels (box mean over a
+    D = 28: 14 local channels (8 hue, 5 texton, 1 flatness) and 14 context channels (box mean over a
     (2*block+1)^2 cell window; block <= 0 means 1).
     """
 
-    stride = 4
+    stride = 2
 
     def __init__(self, cfg: ExtractorConfig):
         self.name = cfg.name
         self.view_size = int(cfg.view_size)
         self.context = max(1, int(cfg.block))
-        self.dim = 30
+        self.dim = 28
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float()
-        pix = torch.cat([colour_channels(x), texture_channels(x)], 1)  # [B, 15, H, W]
-        cells = F.avg_pool2d(pix, self.stride, ceil_mode=True)
+        cells = cell_channels(images.float(), self.stride, texton_references(self.stride))
         k = 2 * self.context + 1
         ctx = F.avg_pool2d(cells, k, stride=1, padding=self.context, count_include_pad=False)
         return torch.cat([cells, 0.7 * ctx], 1)
@@ -417,23 +448,24 @@ class ToyClassifier:
         sat = col.amax(0).numpy() > 0.3
         _, _, v = hsv(x)
         lv = torch.log(v + 0.03)[:, None]
-        std = (gauss_blur(lv * lv, 1.5) - gauss_blur(lv, 1.5) ** 2).clamp_min(0).sqrt()[0, 0].numpy()
-        flat = std < 0.06
+        std = (gauss_blur(lv * lv, 1.0) - gauss_blur(lv, 1.0) ** 2).clamp_min(0).sqrt()[0, 0].numpy()
+        flat = std < 0.07
         h, w = idx.shape
         min_area = 0.008 * h * w
         refs = _shape_references()
         found = []
         for k, colour in enumerate(COLOURS):
             region = (idx == k) & sat
-            seeds = ndimage.binary_opening(region & flat, iterations=2)
-            lab, n = ndimage.label(seeds)
+            core = region & flat
+            if core.sum() < min_area / 2:
+                continue
+            grown = ndimage.binary_dilation(core, iterations=4) & region
+            lab, n = ndimage.label(grown)
             for j in range(1, n + 1):
-                seed = lab == j
-                if seed.sum() < min_area:
+                comp = lab == j
+                area = comp.sum()
+                if area < min_area or (core & comp).sum() < 0.3 * area:
                     continue
-                comp = region & ndimage.binary_dilation(seed, iterations=3)
-                lab2, _ = ndimage.label(comp)
-                comp = lab2 == np.bincount(lab2[seed]).argmax()
                 d = np.linalg.norm(refs - _descriptors(comp)[None], axis=1)
                 p = np.exp(-(d - d.min()) / 0.15)
                 found.append((colour, p / p.sum()))
@@ -463,10 +495,11 @@ class ToyMasker:
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255
         col = gauss_blur(colour_channels(x), 1.0)[0]
         idx = col.argmax(0).numpy()
+        sat = col.amax(0).numpy() > 0.2
         h, w = idx.shape
         masks = []
         for k in range(col.shape[0]):
-            lab, n = ndimage.label(ndimage.binary_opening(idx == k))
+            lab, n = ndimage.label(ndimage.binary_opening((idx == k) & sat))
             for j in range(1, n + 1):
                 m = lab == j
                 if 0.005 * h * w <= m.sum() <= 0.95 * h * w:

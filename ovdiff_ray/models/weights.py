@@ -11,6 +11,7 @@ A reference is one of:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,8 +30,31 @@ class ModelNotFoundError(FileNotFoundError):
     """A model reference that names nothing that exists (folder, s3 prefix, tiny model)."""
 
 
+class ModelLoadError(RuntimeError):
+    """A reference that resolved but that its library could not load; the message names the reference."""
+
+
 class WeightsIntegrityError(RuntimeError):
     """A copied weights file whose sha256 differs from the prefix's manifest."""
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Silence diffusers/transformers progress bars and info/warning logs while loading or saving models."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (dlog, tlog)]
+    for lib, _, _ in saved:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, level, bar in saved:
+            lib.set_verbosity(level)
+            if bar:
+                lib.enable_progress_bar()
 
 
 def cache_root() -> Path:
@@ -64,6 +88,7 @@ def model_hash(ref: str) -> str:
         return ref
     record = Path(path) / RECORD
     hashes = json.loads(record.read_text()) if record.is_file() else _hash_tree(Path(path))
+    hashes.pop(MANIFEST, None)  # an s3 copy carries its manifest; the content is the rest
     blob = json.dumps(hashes, sort_keys=True).encode()
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
