@@ -59,8 +59,10 @@ class ClassWorker:
             try:
                 protos = sample_class(name, self.recipe, self.models, kind=kind)
                 info = write_shard(self.loc, protos, class_id)
-                return dict(status="ok", entry=json.dumps({**info.to_entry(), "id": class_id}), error="",
-                            seconds=time.perf_counter() - t0, attempts=attempt, worker=self.node)
+                secs = time.perf_counter() - t0
+                entry = {**info.to_entry(), "id": class_id, "seconds": round(secs, 3), "n_images": protos.info["kept"]}
+                return dict(status="ok", entry=json.dumps(entry), error="", seconds=secs, attempts=attempt,
+                            worker=self.node)
             except Exception as e:  # noqa: BLE001 - any model/data error is retried, then reported
                 errors.append(f"{type(e).__name__}: {e}")
                 last = traceback.format_exc(limit=3)

@@ -73,3 +73,29 @@ def ray_local():
                                            "HF_HUB_OFFLINE": "1"}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def toy_bank(ray_local, tmp_path_factory) -> str:
+    """The toy bank (bank/vocab/toy.tsv, recipe toy), built once per session by `build_bank` on the local Ray."""
+    from pathlib import Path
+
+    from ovdiff_ray.build_bank import main as build_main
+
+    out = str(tmp_path_factory.mktemp("toy-bank") / "bank")
+    vocab = str(Path(__file__).resolve().parents[1] / "bank" / "vocab" / "toy.tsv")
+    assert build_main(["--vocab", vocab, "--recipe", "toy", "--out", out, "--workers", "2"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def toy_scenes(tmp_path_factory) -> str:
+    """12 toy scenes with ground truth (`ovdiff toy-scenes`), seed 0."""
+    from pathlib import Path
+
+    from ovdiff_ray.models.toy import scenes_main
+
+    out = str(tmp_path_factory.mktemp("toy-scenes"))
+    vocab = str(Path(__file__).resolve().parents[1] / "bank" / "vocab" / "toy.tsv")
+    assert scenes_main(["--vocab", vocab, "--n", "12", "--out", out, "--seed", "0"]) == 0
+    return out

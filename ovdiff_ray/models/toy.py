@@ -196,10 +196,10 @@ def finish(img: np.ndarray, rng: np.random.Generator, noise: float = 5.0) -> np.
 
 
 def _clutter(img: np.ndarray, rng: np.random.Generator, avoid: np.ndarray, n: int) -> None:
-    """Small blobs of random colours where `avoid` is false (in place)."""
+    """Small grey specks where `avoid` is false (in place)."""
     h, w = avoid.shape
     for _ in range(n):
-        col = np.array(COLOURS[list(COLOURS)[rng.integers(len(COLOURS))]], np.float32)
+        col = np.full(3, rng.uniform(40, 220), np.float32)
         cov = shape_coverage("circle", h, w, rng.uniform(0, h), rng.uniform(0, w), rng.uniform(2, 4), 0.0, 1)
         cov = cov * (~avoid)
         img[:] = img * (1 - cov[..., None]) + col * cov[..., None]
@@ -523,7 +523,7 @@ def make_scene(vocab_names: list[str], kinds: list[str], rng: np.random.Generato
     """One scene: image `[size, size, 3]` uint8, labels `[size, size]` uint8 (0 background, i+1 = vocab[i], 255 ignore).
 
     1-3 objects (vocabulary things, no overlap) on the typical background of the first (or on a second object's
-    background, or on a stuff region of the vocabulary). A background equal to a vocabulary stuff class is labelled
+    background, or on a stuff region of the vocabulary), never on a background of their own colour. A background equal to a vocabulary stuff class is labelled
     as that class.
     """
     classes = [parse_name(n) for n in vocab_names]
@@ -535,6 +535,7 @@ def make_scene(vocab_names: list[str], kinds: list[str], rng: np.random.Generato
     first = typical_background(objs[0].name) if objs else classes[stuffs[0]]
     img = texture_field(first, size, size, rng)
     labels = np.full((size, size), ids.get(first.name, 0), np.uint8)
+    hue_map = np.full((size, size), first.colour, dtype=object)
     regions = []
     if stuffs and rng.random() < 0.5:
         regions.append(classes[stuffs[rng.integers(len(stuffs))]])
@@ -544,17 +545,20 @@ def make_scene(vocab_names: list[str], kinds: list[str], rng: np.random.Generato
         m = _half_plane(size, size, rng, rng.uniform(0.25, 0.5))
         img[m] = texture_field(c, size, size, rng)[m]
         labels[m] = ids.get(c.name, 0)
+        hue_map[m] = c.colour
     placed: list[tuple[float, float, float]] = []
     for c in objs:
-        for _ in range(50):
+        for _ in range(60):
             r = rng.uniform(0.11, 0.2) * size
             cy, cx = rng.uniform(r * 1.05, size - r * 1.05, size=2)
-            if all(np.hypot(cy - y, cx - x) > 1.08 * (r + q) for y, x, q in placed):
+            if any(np.hypot(cy - y, cx - x) <= 1.08 * (r + q) for y, x, q in placed):
+                continue
+            cov = shape_coverage(c.form, size, size, cy, cx, r, rng.uniform(0, 2 * np.pi))
+            if (hue_map[cov > 0] == c.colour).mean() <= 0.05:  # no camouflage: not on a same-colour background
                 break
         else:
             continue
         placed.append((cy, cx, r))
-        cov = shape_coverage(c.form, size, size, cy, cx, r, rng.uniform(0, 2 * np.pi))
         img = img * (1 - cov[..., None]) + object_layer(c, size, size, rng) * cov[..., None]
         labels[cov >= 0.5] = ids[c.name]
         labels[(cov > 0.02) & (cov < 0.98)] = 255
