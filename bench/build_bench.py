@@ -41,7 +41,7 @@ def bench(recipe: str, n: int, workers: int, tmp: Path) -> dict:
     t0 = time.perf_counter()
     w = threading.Thread(target=watch, args=(t0,), daemon=True)
     w.start()
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         rc = build_main(["--vocab", str(vocab), "--recipe", recipe, "--out", out, "--workers", str(workers),
                          "--commit-every", "1"])
     wall = time.perf_counter() - t0
