@@ -91,11 +91,12 @@ def test_shard_layout_and_independent_reader(tmp_path):
     loc, protos, entries = build(str(tmp_path))
     f = pq.ParquetFile(tmp_path / entries[0]["shard"])
     assert f.metadata.num_row_groups == len(RECIPE.extractors) + 1  # one per extractor + text row
-    assert f.schema_arrow.field("vector").type.value_type.bit_width == 16
+    assert f.schema_arrow.field("vector").metadata[b"encoding"] == b"float16-le"
     # plain pyarrow.dataset over the shard files sees the same vectors
     t = ds.dataset(str(tmp_path / "shards"), format="parquet").to_table(
         filter=(ds.field("class_name") == "dog") & (ds.field("extractor") == "dino"))
-    vec = np.stack([np.array(v, np.float32) for v in t.column("vector").to_pylist()])
+    d = t.column("dim")[0].as_py()
+    vec = np.frombuffer(b"".join(t.column("vector").to_pylist()), "<f2").reshape(-1, d).astype(np.float32)
     bank = load_bank(str(tmp_path))
     arr = bank.extractors["dino"]
     np.testing.assert_array_equal(np.sort(vec, 0), np.sort(arr.vectors[arr.rows_of(1)].astype(np.float32), 0))

@@ -52,8 +52,8 @@ class ShardInfo:
 
 def _table(p: ClassPrototypes, class_id: int, extractor: str, vectors: np.ndarray, kind, level, source) -> pa.Table:
     n, d = vectors.shape
-    flat = pa.array(np.ascontiguousarray(vectors, np.float16).reshape(-1), pa.float16())
-    offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
+    data = pa.py_buffer(np.ascontiguousarray(vectors, "<f2").tobytes())
+    offsets = pa.py_buffer(np.arange(0, (n + 1) * 2 * d, 2 * d, dtype=np.int32).tobytes())
     return pa.table({
         "class_id": pa.array(np.full(n, class_id, np.int32)),
         "class_name": pa.array([p.name] * n, pa.string()),
@@ -62,7 +62,7 @@ def _table(p: ClassPrototypes, class_id: int, extractor: str, vectors: np.ndarra
         "level": pa.array(list(level), pa.string()),
         "source": pa.array(np.asarray(source, np.int16)),
         "dim": pa.array(np.full(n, d, np.int32)),
-        "vector": pa.ListArray.from_arrays(offsets, flat),
+        "vector": pa.Array.from_buffers(pa.binary(), n, [None, offsets, data]),
     }, schema=SHARD_SCHEMA)
 
 
@@ -194,9 +194,16 @@ def load_bank(uri: str, version: int | None = None, classes: list[str] | None = 
 
 
 def _vectors(col: pa.ChunkedArray, n: int, d: int) -> np.ndarray:
-    """list<float16> column (one extractor, all rows of dim d) -> [n, d] float16 without per-value work."""
-    flat = [c.flatten().to_numpy(zero_copy_only=False) for c in col.chunks]
-    return (flat[0] if len(flat) == 1 else np.concatenate(flat)).reshape(n, d)
+    """`vector` column (one extractor, all rows of dim d) -> [n, d] float16, zero-copy per chunk."""
+    parts = []
+    for c in col.chunks:
+        if len(c) == 0:
+            continue
+        off = np.frombuffer(c.buffers()[1], np.int32)[c.offset: c.offset + len(c) + 1]
+        if not (np.diff(off) == 2 * d).all():
+            raise ShardError(f"vector bytes do not match dim {d}")
+        parts.append(np.frombuffer(c.buffers()[2], "<f2", count=len(c) * d, offset=int(off[0])).reshape(len(c), d))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _codes(values: np.ndarray, table: dict[str, int]) -> np.ndarray:
