@@ -121,3 +121,32 @@ def test_help_mentions_every_flag(capsys):
     for flag in ("--vocab", "--recipe", "--out", "--workers", "--gpus-per-worker", "--cpus-per-worker", "--address",
                  "--bank-id", "--max-failures", "--commit-every", "--new-bank", "ray job submit"):
         assert flag in text
+
+
+def test_ctrl_c_stops_with_a_committed_version(tmp_path):
+    """SIGINT to a running `python -m ovdiff_ray.build_bank` (its own local Ray): exit 130, what was built is committed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    names = [f"{c} {s}" for s in ("circle", "square", "triangle") for c in ("red", "orange", "yellow", "green", "cyan", "blue")]
+    voc = vocab_file(tmp_path, names)
+    out = tmp_path / "bank"
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "ovdiff_ray.build_bank", "--vocab", voc, "--recipe", "toy", "--out",
+                          str(out), "--commit-every", "2", "--workers", "1"], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env=env)
+    t0 = time.time()
+    while not (out / "manifests" / "latest").exists() and time.time() - t0 < 180 and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    text, _ = p.communicate(timeout=180)
+    assert p.returncode == 130, text[-2000:]
+    summary = [l for l in text.splitlines() if l.startswith("summary:")][-1]
+    assert summary.endswith("(interrupted)")
+    built = int(summary.split("built ")[1].split(",")[0])
+    m = read_manifest(Location(str(out)))
+    assert 2 <= len(m["classes"]) == built < len(names)
+    assert len(load_bank(str(out)).names) == built

@@ -160,7 +160,7 @@ def texture_pattern(texture: str, h: int, w: int, rng: np.random.Generator) -> n
     if texture == "stripes":
         p = 0.5 + 0.5 * np.sin(2 * np.pi * (x + y) / (np.sqrt(2) * 9 * j))
     elif texture == "checks":
-        p = 0.5 + 0.5 * np.tanh(3 * np.sin(2 * np.pi * x / (16 * j)) * np.sin(2 * np.pi * y / (16 * j)))
+        p = 0.5 + 0.5 * np.sin(2 * np.pi * x / (16 * j)) * np.sin(2 * np.pi * y / (16 * j))
     elif texture == "dots":
         per = 8 * j
         d2 = ((x % per) - per / 2) ** 2 + ((y % per) - per / 2) ** 2
@@ -220,7 +220,8 @@ class ToyGenerator:
         s = self.size
         if c.is_stuff:
             img = texture_field(c, s, s, rng)
-            grey = rng.uniform(90, 170) + 0 * img  # an unsaturated, untextured region at one side
+            other = TEXTURES[(TEXTURES.index(c.form) + 1 + rng.integers(len(TEXTURES) - 1)) % len(TEXTURES)]
+            grey = rng.uniform(110, 200) * (0.45 + 0.55 * texture_pattern(other, s, s, rng))[..., None].repeat(3, 2)
             blob = shape_coverage("circle", s, s, rng.uniform(0, s), rng.choice([0.0, s]) + rng.uniform(-8, 8),
                                   rng.uniform(0.25, 0.4) * s, 0.0)
             img = img * (1 - blob[..., None]) + grey * blob[..., None]
@@ -522,7 +523,7 @@ def make_scene(vocab_names: list[str], kinds: list[str], rng: np.random.Generato
                size: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """One scene: image `[size, size, 3]` uint8, labels `[size, size]` uint8 (0 background, i+1 = vocab[i], 255 ignore).
 
-    1-3 objects (vocabulary things, no overlap) on the typical background of the first (or on a second object's
+    1-3 objects (vocabulary things of different colours, no overlap) on the typical background of the first (or on a second object's
     background, or on a stuff region of the vocabulary), never on a background of their own colour. A background equal to a vocabulary stuff class is labelled
     as that class.
     """
@@ -530,8 +531,10 @@ def make_scene(vocab_names: list[str], kinds: list[str], rng: np.random.Generato
     ids = {c.name: i + 1 for i, c in enumerate(classes)}
     things = [i for i, k in enumerate(kinds) if k == "thing"]
     stuffs = [i for i, k in enumerate(kinds) if k == "stuff"]
-    n_obj = int(rng.integers(1, 4)) if things else 0
-    objs = [classes[i] for i in rng.choice(things, size=min(n_obj, len(things)), replace=False)] if n_obj else []
+    objs: list[ToyClass] = []
+    for i in rng.permutation(things)[: int(rng.integers(1, 4))] if things else []:
+        if all(o.colour != classes[i].colour for o in objs):  # at most one thing per colour
+            objs.append(classes[i])
     first = typical_background(objs[0].name) if objs else classes[stuffs[0]]
     img = texture_field(first, size, size, rng)
     labels = np.full((size, size), ids.get(first.name, 0), np.uint8)
