@@ -75,6 +75,21 @@ def boto3_client(cfg: StorageConfig):
     )
 
 
+def _temp_copy(target: Path, data: bytes) -> Path:
+    """`data` written and fsynced to a hidden temp file beside `target` (same filesystem, so rename/link are atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
 class Location:
     """A bank root: local folder or S3 prefix. Keys are `/`-separated paths relative to the root."""
 
@@ -143,16 +158,11 @@ class Location:
             self.s3.put_object(Bucket=self.bucket, Key=self.s3_key(key), Body=data)
             return
         target = Path(self.path(key))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        tmp = _temp_copy(target, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.replace(tmp, target)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
 
     def put_if_absent(self, key: str, data: bytes) -> None:
@@ -168,19 +178,13 @@ class Location:
                 raise
             return
         target = Path(self.path(key))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        tmp = _temp_copy(target, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, target)  # atomic, fails if the target exists
-            except FileExistsError:
-                raise CommitConflict(f"{self.display(key)} already exists: another writer committed it") from None
+            os.link(tmp, target)  # atomic, fails if the target exists
+        except FileExistsError:
+            raise CommitConflict(f"{self.display(key)} already exists: another writer committed it") from None
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
 
     def swap_pointer(self, key: str, data: bytes, expect: bytes | None) -> bool:
         """Replace `key` if its content is still `expect` (None: absent). S3 `If-Match`/`If-None-Match`.

@@ -1,0 +1,184 @@
+"""Request validation for the segmentation service: limits, form fields and image decoding.
+
+Everything here runs before a request reaches a model. Each check raises `RequestError` (an HTTP status, a
+message that says what is wrong, and a JSON-able detail); the ingress turns it into `{"error": ..., "detail": ...}`.
+
+Images are checked in two steps: the header (format, width, height, aspect) before any pixel is decoded, which
+stops decompression bombs, then a full decode, which catches truncated or corrupt files.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Sequence
+
+import numpy as np
+
+FORMATS = ("png", "rle", "overlay")
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")  # what PIL may open: a small attack surface
+TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off", ""}
+
+
+class RequestError(ValueError):
+    """A bad request: HTTP `status`, a message saying what is wrong, and a JSON-able `detail`."""
+
+    def __init__(self, status: int, error: str, detail: Any = None, code: str = "bad_request"):
+        super().__init__(error)
+        self.status, self.error, self.detail, self.code = status, error, detail, code
+
+    def to_dict(self) -> dict:
+        return {"error": self.error, "detail": self.detail, "code": self.code}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Configurable request limits (all checked before a model runs)."""
+
+    max_upload_bytes: int = 20 * 2**20  # whole request body
+    max_pixels: int = 4096 * 4096  # width * height, from the header
+    max_side: int = 8192  # longest side, from the header
+    max_aspect: float = 10.0  # long side / short side (the segmenter resizes the short side up)
+    max_classes: int = 512  # names in one request's `classes`
+    max_class_chars: int = 200  # characters per class name
+    max_field_bytes: int = 64 * 1024  # any non-file form field
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Limits":
+        d = dict(d or {})
+        if "max_upload_mb" in d:
+            d["max_upload_bytes"] = int(float(d.pop("max_upload_mb")) * 2**20)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown limit(s) {', '.join(unknown)} (known: {', '.join(sorted(known))}, "
+                             "max_upload_mb)")
+        out = cls(**d)
+        for f in fields(out):
+            if getattr(out, f.name) <= 0:
+                raise ValueError(f"limit {f.name} must be positive, got {getattr(out, f.name)}")
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------- fields
+
+def parse_bool(name: str, value: str | None, default: bool = False) -> bool:
+    if value is None:
+        return default
+    v = value.strip().lower()
+    if v in TRUE:
+        return True
+    if v in FALSE:
+        return default if v == "" else False
+    raise RequestError(400, f"field {name!r} must be a boolean (true/false, 1/0, yes/no, on/off), got {value[:40]!r}",
+                       {"field": name, "value": value[:200]}, "bad_field")
+
+
+def parse_format(value: str | None) -> str:
+    if value is None or not value.strip():
+        return "png"
+    v = value.strip().lower()
+    if v not in FORMATS:
+        raise RequestError(400, f"unknown format {value[:40]!r}: use one of {', '.join(FORMATS)}",
+                           {"field": "format", "value": value[:200], "allowed": list(FORMATS)}, "bad_format")
+    return v
+
+
+def split_classes(value: str | None, limits: Limits) -> list[str] | None:
+    """`classes` field -> names (stripped, de-duplicated, order kept); None when the field is absent."""
+    if value is None:
+        return None
+    names = list(dict.fromkeys(c.strip() for c in value.split(",") if c.strip()))
+    if not names:
+        raise RequestError(400, "empty class list: `classes` names no class (leave the field out to use all the "
+                                "bank's classes)", {"field": "classes", "value": value[:200]}, "empty_classes")
+    if len(names) > limits.max_classes:
+        raise RequestError(400, f"too many classes: {len(names)} named, at most {limits.max_classes} per request",
+                           {"field": "classes", "count": len(names), "max_classes": limits.max_classes},
+                           "too_many_classes")
+    long = [n for n in names if len(n) > limits.max_class_chars]
+    if long:
+        raise RequestError(400, f"class name longer than {limits.max_class_chars} characters: {long[0][:60]!r}...",
+                           {"field": "classes", "max_class_chars": limits.max_class_chars}, "bad_field")
+    return names
+
+
+def check_classes(names: list[str] | None, vocabulary: Sequence[str], bank: str) -> list[str] | None:
+    """Map requested names onto the bank's names (case/space folded); unknown names are listed in the error."""
+    if names is None:
+        return None
+    from ..vocab import fold
+
+    by = {fold(n): n for n in vocabulary}
+    unknown = [n for n in names if fold(n) not in by]
+    if unknown:
+        shown = ", ".join(repr(n) for n in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
+        raise RequestError(400, f"unknown classes (not in bank {bank}): {shown}",
+                           {"unknown": unknown, "bank": bank,
+                            "known": list(vocabulary) if len(vocabulary) <= 100 else f"{len(vocabulary)} classes: "
+                                     "see GET /v1/bank"}, "unknown_classes")
+    return list(dict.fromkeys(by[fold(n)] for n in names))
+
+
+# -------------------------------------------------------------------------------------------------- images
+
+def check_header(data: bytes, limits: Limits) -> tuple[str, int, int]:
+    """(format, width, height) of an image from its header only; nothing is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise RequestError(400, "empty upload: the `image` file has no bytes", {"field": "image"}, "empty_upload")
+    if len(data) > limits.max_upload_bytes:
+        raise RequestError(413, f"upload too large: {len(data):,} bytes, at most {limits.max_upload_bytes:,}",
+                           {"bytes": len(data), "max_upload_bytes": limits.max_upload_bytes}, "too_large")
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:  # reads the header only
+            fmt, (w, h) = im.format, im.size
+    except UnidentifiedImageError:
+        raise RequestError(415, f"not an image: the upload is not a {'/'.join(IMAGE_FORMATS)} file",
+                           {"field": "image", "bytes": len(data), "accepted": list(IMAGE_FORMATS),
+                            "starts_with": data[:8].hex()}, "not_an_image") from None
+    except Image.DecompressionBombError as e:  # only when a header exceeds PIL's own bound
+        raise RequestError(413, f"image has too many pixels ({e})", {"max_pixels": limits.max_pixels},
+                           "too_many_pixels") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise RequestError(400, f"unreadable image header: {e}", {"field": "image"}, "bad_image") from None
+    if w < 1 or h < 1:
+        raise RequestError(400, f"image has no pixels ({w}x{h})", {"width": w, "height": h}, "bad_image")
+    if w * h > limits.max_pixels or max(w, h) > limits.max_side:
+        raise RequestError(413, f"image too large: {w}x{h} = {w * h:,} pixels, at most {limits.max_pixels:,} pixels "
+                                f"and {limits.max_side} per side", {"width": w, "height": h,
+                                                                    "max_pixels": limits.max_pixels,
+                                                                    "max_side": limits.max_side}, "too_many_pixels")
+    if max(w, h) / min(w, h) > limits.max_aspect:
+        raise RequestError(400, f"image aspect ratio too extreme: {w}x{h}, at most {limits.max_aspect:g}:1",
+                           {"width": w, "height": h, "max_aspect": limits.max_aspect}, "bad_aspect")
+    return fmt, w, h
+
+
+def decode_image(data: bytes, limits: Limits) -> np.ndarray:
+    """Validated upload -> `[H, W, 3]` uint8 (first frame; alpha dropped; EXIF orientation ignored)."""
+    from PIL import Image
+
+    fmt, w, h = check_header(data, limits)
+    Image.MAX_IMAGE_PIXELS = max(limits.max_pixels, 1)  # belt and braces: PIL refuses > 2x this while decoding
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
+            im.seek(0)
+            im.load()  # raises on truncated or corrupt data (LOAD_TRUNCATED_IMAGES stays False)
+            if im.size != (w, h):
+                raise OSError(f"frame size {im.size} differs from the header's {w}x{h}")
+            rgb = np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as e:
+        raise RequestError(413, f"image has too many pixels ({e})", {"max_pixels": limits.max_pixels},
+                           "too_many_pixels") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        msg = str(e) or e.__class__.__name__
+        truncated = "truncated" in msg.lower() or isinstance(e, EOFError)
+        raise RequestError(400, f"{'truncated' if truncated else 'corrupt'} {fmt} image: {msg}",
+                           {"field": "image", "format": fmt, "width": w, "height": h},
+                           "truncated_image" if truncated else "bad_image") from None
+    return np.ascontiguousarray(rgb)
