@@ -97,7 +97,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
             if w * h > max_pixels:
                 raise ImageError(f"{w}x{h} image: {w * h} pixels, over the limit of {max_pixels} (--max-pixels)")
             im.load()
-            return to_rgb_array(im)
+            return np.array(to_rgb_array(im))  # writable, as torch.from_numpy wants
     except UnidentifiedImageError:
         raise ImageError(f"not an image ({len(data)} bytes that no image decoder recognises)") from None
     except Image.DecompressionBombError as e:
@@ -525,7 +525,7 @@ def write_labelstudio(p: Plan, rows: list[dict], url: str | None, from_name: str
 
 def write_parquet(p: Plan, rows: list[dict]) -> None:
     cols = ["path", "width", "height", "values", "names", "counts", "area", "bbox"]
-    t = pa.Table.from_pylist([{k: r[k] for k in cols} for r in rows], schema=PART_SCHEMA.select(cols))
+    t = pa.Table.from_pylist([{k: r[k] for k in cols} for r in rows], schema=pa.schema([PART_SCHEMA.field(c) for c in cols]))
     t = t.rename_columns(["path", "width", "height", "values", "classes", "rle", "area", "bbox"])
     buf = io.BytesIO()
     pq.write_table(t.replace_schema_metadata({"ovdiff": json.dumps(info(p))}), buf)
@@ -590,14 +590,24 @@ def finalize(p: Plan, args: argparse.Namespace, run: str) -> tuple[int, int]:
 
 @dataclass
 class Progress:
+    """Counts of this run; seconds from the start of the pipeline (actor start-up included)."""
+
     labelled: int = 0
     unreadable: int = 0
     failed: int = 0
     seconds: float = 0.0
+    first_s: float = 0.0  # until the first block arrived (start-up: actors, models, first batch)
+    first_rows: int = 0
 
     @property
     def rate(self) -> float:
         return self.labelled / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_rate(self) -> float:
+        """Images per second after the first block (start-up excluded)."""
+        done = self.labelled + self.unreadable + self.failed - self.first_rows
+        return done / (self.seconds - self.first_s) if self.seconds > self.first_s and done > 0 else 0.0
 
 
 def store_block(p: Plan, run: str, seq: int, table: pa.Table) -> None:
@@ -641,6 +651,8 @@ def execute(args: argparse.Namespace, p: Plan, run: str, prog: Progress) -> None
     try:
         for seq, table in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
             store_block(p, run, seq, table)
+            if seq == 0:
+                prog.first_s, prog.first_rows = time.perf_counter() - t0, table.num_rows
             status = table.column("status").to_pylist()
             prog.labelled += status.count(OK)
             prog.unreadable += status.count(UNREADABLE)
@@ -656,7 +668,14 @@ def execute(args: argparse.Namespace, p: Plan, run: str, prog: Progress) -> None
         bar.close()
 
 
-def run(args: argparse.Namespace) -> int:
+def first_and_last_line(e: BaseException) -> str:
+    """A Ray error's message is a whole traceback: its first line and the root cause's."""
+    lines = [line.strip() for line in f"{type(e).__name__}: {e}".splitlines() if line.strip()]
+    return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+
+
+def run(args: argparse.Namespace, prog: Progress | None = None) -> int:
+    """The whole job; `prog` (optional) receives this run's counts and timings."""
     t_start = time.perf_counter()
     try:
         p = plan(args)
@@ -672,7 +691,8 @@ def run(args: argparse.Namespace) -> int:
         p.out.write_bytes("job.json", json.dumps({**p.job, "created": run_id}, indent=1).encode())
     if p.oversize:
         write_part(p.out, part_key(run_id, "oversize"), pa.Table.from_pylist(p.oversize, schema=ROW_SCHEMA))
-    prog, code, error = Progress(unreadable=len(p.oversize)), 0, None
+    prog = Progress() if prog is None else prog
+    prog.unreadable, code, error = len(p.oversize), 0, None
     if p.pending:
         import ray
 
@@ -686,7 +706,7 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt writing what arrived
             code = 130
         except Exception as e:  # noqa: BLE001 - e.g. every actor failed to start: keep what arrived, then report
-            error, code = f"{type(e).__name__}: {e}".splitlines()[0], 1
+            error, code = first_and_last_line(e), 1
         finally:
             if started:
                 ray.shutdown()

@@ -79,17 +79,15 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> torch.Ten
         centers.append(c)
         d2 = torch.minimum(d2, (xx - 2 * x @ c + c.dot(c)).clamp_min(0))
     c = torch.stack(centers)
+    assign = None
     for _ in range(iters):
-        dist = xx[:, None] - 2 * x @ c.T + (c * c).sum(1)[None]  # [n, k]
-        assign = dist.argmin(1)
-        new = torch.zeros_like(c).index_add_(0, assign, x)
+        new_assign = (x @ c.T * -2 + (c * c).sum(1)[None]).argmin(1)  # [n]; |x|^2 is constant per row
+        if assign is not None and torch.equal(new_assign, assign):
+            break  # a fixed point: centroids are already the means of their points
+        assign = new_assign
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
         counts = torch.bincount(assign, minlength=k).float()
-        empty = counts == 0
-        new = torch.where(empty[:, None], c, new / counts.clamp_min(1)[:, None])
-        if torch.allclose(new, c, atol=1e-6):
-            c = new
-            break
-        c = new
+        c = torch.where((counts == 0)[:, None], c, sums / counts.clamp_min(1)[:, None])
     return c
 
 

@@ -52,6 +52,15 @@ class SampleArtifacts:
     kept: np.ndarray  # [N] bool: images with a non-empty foreground
 
 
+def _instances(masker: InstanceMasker | None, images: np.ndarray) -> list:
+    """Instance masks per image (`[M, H, W]` bool each), batched when the masker can; None per image without one."""
+    if masker is None:
+        return [None] * len(images)
+    if hasattr(masker, "batch"):
+        return list(masker.batch(images))
+    return [masker(img) for img in images]
+
+
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)  # [N, 3, H, W]
 
@@ -80,8 +89,7 @@ def sample_class(name: str, recipe: Recipe, models: SamplingModels | None = None
     support = models.generator.generate(name, g.n_images, recipe.seed, prompt_name=g.prompt_names.get(name))
     t["masks"] = time.perf_counter()
     fgs, bgs = [], []
-    for img, attr in zip(support.images, support.attributions):
-        inst = models.masker(img) if models.masker is not None else None
+    for img, attr, inst in zip(support.images, support.attributions, _instances(models.masker, support.images)):
         fg, bg = fg_bg_masks(attr, inst, recipe.masks)
         fgs.append(fg)
         bgs.append(bg)
@@ -108,6 +116,10 @@ def sample_class(name: str, recipe: Recipe, models: SamplingModels | None = None
     seconds = {k: marks[i + 1] - marks[i] for i, k in enumerate(list(t)[:-1])}
     seconds["features"] -= kmeans_s
     seconds["prototypes"] = kmeans_s
+    split = getattr(models.generator, "timings", None)  # diffusers: pipeline vs attribution capture
+    if split and "attribution" in split:
+        seconds["attribution"] = split["attribution"]
+        seconds["generate"] -= split["attribution"]
     info = {"n_images": int(len(fg)), "kept": int(kept.sum()), "seconds": seconds, "total_s": marks[-1] - marks[0]}
     return ClassPrototypes(name, kind, sets, np.asarray(text, np.float32), info)
 

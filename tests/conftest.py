@@ -15,6 +15,16 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+def _one_thread_per_process() -> None:
+    """Tests run next to Ray workers on 2 cores: intra-op thread pools only spin against each other."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+_one_thread_per_process()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

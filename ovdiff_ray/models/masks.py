@@ -129,12 +129,15 @@ class MaskCut:
 # CutLER (detectron2, optional)
 
 CUTLER_HINT = ("masks.method 'cutler' needs detectron2, which is not on PyPI: build it from source "
-               "(pip install 'git+https://github.com/facebookresearch/detectron2.git'), then `pip install -e .[cutler]` "
-               "and set masks.cutler_weights to CutLER's cascade checkpoint; or use masks.method 'maskcut'")
+               "(pip install 'git+https://github.com/facebookresearch/detectron2.git'), then "
+               "`pip install -e .[cutler]` and set masks.cutler_weights to CutLER's cascade checkpoint; "
+               "or use masks.method 'maskcut'")
 
 
 class CutLER:
-    """CutLER class-agnostic instances: cascade Mask R-CNN R50-FPN, score >= cutler_score, at most 100, short side 800."""
+    """CutLER class-agnostic instances: cascade Mask R-CNN R50-FPN, score >= cutler_score, at most 100 per image,
+    shortest side 800. Uses detectron2's model-zoo cascade config with one class-agnostic class; untested here
+    (no detectron2 on this machine)."""
 
     def __init__(self, cfg: MasksConfig, device: str = "cpu"):
         try:

@@ -131,7 +131,7 @@ def shape_inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return out
     if shape == "star":
         t = (np.arctan2(v, u) / (2 * np.pi / 5)) % 1.0  # phase within one point
-        edge = 0.48 + (1.15 - 0.48) * np.abs(2 * t - 1)  # points at t = 0, 1; inner corners at 0.5
+        edge = 0.55 + (1.15 - 0.55) * np.abs(2 * t - 1)  # points at t = 0, 1; inner corners at 0.5
         return r <= edge
     if shape == "ring":
         return (r <= 1.0) & (r >= 0.55)

@@ -9,6 +9,8 @@ stops decompression bombs, then a full decode, which catches truncated or corrup
 from __future__ import annotations
 
 import io
+import re
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Sequence
 
@@ -134,16 +136,18 @@ def check_header(data: bytes, limits: Limits) -> tuple[str, int, int]:
     if len(data) > limits.max_upload_bytes:
         raise RequestError(413, f"upload too large: {len(data):,} bytes, at most {limits.max_upload_bytes:,}",
                            {"bytes": len(data), "max_upload_bytes": limits.max_upload_bytes}, "too_large")
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels  # PIL's own guard: it refuses more than twice this while opening
     try:
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:  # reads the header only
-            fmt, (w, h) = im.format, im.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we refuse those just below
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:  # reads the header only
+                fmt, (w, h) = im.format, im.size
     except UnidentifiedImageError:
         raise RequestError(415, f"not an image: the upload is not a {'/'.join(IMAGE_FORMATS)} file",
                            {"field": "image", "bytes": len(data), "accepted": list(IMAGE_FORMATS),
                             "starts_with": data[:8].hex()}, "not_an_image") from None
-    except Image.DecompressionBombError as e:  # only when a header exceeds PIL's own bound
-        raise RequestError(413, f"image has too many pixels ({e})", {"max_pixels": limits.max_pixels},
-                           "too_many_pixels") from None
+    except Image.DecompressionBombError as e:  # the header claims more than twice the limit
+        raise too_many_pixels(e, limits) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise RequestError(400, f"unreadable image header: {e}", {"field": "image"}, "bad_image") from None
     if w < 1 or h < 1:
@@ -159,26 +163,32 @@ def check_header(data: bytes, limits: Limits) -> tuple[str, int, int]:
     return fmt, w, h
 
 
+def too_many_pixels(e: Exception, limits: Limits) -> RequestError:
+    """PIL's DecompressionBombError (the header claims more than twice `max_pixels`) as a 413."""
+    m = re.search(r"\((\d+) pixels\)", str(e))
+    n = f"{int(m[1]):,} pixels" if m else f"more than {2 * limits.max_pixels:,} pixels"
+    return RequestError(413, f"image too large: {n}, at most {limits.max_pixels:,} pixels (decompression bomb "
+                             "guard: nothing was decoded)", {"max_pixels": limits.max_pixels}, "too_many_pixels")
+
+
 def decode_image(data: bytes, limits: Limits) -> np.ndarray:
     """Validated upload -> `[H, W, 3]` uint8 (first frame; alpha dropped; EXIF orientation ignored)."""
     from PIL import Image
 
     fmt, w, h = check_header(data, limits)
-    Image.MAX_IMAGE_PIXELS = max(limits.max_pixels, 1)  # belt and braces: PIL refuses > 2x this while decoding
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
             im.seek(0)
             im.load()  # raises on truncated or corrupt data (LOAD_TRUNCATED_IMAGES stays False)
             if im.size != (w, h):
                 raise OSError(f"frame size {im.size} differs from the header's {w}x{h}")
-            rgb = np.asarray(im.convert("RGB"))
+            rgb = np.array(im.convert("RGB"))  # a writable copy
     except Image.DecompressionBombError as e:
-        raise RequestError(413, f"image has too many pixels ({e})", {"max_pixels": limits.max_pixels},
-                           "too_many_pixels") from None
+        raise too_many_pixels(e, limits) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         msg = str(e) or e.__class__.__name__
         truncated = "truncated" in msg.lower() or isinstance(e, EOFError)
         raise RequestError(400, f"{'truncated' if truncated else 'corrupt'} {fmt} image: {msg}",
                            {"field": "image", "format": fmt, "width": w, "height": h},
                            "truncated_image" if truncated else "bad_image") from None
-    return np.ascontiguousarray(rgb)
+    return rgb

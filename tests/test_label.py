@@ -1,0 +1,245 @@
+"""label_dataset on a real local Ray: every format against in-process `Segmenter.segment`, resume, errors, S3, bad args.
+
+One labelling run over the toy scenes (nested folders, a truncated PNG, a text file named .jpg) is shared by the
+format checks; a second run skips everything, a third labels one added image; one run reads from and writes to moto.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from ovdiff_ray.label import main as label_main
+from ovdiff_ray.store import Location
+
+ALL_FORMATS = "coco,png,labelstudio,parquet"
+HELD_BACK = "0011.png"  # added later: labelled alone by the resume test
+
+
+def run_label(args: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = label_main(args)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def summary(text: str) -> str:
+    return [line for line in text.splitlines() if line.startswith("summary: ")][-1]
+
+
+def ls_decode(rle: list[int], height: int, width: int) -> np.ndarray:
+    """Label Studio brush RLE -> boolean mask, from the documented format (thi.ng rle-pack, as label_studio_sdk's
+    converter.brush reads it): bits MSB first; a 32-bit value count, 5-bit word size - 1, four 4-bit run-size
+    classes - 1; then until `count` values: 1 bit (1 = one value repeated, 0 = literal values), 2-bit size class,
+    run length - 1 in that class's bits, then the value(s) in word-size bits. Values are RGBA bytes, row-major."""
+    bits = np.unpackbits(np.asarray(rle, np.uint8))
+    pos = 0
+
+    def read(n: int) -> int:
+        nonlocal pos
+        v = 0
+        for b in bits[pos:pos + n]:
+            v = (v << 1) | int(b)
+        pos += n
+        return v
+
+    num, word = read(32), read(5) + 1
+    sizes = [read(4) + 1 for _ in range(4)]
+    out = np.zeros(num, np.uint8)
+    i = 0
+    while i < num:
+        repeat = read(1)
+        j = i + 1 + read(sizes[read(2)])
+        if repeat:
+            out[i:j] = read(word)
+            i = j
+        else:
+            while i < j:
+                out[i] = read(word)
+                i += 1
+    assert num == height * width * 4
+    return out.reshape(height, width, 4)[:, :, 3] > 0
+
+
+@pytest.fixture(scope="module")
+def reference(toy_bank, toy_scenes) -> dict[str, np.ndarray]:
+    """In-process `Segmenter.segment` label maps of every toy scene (file name -> [H, W] int32)."""
+    from ovdiff_ray.segment import Segmenter, read_image
+    from ovdiff_ray.store.bank import Bank
+
+    seg = Segmenter.from_bank(Bank.load(toy_bank), "cpu")
+    return {p.name: seg.segment(read_image(p)).labels for p in sorted(Path(toy_scenes, "images").glob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def labelled(ray_local, toy_bank, toy_scenes, tmp_path_factory) -> dict:
+    """The shared run: 11 scenes (3 in `sub/`), a truncated PNG, a text file named .jpg, a .txt; all formats."""
+    root = tmp_path_factory.mktemp("label")
+    images, out = root / "images", root / "out"
+    (images / "sub").mkdir(parents=True)
+    for i, p in enumerate(sorted(Path(toy_scenes, "images").glob("*.png"))):
+        if p.name != HELD_BACK:
+            shutil.copy(p, images / ("sub" if i % 4 == 1 else "") / p.name)
+    (images / "broken.png").write_bytes(Path(toy_scenes, "images", "0000.png").read_bytes()[:400])
+    (images / "notes.jpg").write_text("not a picture\n")
+    (images / "readme.txt").write_text("ignored\n")
+    rc, text, err = run_label(["--images", str(images), "--bank", toy_bank, "--out", str(out), "--format", ALL_FORMATS,
+                               "--workers", "2", "--batch-size", "2", "--overlays", "2"])
+    return {"rc": rc, "out": out, "images": images, "text": text, "err": err}
+
+
+def name_of(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
+
+
+def test_summary_errors_and_overlays(labelled):
+    assert labelled["rc"] == 0, labelled["err"][-3000:]
+    assert summary(labelled["text"]).startswith("summary: labelled 11, skipped 0, failed 2, ")
+    assert summary(labelled["text"]).endswith(f"images/s, out {labelled['out']}")
+    errors = {e["path"]: e for e in map(json.loads, (labelled["out"] / "errors.jsonl").read_text().splitlines())}
+    assert sorted(errors) == ["broken.png", "notes.jpg"]
+    assert "truncated" in errors["broken.png"]["error"] and "not an image" in errors["notes.jpg"]["error"]
+    overlays = sorted(p.relative_to(labelled["out"] / "overlays").as_posix()
+                      for p in (labelled["out"] / "overlays").rglob("*.png"))
+    assert overlays == ["0000.png", "0002.png"]  # the first two listed images (broken.png is unreadable)
+    assert Image.open(labelled["out"] / "overlays" / "0000.png").size[0] == 128
+
+
+def test_coco_matches_segmenter(labelled, reference, toy_bank):
+    from pycocotools.coco import COCO
+
+    from ovdiff_ray.store.bank import Bank
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(labelled["out"] / "annotations.json"))
+    names = Bank.load(toy_bank).names
+    assert {c["id"]: c["name"] for c in coco.dataset["categories"]} == {i + 1: n for i, n in enumerate(names)}
+    assert sorted(name_of(i["file_name"]) for i in coco.dataset["images"]) == sorted(set(reference) - {HELD_BACK})
+    assert any(i["file_name"].startswith("sub/") for i in coco.dataset["images"])
+    for img in coco.dataset["images"]:
+        labels = np.zeros((img["height"], img["width"]), np.int32)
+        for a in coco.loadAnns(coco.getAnnIds(imgIds=img["id"])):
+            m = coco.annToMask(a).astype(bool)
+            assert isinstance(a["segmentation"]["counts"], str) and a["iscrowd"] == 0
+            assert a["area"] == m.sum() and not (labels[m] > 0).any()
+            x, y, w, h = a["bbox"]
+            ys, xs = np.nonzero(m)
+            assert (x, y, w, h) == (xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
+            labels[m] = a["category_id"]
+        np.testing.assert_array_equal(labels, reference[name_of(img["file_name"])], err_msg=img["file_name"])
+
+
+def test_png_reads_back(labelled, reference):
+    out = labelled["out"]
+    classes = json.loads((out / "classes.json").read_text())
+    assert classes["dtype"] == "uint8" and classes["classes"]["0"] == "background" and len(classes["classes"]) == 11
+    masks = sorted(p.relative_to(out / "masks").as_posix() for p in (out / "masks").rglob("*.png"))
+    assert len(masks) == 11 and "sub/0001.png" in masks
+    for rel in masks:
+        with Image.open(out / "masks" / rel) as im:
+            assert im.mode == "L"
+            np.testing.assert_array_equal(np.asarray(im), reference[name_of(rel)], err_msg=rel)
+
+
+def test_labelstudio_decodes(labelled, reference, toy_bank):
+    from ovdiff_ray.store.bank import Bank
+
+    names = Bank.load(toy_bank).names
+    tasks = json.loads((labelled["out"] / "tasks.json").read_text())
+    assert len(tasks) == 11
+    for task in tasks:
+        assert task["data"]["image"].endswith(task["data"]["path"]) and Path(task["data"]["image"]).is_file()
+        (pred,) = task["predictions"]
+        assert pred["model_version"].startswith("ovdiff ")
+        ref = reference[name_of(task["data"]["path"])]
+        labels = np.zeros_like(ref)
+        for r in pred["result"]:
+            assert r["type"] == "brushlabels" and r["value"]["format"] == "rle"
+            assert (r["original_height"], r["original_width"]) == ref.shape
+            (name,) = r["value"]["brushlabels"]
+            labels[ls_decode(r["value"]["rle"], *ref.shape)] = names.index(name) + 1
+        np.testing.assert_array_equal(labels, ref, err_msg=task["data"]["path"])
+
+
+def test_parquet_rows_decode(labelled, reference):
+    from pycocotools import mask as mu
+
+    rows = pq.read_table(labelled["out"] / "labels.parquet").to_pylist()
+    assert len(rows) == 11 and {"path", "width", "height", "classes", "rle"} <= set(rows[0])
+    for r in rows:
+        labels = np.zeros((r["height"], r["width"]), np.int32)
+        for v, counts in zip(r["values"], r["rle"]):
+            labels[mu.decode({"size": [r["height"], r["width"]], "counts": counts.encode()}).astype(bool)] = v
+        np.testing.assert_array_equal(labels, reference[name_of(r["path"])], err_msg=r["path"])
+
+
+def test_rerun_skips_then_labels_only_a_new_image(labelled, reference, toy_bank, toy_scenes):
+    """(Runs after the format checks: it adds an image to the shared folder.)"""
+    args = ["--images", str(labelled["images"]), "--bank", toy_bank, "--out", str(labelled["out"]),
+            "--format", "coco,png"]
+    rc, text, _ = run_label(args)
+    assert rc == 0 and summary(text).startswith("summary: labelled 0, skipped 13, failed 0, ")
+    shutil.copy(Path(toy_scenes, "images", HELD_BACK), labelled["images"] / "sub" / "new.png")
+    rc, text, err = run_label(args + ["--workers", "1"])
+    assert rc == 0 and summary(text).startswith("summary: labelled 1, skipped 13, failed 0, "), err[-2000:]
+    doc = json.loads((labelled["out"] / "annotations.json").read_text())
+    assert len(doc["images"]) == 12 and any(i["file_name"] == "sub/new.png" for i in doc["images"])
+    with Image.open(labelled["out"] / "masks" / "sub" / "new.png") as im:
+        np.testing.assert_array_equal(np.asarray(im), reference[HELD_BACK])
+    assert len(list((labelled["out"] / "parts").glob("*.parquet"))) == 1  # compacted
+
+
+def test_s3_in_and_out(ray_local, s3, toy_bank, toy_scenes, reference):
+    from pycocotools import mask as mu
+
+    bank, images, out = f"{s3}/bank", f"{s3}/photos", f"{s3}/labels/run1"
+    src = Location(toy_bank)
+    dst = Location(bank)
+    for p in Path(toy_bank).rglob("*"):
+        if p.is_file():
+            dst.write_bytes(p.relative_to(src.root).as_posix(), p.read_bytes())
+    pics = Location(images)
+    pics.write_bytes("a/0003.png", Path(toy_scenes, "images", "0003.png").read_bytes())
+    pics.write_bytes("0004.png", Path(toy_scenes, "images", "0004.png").read_bytes())
+    rc, text, err = run_label(["--images", images, "--bank", bank, "--out", out, "--format", "coco,png",
+                               "--workers", "1"])
+    assert rc == 0 and summary(text).startswith("summary: labelled 2, skipped 0, failed 0, "), err[-3000:]
+    res = Location(out)
+    doc = json.loads(res.read_bytes("annotations.json"))
+    assert sorted(i["file_name"] for i in doc["images"]) == ["0004.png", "a/0003.png"]
+    for img in doc["images"]:
+        labels = np.zeros((img["height"], img["width"]), np.int32)
+        for a in doc["annotations"]:
+            if a["image_id"] == img["id"]:
+                seg = {**a["segmentation"], "counts": a["segmentation"]["counts"].encode()}
+                labels[mu.decode(seg).astype(bool)] = a["category_id"]
+        np.testing.assert_array_equal(labels, reference[name_of(img["file_name"])])
+        mask = Image.open(io.BytesIO(res.read_bytes(f"masks/{img['file_name']}")))
+        np.testing.assert_array_equal(np.asarray(mask), reference[name_of(img["file_name"])])
+    assert res.exists("classes.json") and res.list("parts")
+
+
+def test_bad_arguments_fail_before_writing(toy_bank, toy_scenes, tmp_path):
+    out = tmp_path / "out"
+    images = str(Path(toy_scenes, "images"))
+    base = ["--bank", toy_bank, "--out", str(out)]
+    rc, _, err = run_label(base + ["--images", images, "--format", "coco", "--classes", "red circle", "purple blob,x"])
+    assert rc == 2 and "unknown classes" in err and "purple blob, x" in err
+    rc, _, err = run_label(base + ["--images", str(tmp_path / "nowhere"), "--format", "coco"])
+    assert rc == 2 and "nowhere: no such folder" in err
+    rc, _, err = run_label(base + ["--images", images, "--format", "coco,xml"])
+    assert rc == 2 and "unknown format xml" in err
+    rc, _, err = run_label(["--bank", str(tmp_path / "nobank"), "--out", str(out), "--images", images, "--format", "png"])
+    assert rc == 2 and "no committed bank" in err
+    assert not out.exists()
+    cli = subprocess.run([sys.executable, "-m", "ovdiff_ray.label", "--help"], capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0 and "--format" in cli.stdout and "labelstudio" in cli.stdout
