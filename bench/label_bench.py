@@ -1,15 +1,15 @@
 """label_dataset throughput on a local Ray (1 and 2 workers) against a single-process `Segmenter.segment` loop.
 
 For each recipe (toy, tiny): build a small bank, write N toy scenes, then
-- `loop`: one process, `Segmenter.from_bank` + `segment` over the images (warm: after one warm-up image; cold:
-  model load and warm-up included, as a job pays them);
+- `loop`: one process, `Segmenter.from_bank` + `segment` over the images with one torch thread, as an actor with
+  one CPU runs (warm: after one warm-up image; cold: model load and warm-up included, as a job pays them);
 - `rayK`: `label_dataset --format coco --workers K` end to end (Ray Data, actor start-up, model load, part writes,
   COCO assembly), and its steady rate after the first block arrived.
 Ratios: `rayK_vs_loop_cold` (end to end against the cold loop: the orchestration overhead, > 1 is faster),
 `steady_rayK_vs_loop` (against the warm loop), `scaling_2v1` (steady 2-worker rate over 1-worker rate; 2 cores here,
 so at most 2). Prints `name: value` lines.
 
-    python bench/label_bench.py [--images 24] [--recipes toy,tiny] [--workers 1,2]
+    python bench/label_bench.py [--images 48] [--recipes toy,tiny] [--workers 1,2]
 """
 from __future__ import annotations
 
@@ -71,9 +71,12 @@ def build(recipe: str, tmp: Path) -> str:
 
 def loop(recipe: str, bank: str, images: list[Path]) -> tuple[float, float]:
     """Single-process baseline: (cold images/s incl. load + warm-up, warm images/s)."""
+    import torch
+
     from ovdiff_ray.segment import Segmenter, read_image
     from ovdiff_ray.store.bank import Bank
 
+    torch.set_num_threads(1)  # an actor with num_cpus=1 gets OMP_NUM_THREADS=1; two threads on 2 busy cores thrash
     t0 = time.perf_counter()
     seg = Segmenter.from_bank(Bank.load(bank), "cpu")
     seg.segment(read_image(images[0]))  # warm-up, as each actor pays it
@@ -125,7 +128,7 @@ def bench(recipe: str, n: int, workers: list[int], tmp: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=24)
+    ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--recipes", default="toy,tiny")
     ap.add_argument("--workers", default="1,2")
     a = ap.parse_args()
@@ -133,7 +136,7 @@ def main() -> None:
     ray.init(num_cpus=max(workers), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OVDIFF_CACHE": os.environ["OVDIFF_CACHE"], "HF_HUB_OFFLINE": "1"}})
     tmp = Path(tempfile.mkdtemp(prefix="label-bench-"))
-    out("sizes", f"images={a.images} workers={a.workers} cpus={max(workers)} batch_size=2 device=cpu")
+    out("sizes", f"images={a.images} workers={a.workers} cpus={max(workers)} batch_size=2 device=cpu torch_threads=1")
     try:
         for recipe in a.recipes.split(","):
             try:

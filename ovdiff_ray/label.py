@@ -47,6 +47,7 @@ import pyarrow.parquet as pq
 from .store.fs import Location, StorageConfig, StoreError
 from .store.schema import ManifestError
 from .store.shards import read_manifest
+from .vocab import fold
 
 FORMATS = ("coco", "png", "labelstudio", "parquet")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
@@ -379,8 +380,6 @@ def resolve_job(args: argparse.Namespace, out: Location, storage: StorageConfig)
     m = read_manifest(Location(args.bank, storage), version)
     if m is None:
         raise LabelError(f"--bank {args.bank}: no committed bank there (no manifests/)")
-    from .vocab import fold
-
     position = {fold(c["name"]): i for i, c in enumerate(m["classes"])}
     names = requested if requested is not None else (old or {}).get("classes")
     if names is not None:
@@ -418,7 +417,7 @@ def plan(args: argparse.Namespace) -> Plan:
         raise LabelError(f"--out {args.out}: is a file, not a folder")
     job, classes, kinds, new_job = resolve_job(args, out, storage)
     listing, ignored = list_images(images, inside(out, images))
-    latest = {r["path"]: r for r in read_parts(out, ["path", "size", "status"]).to_pylist()}
+    latest = {r["path"]: r for r in read_parts(out, ["path", "size", "status"])[0].to_pylist()}
     pending, oversize, known_bad = [], [], 0
     for it in listing:
         r = latest.get(it.path)
@@ -442,17 +441,17 @@ def plan(args: argparse.Namespace) -> Plan:
 
 # ------------------------------------------------------------------------------------------------ parts
 
-def read_parts(out: Location, columns: list[str] | None = None) -> pa.Table:
-    """All parts, the latest row per image path (parts are named in time order)."""
+def read_parts(out: Location, columns: list[str] | None = None) -> tuple[pa.Table, list[str]]:
+    """All parts -> (the latest row per image path, the part keys read). Parts are named in time order."""
     keys = [k for k in out.list("parts") if k.endswith(".parquet")]
     schema = pa.schema([PART_SCHEMA.field(c) for c in columns]) if columns else PART_SCHEMA
     tables = [pq.read_table(out.path(k), filesystem=out.fs, columns=columns) for k in keys]
     t = pa.concat_tables(tables) if tables else schema.empty_table()
     if t.num_rows == 0:
-        return t
+        return t, keys
     t = t.append_column("_i", pa.array(np.arange(t.num_rows)))
     last = t.group_by("path").aggregate([("_i", "max")]).column("_i_max").to_numpy()
-    return t.take(np.sort(last)).drop_columns(["_i"])
+    return t.take(np.sort(last)).drop_columns(["_i"]), keys
 
 
 def part_key(run: str, seq: int | str) -> str:
@@ -465,9 +464,8 @@ def write_part(out: Location, key: str, table: pa.Table) -> None:
     out.write_bytes(key, buf.getvalue())
 
 
-def compact(out: Location, run: str, table: pa.Table) -> None:
-    """Replace many parts by one holding `table` (the latest row per path); the new part sorts last."""
-    keys = [k for k in out.list("parts") if k.endswith(".parquet")]
+def compact(out: Location, run: str, table: pa.Table, keys: list[str]) -> None:
+    """Replace the parts `keys` by one holding `table`, read from them (the latest row per path); it sorts last."""
     if len(keys) <= 1:
         return
     write_part(out, part_key(run, "z-compact"), table)
@@ -514,7 +512,7 @@ def write_labelstudio(p: Plan, rows: list[dict], url: str | None, from_name: str
         rles = r["ls_rle"] if len(r["ls_rle"]) == len(r["values"]) else [
             ls_brush_rle(coco_decode(c, r["height"], r["width"])) for c in r["counts"]]
         result = [{"id": f"{i}-{v}", "from_name": from_name, "to_name": to_name, "type": "brushlabels",
-                   "origin": "prediction", "original_width": r["width"], "original_height": r["height"],
+                   "original_width": r["width"], "original_height": r["height"],
                    "image_rotation": 0, "value": {"format": "rle", "rle": list(rle), "brushlabels": [n]}}
                   for i, (v, n, rle) in enumerate(zip(r["values"], r["names"], rles))]
         image = f"{url.rstrip('/')}/{quote(r['path'])}" if url else p.images.display(r["path"])
@@ -565,8 +563,8 @@ def info(p: Plan) -> dict:
 
 def finalize(p: Plan, args: argparse.Namespace, run: str) -> tuple[int, int]:
     """Compact the parts, then write errors.jsonl and every requested format from them. Returns (ok, errors)."""
-    table = read_parts(p.out)
-    compact(p.out, run, table)
+    table, keys = read_parts(p.out)
+    compact(p.out, run, table, keys)
     listed = {it.path for it in p.listing}
     rows = sorted((r for r in table.to_pylist() if r["path"] in listed), key=lambda r: r["path"])
     ok = [r for r in rows if r["status"] == OK]
@@ -679,11 +677,12 @@ def run(args: argparse.Namespace, prog: Progress | None = None) -> int:
     t_start = time.perf_counter()
     try:
         p = plan(args)
-    except (LabelError, StoreError, ManifestError) as e:
+    except (LabelError, StoreError, ManifestError, OSError) as e:
         print(f"label_dataset: error: {e}", file=sys.stderr)
         return 2
+    bad = f" ({p.known_bad} of them unreadable, see errors.jsonl)" if p.known_bad else ""
     print(f"label_dataset: {len(p.listing)} images under {args.images} ({p.ignored} other files ignored): "
-          f"{p.skipped} already done ({p.known_bad} of them unreadable, see errors.jsonl), {len(p.pending)} to label; "
+          f"{p.skipped} already done{bad}, {len(p.pending)} to label; "
           f"bank {p.job['bank_id']} v{p.job['bank_version']}, {len(p.classes)} classes; "
           f"formats {','.join(p.formats)} -> {args.out}", flush=True)
     run_id = new_run_id()

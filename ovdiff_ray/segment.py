@@ -96,6 +96,8 @@ def to_rgb_array(image) -> np.ndarray:
     if a.ndim != 3 or a.shape[2] not in (3, 4) or min(a.shape[:2]) < 1:
         raise SegmentError(f"expected an image [H, W, 3], got an array of shape {a.shape}")
     a = a[..., :3]
+    if not a.flags.writeable:
+        a = a.copy()
     if a.dtype != np.uint8:
         a = np.clip(a.astype(np.float32) * (255 if a.max() <= 1.0 else 1), 0, 255).round().astype(np.uint8)
     return np.ascontiguousarray(a)

@@ -23,6 +23,7 @@ from ovdiff_ray.store import Location
 
 ALL_FORMATS = "coco,png,labelstudio,parquet"
 HELD_BACK = "0011.png"  # added later: labelled alone by the resume test
+SUBSET = ["red circle", "yellow cross", "blue checks"]  # the S3 run labels only these
 
 
 def run_label(args: list[str]) -> tuple[int, str, str]:
@@ -70,14 +71,35 @@ def ls_decode(rle: list[int], height: int, width: int) -> np.ndarray:
     return out.reshape(height, width, 4)[:, :, 3] > 0
 
 
+@contextlib.contextmanager
+def one_torch_thread():
+    """As an actor with one CPU runs (and far faster than 2 threads on 2 busy cores); restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def reference(toy_bank, toy_scenes) -> dict[str, np.ndarray]:
-    """In-process `Segmenter.segment` label maps of every toy scene (file name -> [H, W] int32)."""
-    from ovdiff_ray.segment import Segmenter, read_image
+def segmenter(toy_bank):
+    from ovdiff_ray.segment import Segmenter
     from ovdiff_ray.store.bank import Bank
 
-    seg = Segmenter.from_bank(Bank.load(toy_bank), "cpu")
-    return {p.name: seg.segment(read_image(p)).labels for p in sorted(Path(toy_scenes, "images").glob("*.png"))}
+    return Segmenter.from_bank(Bank.load(toy_bank), "cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(segmenter, toy_scenes) -> dict[str, np.ndarray]:
+    """In-process `Segmenter.segment` label maps of every toy scene (file name -> [H, W] int32)."""
+    from ovdiff_ray.segment import read_image
+
+    with one_torch_thread():
+        return {p.name: segmenter.segment(read_image(p)).labels
+                for p in sorted(Path(toy_scenes, "images").glob("*.png"))}
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +220,14 @@ def test_rerun_skips_then_labels_only_a_new_image(labelled, reference, toy_bank,
     assert len(list((labelled["out"] / "parts").glob("*.parquet"))) == 1  # compacted
 
 
-def test_s3_in_and_out(ray_local, s3, toy_bank, toy_scenes, reference):
+def test_s3_in_and_out(ray_local, s3, toy_bank, toy_scenes, segmenter):
     from pycocotools import mask as mu
+
+    from ovdiff_ray.segment import read_image
+
+    with one_torch_thread():  # segment(classes=SUBSET) on the full bank: the job loads only SUBSET's prototypes
+        reference = {n: segmenter.segment(read_image(Path(toy_scenes, "images", n)), classes=SUBSET).labels
+                     for n in ("0003.png", "0004.png")}
 
     bank, images, out = f"{s3}/bank", f"{s3}/photos", f"{s3}/labels/run1"
     src = Location(toy_bank)
@@ -211,7 +239,7 @@ def test_s3_in_and_out(ray_local, s3, toy_bank, toy_scenes, reference):
     pics.write_bytes("a/0003.png", Path(toy_scenes, "images", "0003.png").read_bytes())
     pics.write_bytes("0004.png", Path(toy_scenes, "images", "0004.png").read_bytes())
     rc, text, err = run_label(["--images", images, "--bank", bank, "--out", out, "--format", "coco,png",
-                               "--workers", "1"])
+                               "--workers", "1", "--classes", "red circle, yellow cross", "blue checks"])
     assert rc == 0 and summary(text).startswith("summary: labelled 2, skipped 0, failed 0, "), err[-3000:]
     res = Location(out)
     doc = json.loads(res.read_bytes("annotations.json"))
@@ -222,10 +250,13 @@ def test_s3_in_and_out(ray_local, s3, toy_bank, toy_scenes, reference):
             if a["image_id"] == img["id"]:
                 seg = {**a["segmentation"], "counts": a["segmentation"]["counts"].encode()}
                 labels[mu.decode(seg).astype(bool)] = a["category_id"]
-        np.testing.assert_array_equal(labels, reference[name_of(img["file_name"])])
+        ref = reference[name_of(img["file_name"])]
+        np.testing.assert_array_equal(labels, ref)
         mask = Image.open(io.BytesIO(res.read_bytes(f"masks/{img['file_name']}")))
-        np.testing.assert_array_equal(np.asarray(mask), reference[name_of(img["file_name"])])
-    assert res.exists("classes.json") and res.list("parts")
+        np.testing.assert_array_equal(np.asarray(mask), ref)
+    assert {c["name"] for c in doc["categories"]} == set(SUBSET)  # ids: the full bank's values
+    classes = json.loads(res.read_bytes("classes.json"))["classes"]
+    assert sorted(classes.values()) == sorted(SUBSET + ["background"]) and res.list("parts")
 
 
 def test_bad_arguments_fail_before_writing(toy_bank, toy_scenes, tmp_path):
@@ -243,3 +274,21 @@ def test_bad_arguments_fail_before_writing(toy_bank, toy_scenes, tmp_path):
     assert not out.exists()
     cli = subprocess.run([sys.executable, "-m", "ovdiff_ray.label", "--help"], capture_output=True, text=True, timeout=60)
     assert cli.returncode == 0 and "--format" in cli.stdout and "labelstudio" in cli.stdout
+
+
+def test_encoders_round_trip():
+    """Brush RLE (long runs split past 2**16 values, random masks) and uint16 PNGs past 255 classes."""
+    from ovdiff_ray.label import coco_decode, coco_rle, encode_png, ls_brush_rle
+
+    rng = np.random.default_rng(0)
+    masks = [np.ones((200, 300), bool), np.zeros((7, 5), bool), rng.random((48, 64)) > 0.5]
+    masks.append(np.pad(np.ones((150, 150), bool), ((30, 1), (0, 9))))
+    for m in masks:
+        np.testing.assert_array_equal(ls_decode(list(ls_brush_rle(m)), *m.shape), m)
+        counts, area, _ = coco_rle(m)
+        np.testing.assert_array_equal(coco_decode(counts, *m.shape), m)
+        assert area == m.sum()
+    labels = rng.integers(0, 1204, (40, 50)).astype(np.int32)
+    with Image.open(io.BytesIO(encode_png(labels, "uint16"))) as im:
+        assert np.asarray(im).dtype == np.uint16
+        np.testing.assert_array_equal(np.asarray(im), labels)

@@ -95,8 +95,11 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 def post(client, image: bytes | None = None, name="scene.png", ctype="image/png", **fields):
-    files = {"image": (name, image, ctype)} if image is not None else None
-    return client.post("/v1/segment", files=files, data={k: v for k, v in fields.items() if v is not None})
+    """A multipart POST like the page's form (text fields as parts without a filename)."""
+    files = [(k, (None, v)) for k, v in fields.items() if v is not None]
+    if image is not None:
+        files.insert(0, ("image", (name, image, ctype)))
+    return client.post("/v1/segment", files=files)
 
 
 def assert_alive(client):
@@ -150,7 +153,7 @@ def test_segment_png_matches_in_process(service, segmenter, toy_scenes):
     r = post(client, data)
     assert r.status_code == 200, r.text
     body = r.json()
-    ref = segmenter.segment(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    ref = segmenter.segment(np.array(Image.open(io.BytesIO(data)).convert("RGB")))
     labels = decode_png(body["mask"])
     assert (body["width"], body["height"]) == (ref.labels.shape[1], ref.labels.shape[0]) == labels.shape[::-1]
     assert body["mask_dtype"] == "uint8" and body["format"] == "png"
@@ -352,3 +355,26 @@ def test_overloaded_maps_to_retry_after(service, toy_scenes):
     r = post(client, scene(toy_scenes))
     error_of(r, 429, "segmenter busy", code="overloaded")
     assert r.headers["retry-after"] == "3"
+
+
+def test_segmenter_deployment_health_without_ray(banks):
+    """`check_health` fails until a bank and its models are loaded, then passes; `describe` serves the catalog."""
+    import asyncio
+
+    from ovdiff_ray.serve.app import SegmenterDeployment
+
+    async def run():
+        d = SegmenterDeployment.func_or_class()
+        with pytest.raises(RuntimeError, match="not loaded"):
+            await d.check_health()
+        with pytest.raises(ValueError, match="no bank"):
+            await d.reconfigure({"banks": []})
+        with pytest.raises(RuntimeError, match="not loaded"):
+            await d.check_health()
+        await d.reconfigure({"bank": banks[0], "torch_threads": 1, "max_batch_size": 3})
+        await d.check_health()
+        cat = await d.describe()
+        assert cat["default"] == f"{banks[1]['bank_id']}@v{banks[1]['version'] + 1}"  # latest: the test's v2
+        assert d.default.bank.version == banks[1]["version"] + 1
+
+    asyncio.run(run())

@@ -403,8 +403,11 @@ class SegmenterDeployment:
 
     async def health(self) -> dict:
         await self.check_health()
+        import psutil
+
         return {"default": self.engine.catalog.default, "banks": list(self.engine.catalog.banks),
-                "replica": _replica_id()}
+                "replica": _replica_id(), "pid": os.getpid(),
+                "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1)}
 
     async def describe(self) -> dict:
         await self.check_health()
