@@ -2,15 +2,17 @@
 
 For each recipe (toy: toy scenes; tiny: scikit-image photos) a bank is built with `build_bank`, then:
 
-- in process: `Segmenter.segment` on the same images with the replica's torch threads (1 per CPU it holds);
-- over HTTP: the Serve app (one segmenter replica, 1 CPU) at concurrency 1, 4 and 16: requests/s and p50/p95
-  latency; `overhead` = in-process requests/s / HTTP requests/s - 1 (goal: < 0.20 at concurrency 4);
-- (toy) dynamic batching: `max_batch_size` 1 vs 8 at concurrency 16;
+- in process: `Segmenter.segment` on the same images with the replica's torch threads (1);
+- over HTTP: the Serve app (one segmenter replica, 1 torch thread) at concurrency 1, 4 and 16: requests/s and
+  p50/p95 latency; `overhead` = in-process requests/s / HTTP requests/s - 1 (goal: < 0.20 at concurrency 4).
+  In-process and HTTP rounds alternate, so both see the same background load on a shared machine;
+- (toy) the same with PAMR on (a 3-4x heavier model call): the overhead is a fixed cost per request;
+- (toy) dynamic batching: `max_batch_size` 1 vs 4 vs 8 at concurrency 16 (three apps side by side, alternating);
 - (toy) multiplexing: a second bank version on the same replica: the first request's cost (bank load, models
   shared), alternating banks vs one bank, and the replica's memory per extra bank vs a whole replica (what one
   deployment per bank would cost instead).
 
-    python bench/serve_bench.py [--recipes toy,tiny] [--requests 48] [--concurrency 1,4,16]
+    python bench/serve_bench.py [--recipes toy,tiny] [--requests 24] [--rounds 2] [--concurrency 1,4,16]
 """
 from __future__ import annotations
 
@@ -68,6 +70,7 @@ def build(recipe: str, out: Path) -> tuple[str, list[np.ndarray]]:
     else:
         import skimage.data
 
+        out.mkdir(parents=True, exist_ok=True)
         vocab = str(out / "vocab.tsv")
         Path(vocab).write_text("name\tkind\ncat\tthing\nperson\tthing\ncup\tthing\ngrass\tstuff\n")
         images = [np.ascontiguousarray(getattr(skimage.data, n)()[..., :3]) for n in
@@ -82,150 +85,232 @@ def stats(lat: list[float], wall: float) -> dict:
     return {"rps": len(lat) / wall, "p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95))}
 
 
-def in_process(uri: str, images: list[np.ndarray], n: int) -> tuple[dict, dict]:
-    """`Segmenter.segment` alone, and with the service's decode + PNG mask encode around it."""
-    import torch
+class InProcess:
+    """`Segmenter.segment` in this process with the replica's torch threads, on the same images."""
 
-    from ovdiff_ray.segment import Segmenter
-    from ovdiff_ray.serve.engine import encode_png
-    from ovdiff_ray.serve.limits import Limits, decode_image
-    from ovdiff_ray.store.bank import Bank
+    def __init__(self, uri: str, images: list[np.ndarray]):
+        import torch
 
-    torch.set_num_threads(1)  # what a 1-CPU replica gets
-    seg = Segmenter.from_bank(Bank.load(uri))
-    payloads = [png(im) for im in images]
-    for im in images[:2]:
-        seg.segment(im)
-    out = []
-    for codec in (False, True):
+        from ovdiff_ray.segment import Segmenter
+        from ovdiff_ray.store.bank import Bank
+
+        torch.set_num_threads(1)  # what a replica holding 1 CPU gets
+        self.seg = Segmenter.from_bank(Bank.load(uri))
+        self.images = images
+        for im in images[:2]:
+            self.seg.segment(im)
+
+    def run(self, n: int, pamr: bool = False) -> tuple[list[float], float, float]:
+        """Latencies, wall seconds and CPU seconds of `n` calls."""
         lat = []
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         for i in range(n):
             t = time.perf_counter()
-            if codec:
-                im = decode_image(payloads[i % len(payloads)], Limits())
-                encode_png(seg.segment(im).labels, len(seg.bank.names))
-            else:
-                seg.segment(images[i % len(images)])
+            self.seg.segment(self.images[i % len(self.images)], pamr=pamr)
             lat.append(time.perf_counter() - t)
-        out.append(stats(lat, time.perf_counter() - t0))
-    return out[0], out[1]
+        return lat, time.perf_counter() - t0, time.process_time() - c0
 
 
-async def _fire(base: str, payloads: list[bytes], n: int, conc: int, banks: list[str | None] = (None,)):
+async def _fire(url: str, payloads: list[bytes], n: int, conc: int, banks: list[str | None] = (None,),
+                fields: dict | None = None):
     import httpx
 
     sem = asyncio.Semaphore(conc)
-    lat, batches, errors = [], [], []
+    lat, timing, errors = [], [], []
 
     async def one(c, i):
         async with sem:
             files = [("image", ("x.png", payloads[i % len(payloads)], "image/png"))]
             if banks[i % len(banks)]:
                 files.append(("bank", (None, banks[i % len(banks)])))
+            files += [(k, (None, v)) for k, v in (fields or {}).items()]
             t = time.perf_counter()
-            r = await c.post("/v1/segment", files=files)
+            r = await c.post(url, files=files)
             lat.append(time.perf_counter() - t)
             if r.status_code != 200:
                 errors.append(r.status_code)
             else:
-                batches.append(r.json()["timing"]["batch_size"])
+                timing.append(r.json()["timing"])
 
     limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
-    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as c:
+    async with httpx.AsyncClient(timeout=300, limits=limits) as c:
         t0 = time.perf_counter()
         await asyncio.gather(*(one(c, i) for i in range(n)))
         wall = time.perf_counter() - t0
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed: {sorted(set(errors))}")
-    return {**stats(lat, wall), "mean_batch": float(np.mean(batches))}
+    return lat, wall, timing
 
 
-def fire(base, payloads, n, conc, banks=(None,)) -> dict:
-    return asyncio.run(_fire(base, payloads, n, conc, list(banks)))
+def fire(url, payloads, n, conc, banks=(None,), fields=None):
+    return asyncio.run(_fire(url, payloads, n, conc, list(banks), fields))
 
 
-def deploy(args: dict) -> float:
+def cpu_seconds(app: str) -> dict[str, float]:
+    """CPU seconds so far of this Ray's processes by role (this process = the client)."""
+    import psutil
+
+    out = dict.fromkeys(("segmenter", "ingress", "proxy", "ray_other", "client"), 0.0)
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        role = ("segmenter" if f"ServeReplica:{app}:OVDiffSegmenter" in cmd else
+                "ingress" if f"ServeReplica:{app}:OVDiffIngress" in cmd else
+                "proxy" if "ProxyActor" in cmd else "ray_other")
+        out[role] += t.user + t.system
+    t = psutil.Process().cpu_times()
+    out["client"] = t.user + t.system
+    return out
+
+
+def deploy(name: str, args: dict) -> float:
+    """One app per configuration (route /<name>), side by side, so measurements can alternate without redeploys."""
     from ray import serve
 
     from ovdiff_ray.serve.app import build_app
 
     t0 = time.perf_counter()
-    serve.run(build_app({"num_replicas": 1, "num_cpus": 1, "max_queued_requests": -1, **args}), name="bench",
-              route_prefix="/", logging_config={"log_level": "WARNING", "enable_access_log": False})
+    serve.run(build_app({"num_replicas": 1, "num_cpus": 0.5, "torch_threads": 1, "max_queued_requests": -1, **args}),
+              name=name, route_prefix=f"/{name}", logging_config={"log_level": "WARNING", "enable_access_log": False})
     return time.perf_counter() - t0
 
 
-def health(base: str) -> dict:
+def health(url: str) -> dict:
     import httpx
 
-    return httpx.get(base + "/healthz", timeout=60).json()
+    return httpx.get(url + "/healthz", timeout=60).json()
 
 
-def bench_recipe(recipe: str, work: Path, base: str, n: int, concurrency: list[int]) -> None:
+def bench_recipe(recipe: str, work: Path, base: str, n: int, concurrency: list[int], rounds: int) -> None:
+    from ray import serve
+
     note(f"{recipe}: building the bank")
     uri, images = build(recipe, work / recipe)
     payloads = [png(im) for im in images]
-    note(f"{recipe}: in-process baseline ({n} images)")
-    ref, ref_codec = in_process(uri, images, n)
-    emit(f"{recipe}.inprocess.rps", ref["rps"])
-    emit(f"{recipe}.inprocess.p50_ms", ref["p50_ms"])
-    emit(f"{recipe}.inprocess_with_codec.rps", ref_codec["rps"])
-    note(f"{recipe}: deploying (1 replica, max_batch_size 4)")
-    emit(f"{recipe}.replica_start_s", deploy({"bank": uri, "max_batch_size": 4}))
-    fire(base, payloads, 4, 1)  # warm-up, not counted
+    mux = recipe == "toy"
+    if mux:  # a second version of the same bank (same classes) for the multiplexing measurement
+        from ovdiff_ray.store.fs import Location
+        from ovdiff_ray.store.shards import commit_manifest, read_manifest
+
+        m = read_manifest(Location(uri))
+        commit_manifest(Location(uri), {**m, "version": m["version"] + 1})
+        banks = [{"uri": uri, "version": m["version"]}, {"uri": uri, "version": m["version"] + 1}]
+        v1, v2 = (f"{m['bank_id']}@v{m['version'] + k}" for k in (0, 1))
+    else:
+        banks = [uri]
+    note(f"{recipe}: deploying (1 replica, max_batch_size 4) and the in-process baseline")
+    main = f"{recipe}-b4"
+    emit(f"{recipe}.replica_start_s", deploy(main, {"banks": banks, "max_batch_size": 4}))
+    url = f"{base}/{main}"
+    ref = InProcess(uri, images)
+    rss1 = health(url)["rss_mb"]
+    fire(url + "/v1/segment", payloads, 4, 1)  # warm-up, not counted
     for c in concurrency:
-        note(f"{recipe}: HTTP at concurrency {c}")
-        s = fire(base, payloads, max(n, 3 * c), c)
+        note(f"{recipe}: concurrency {c}, {rounds} rounds of in-process then HTTP")
+        n_c = max(n, 2 * c)
+        il, iw, icpu, hl, hw, tm = [], 0.0, 0.0, [], 0.0, []
+        cpu = dict.fromkeys(("segmenter", "ingress", "proxy", "ray_other", "client"), 0.0)
+        for _ in range(rounds):  # alternate so that both see the same background load
+            lat, wall, used = ref.run(n_c)
+            il += lat
+            iw += wall
+            icpu += used
+            c0 = cpu_seconds(main)
+            lat, wall, timing = fire(url + "/v1/segment", payloads, n_c, c)
+            c1 = cpu_seconds(main)
+            hl += lat
+            hw += wall
+            tm += timing
+            for k in cpu:
+                cpu[k] += c1[k] - c0[k]
+        i, h = stats(il, iw), stats(hl, hw)
+        per = {k: 1000 * v / len(hl) for k, v in cpu.items()}
+        model_ms = 1000 * icpu / len(il)
+        if c == concurrency[0]:
+            emit(f"{recipe}.inprocess.rps", i["rps"])
+            emit(f"{recipe}.inprocess.p50_ms", i["p50_ms"])
+            emit(f"{recipe}.inprocess.cpu_ms_per_image", model_ms)
         for k in ("rps", "p50_ms", "p95_ms"):
-            emit(f"{recipe}.http.c{c}.{k}", s[k])
-        emit(f"{recipe}.http.c{c}.overhead", ref["rps"] / s["rps"] - 1)
-        emit(f"{recipe}.http.c{c}.mean_batch", s["mean_batch"])
-    if recipe != "toy":
+            emit(f"{recipe}.http.c{c}.{k}", h[k])
+        seg_ms = float(np.median([t["segment_ms"] for t in tm]))
+        emit(f"{recipe}.http.c{c}.server_segment_ms_p50", seg_ms)
+        emit(f"{recipe}.http.c{c}.model_busy", h["rps"] * seg_ms / 1000)
+        emit(f"{recipe}.http.c{c}.mean_batch", float(np.mean([t["batch_size"] for t in tm])))
+        for k, v in per.items():
+            emit(f"{recipe}.http.c{c}.cpu_ms_per_request.{k}", v)
+        serve_cpu = per["segmenter"] + per["ingress"] + per["proxy"] + per["ray_other"]
+        emit(f"{recipe}.http.c{c}.serve_cpu_overhead", serve_cpu / model_ms - 1)
+        emit(f"{recipe}.http.c{c}.inprocess_rps_same_rounds", i["rps"])
+        emit(f"{recipe}.http.c{c}.overhead", i["rps"] / h["rps"] - 1)
+    if not mux:
+        serve.delete(main)
         return
+
+    note(f"{recipe}: a heavier model call (PAMR on) at concurrency 4")
+    n_p = max(n // 2, 8)
+    il, iw, hl, hw = [], 0.0, [], 0.0
+    for _ in range(rounds):
+        lat, wall, _ = ref.run(n_p, pamr=True)
+        il, iw = il + lat, iw + wall
+        lat, wall, _ = fire(url + "/v1/segment", payloads, n_p, 4, fields={"pamr": "true"})
+        hl, hw = hl + lat, hw + wall
+    i, h = stats(il, iw), stats(hl, hw)
+    emit(f"{recipe}.pamr.inprocess.p50_ms", i["p50_ms"])
+    emit(f"{recipe}.pamr.http.c4.rps", h["rps"])
+    emit(f"{recipe}.pamr.http.c4.p50_ms", h["p50_ms"])
+    emit(f"{recipe}.pamr.http.c4.overhead", i["rps"] / h["rps"] - 1)
+
     c = max(concurrency)
-    res = {}
-    for b in (1, 8):
-        note(f"{recipe}: dynamic batching, max_batch_size {b}, concurrency {c}")
-        deploy({"bank": uri, "max_batch_size": b, "batch_wait_timeout_s": 0.01})
-        fire(base, payloads, 4, 1)
-        res[b] = fire(base, payloads, max(n, 3 * c), c)
-        emit(f"{recipe}.batch{b}.c{c}.rps", res[b]["rps"])
-        emit(f"{recipe}.batch{b}.c{c}.p50_ms", res[b]["p50_ms"])
-        emit(f"{recipe}.batch{b}.c{c}.mean_batch", res[b]["mean_batch"])
-    emit(f"{recipe}.batch8_vs_batch1.rps_ratio", res[8]["rps"] / res[1]["rps"])
+    note(f"{recipe}: dynamic batching, max_batch_size 1 vs 4 vs 8 at concurrency {c} (max_ongoing_requests 12)")
+    for b in (1, 4, 8):
+        deploy(f"{recipe}-batch{b}", {"bank": uri, "version": m["version"], "max_batch_size": b,
+                                      "max_ongoing_requests": 12})
+        fire(f"{base}/{recipe}-batch{b}/v1/segment", payloads, 4, 1)
+    res: dict[int, list] = {1: [[], 0.0, []], 4: [[], 0.0, []], 8: [[], 0.0, []]}
+    for _ in range(rounds):
+        for b in (1, 4, 8):
+            lat, wall, timing = fire(f"{base}/{recipe}-batch{b}/v1/segment", payloads, max(n, 2 * c), c)
+            res[b][0] += lat
+            res[b][1] += wall
+            res[b][2] += timing
+    for b in (1, 4, 8):
+        s = stats(res[b][0], res[b][1])
+        emit(f"{recipe}.batch{b}.c{c}.rps", s["rps"])
+        emit(f"{recipe}.batch{b}.c{c}.p50_ms", s["p50_ms"])
+        emit(f"{recipe}.batch{b}.c{c}.mean_batch", float(np.mean([t["batch_size"] for t in res[b][2]])))
+    emit(f"{recipe}.batch8_vs_batch1.rps_ratio",
+         stats(res[8][0], res[8][1])["rps"] / stats(res[1][0], res[1][1])["rps"])
+    for b in (1, 4, 8):
+        serve.delete(f"{recipe}-batch{b}")
 
     note(f"{recipe}: multiplexing two bank versions on one replica")
-    from ovdiff_ray.store.fs import Location
-    from ovdiff_ray.store.shards import commit_manifest, read_manifest
-
-    root = work / recipe / "bank2"
-    shutil.copytree(uri, root)
-    m = read_manifest(Location(str(root)))
-    commit_manifest(Location(str(root)), {**m, "version": m["version"] + 1})  # same classes, a new version
-    deploy({"banks": [{"uri": str(root), "version": m["version"]}, {"uri": str(root), "version": m["version"] + 1}],
-            "max_batch_size": 4})
-    a, b = f"{m['bank_id']}@v{m['version']}", f"{m['bank_id']}@v{m['version'] + 1}"
-    fire(base, payloads, 4, 1, [a])
-    rss1 = health(base)["rss_mb"]
     t0 = time.perf_counter()
-    fire(base, payloads, 1, 1, [b])
+    fire(url + "/v1/segment", payloads, 1, 1, [v2])
     emit(f"{recipe}.mux.first_request_other_bank_ms", 1000 * (time.perf_counter() - t0))
-    rss2 = health(base)["rss_mb"]
-    one = fire(base, payloads, max(n, 12), 4, [a])
-    alt = fire(base, payloads, max(n, 12), 4, [a, b])
-    emit(f"{recipe}.mux.one_bank.c4.rps", one["rps"])
-    emit(f"{recipe}.mux.alternating.c4.rps", alt["rps"])
-    emit(f"{recipe}.mux.alternating_vs_one.rps_ratio", alt["rps"] / one["rps"])
+    rss2 = health(url)["rss_mb"]
+    one, alt = [[], 0.0], [[], 0.0]
+    for _ in range(rounds):
+        for acc, which in ((one, [v1]), (alt, [v1, v2])):
+            lat, wall, _ = fire(url + "/v1/segment", payloads, max(n, 12), 4, which)
+            acc[0] += lat
+            acc[1] += wall
+    emit(f"{recipe}.mux.one_bank.c4.rps", stats(*one)["rps"])
+    emit(f"{recipe}.mux.alternating_banks.c4.rps", stats(*alt)["rps"])
+    emit(f"{recipe}.mux.alternating_vs_one.rps_ratio", stats(*alt)["rps"] / stats(*one)["rps"])
     emit(f"{recipe}.mux.replica_rss_mb", rss1)
     emit(f"{recipe}.mux.extra_bank_rss_mb", rss2 - rss1)
     emit(f"{recipe}.mux.bank_bytes", sum(int(c.get("bytes", 0)) for c in m["classes"]))
+    serve.delete(main)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipes", default="toy,tiny")
-    ap.add_argument("--requests", type=int, default=48, help="requests per measurement")
+    ap.add_argument("--requests", type=int, default=24, help="requests per round and measurement")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per measurement")
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--keep", default=None, help="work folder to keep (default: a temp folder, removed)")
     a = ap.parse_args(argv)
@@ -240,15 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port},
                 logging_config={"log_level": "WARNING", "enable_access_log": False})
     try:
-        import torch
-
         emit("cpus", os.cpu_count())
-        emit("replica_torch_threads", 1)
-        emit("inprocess_torch_threads", 1)
-        del torch
+        emit("torch_threads_replica_and_inprocess", 1)
         for recipe in a.recipes.split(","):
             bench_recipe(recipe.strip(), work, f"http://127.0.0.1:{port}", a.requests,
-                         [int(c) for c in a.concurrency.split(",")])
+                         [int(c) for c in a.concurrency.split(",")], a.rounds)
     finally:
         serve.shutdown()
         ray.shutdown()

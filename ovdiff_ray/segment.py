@@ -82,6 +82,7 @@ class Gathered:
     fg_index: torch.Tensor  # [K, L] int64 column per (class, slot); padding points at column R (-inf)
     n_fg: int
     n_bg: int
+    run: int = 0  # every kept class has exactly `run` fg rows (a plain reshape replaces the index gather)
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -152,13 +153,35 @@ def make_views(h: int, w: int, windows: Sequence[Sequence[int]], whole: bool) ->
 
 
 def segment_max(sims: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`sims [N, R]`, `index [K, L]` (column R = padding) -> per-class max `[N, K]`."""
+    """`sims [R, N]`, `index [K, L]` (row R = padding) -> per-class max `[K, N]`."""
     k, length = index.shape
     if k == 0:
-        return sims.new_zeros(sims.shape[0], 0)
-    pad = sims.new_full((sims.shape[0], 1), -torch.inf)
-    full = torch.cat([sims, pad], 1)
-    return full[:, index.reshape(-1)].view(-1, k, length).amax(2)
+        return sims.new_zeros(0, sims.shape[1])
+    full = torch.cat([sims, sims.new_full((1, sims.shape[1]), -torch.inf)], 0)
+    return full[index.reshape(-1)].view(k, length, -1).amax(1)
+
+
+def upsample_argmax(scores: torch.Tensor, h0: int, w0: int, rows: int = 256) -> np.ndarray:
+    """`scores [C, h, w]` -> argmax over C of the bilinear upsampling to `[h0, w0]` with scores <= 0 set to 0 (ties
+    to the first row, background), in chunks of output rows so that `[C, h0, w0]` is never held at once.
+
+    Same result as `F.interpolate(..., mode="bilinear", align_corners=False)`: horizontal pass first, then the
+    vertical blend of the two source rows of each output row.
+    """
+    c, h, w = scores.shape
+    if (h, w) == (h0, w0):
+        return scores.clamp_min(0).argmax(0).cpu().numpy()
+    tmp = F.interpolate(scores[None], size=(h, w0), mode="bilinear", align_corners=False)[0]  # [C, h, w0]
+    src = ((torch.arange(h0, dtype=torch.float64) + 0.5) * (h / h0) - 0.5).clamp_min(0)
+    i0 = src.floor().long().clamp_max(h - 1)
+    i1 = (i0 + 1).clamp_max(h - 1)
+    wt = (src - i0).float().to(tmp.device)[None, :, None]
+    out = np.empty((h0, w0), np.int64)
+    for y in range(0, h0, rows):
+        sl = slice(y, y + rows)
+        blend = tmp[:, i0[sl]] * (1 - wt[:, sl]) + tmp[:, i1[sl]] * wt[:, sl]
+        out[sl] = blend.clamp_min_(0).argmax(0).cpu().numpy()
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------ PAMR
@@ -348,7 +371,8 @@ class Segmenter:
             index[i, :n] = torch.arange(start, start + n)
             start += n
         rows = np.concatenate(fg_rows + [bg]).astype(np.int64)
-        g = Gathered(vec(rows), index.to(self.device), n_fg, len(bg))
+        run = lengths[0] if lengths and all(n == lengths[0] for n in lengths) else 0
+        g = Gathered(vec(rows), index.to(self.device), n_fg, len(bg), run)
         self._gather_cache[key] = g
         while len(self._gather_cache) > 64:
             self._gather_cache.popitem(last=False)
@@ -356,17 +380,28 @@ class Segmenter:
 
     # -- matching ------------------------------------------------------------------------------------------
     def match(self, feats: torch.Tensor, g: Gathered, chunk: int = 16384) -> torch.Tensor:
-        """`feats [B, D, h, w]` -> scores `[B, K + 1, h, w]` (background at 0; 0 when there are no bg rows)."""
+        """`feats [B, D, h, w]` -> scores `[B, K + 1, h, w]` (background at 0; 0 when there are no bg rows).
+
+        Per image one `protos [R, D] @ feats [D, N]` (fp32), a per-class max over rows, and the division by the
+        pixel norms after the max (cosine = max(p . f) / |f|), so features are never copied or normalised.
+        """
         b, d, h, w = feats.shape
-        pix = F.normalize(feats.permute(0, 2, 3, 1).reshape(-1, d).float(), dim=1)
         k = g.fg_index.shape[0]
-        out = pix.new_zeros(pix.shape[0], k + 1)
-        for i in range(0, pix.shape[0], chunk):
-            sims = pix[i:i + chunk] @ g.protos.T  # [n, R] fp32
-            out[i:i + chunk, 1:] = segment_max(sims[:, :g.n_fg], g.fg_index)
-            if g.n_bg:
-                out[i:i + chunk, 0] = sims[:, g.n_fg:].amax(1)
-        return out.view(b, h, w, k + 1).permute(0, 3, 1, 2)
+        out = feats.new_zeros(b, k + 1, h * w, dtype=torch.float32)
+        for j in range(b):
+            f = feats[j].reshape(d, h * w).float()
+            for i in range(0, h * w, chunk):
+                fi = f[:, i:i + chunk]
+                sims = g.protos @ fi  # [R, n]
+                o = out[j, :, i:i + chunk]
+                if g.run:
+                    o[1:] = sims[:g.n_fg].view(k, g.run, -1).amax(1)
+                else:
+                    o[1:] = segment_max(sims[:g.n_fg], g.fg_index)
+                if g.n_bg:
+                    o[0] = sims[g.n_fg:].amax(0)
+                o /= fi.norm(dim=0).clamp_min(1e-12)
+        return out.view(b, k + 1, h, w)
 
     def _view_input(self, ex: str, crop: torch.Tensor) -> torch.Tensor:
         """Per-extractor view size: square `view_size`, or kept with the long side capped at `max_side`."""
@@ -449,12 +484,14 @@ class Segmenter:
             scores = pamr_refine(x, scores, self.seg.pamr_iters, self.seg.pamr_dilations)
             t["pamr"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        if (h, w) != (h0, w0):
-            scores = F.interpolate(scores[None], size=(h0, w0), mode="bilinear", align_corners=False)[0]
-        scores = scores.clamp_min(0)
-        arg = scores.argmax(0).cpu().numpy()  # first maximum: ties go to background (row 0)
-        lut = np.array([0] + [c + 1 for c in kept], np.int32)
-        labels = lut[arg]
+        if return_scores:
+            if (h, w) != (h0, w0):
+                scores = F.interpolate(scores[None], size=(h0, w0), mode="bilinear", align_corners=False)[0]
+            scores = scores.clamp_min(0)
+            arg = scores.argmax(0).cpu().numpy()  # first maximum: ties go to background (row 0)
+        else:
+            arg = upsample_argmax(scores, h0, w0)
+        labels = np.array([0] + [c + 1 for c in kept], np.int32)[arg]
         t["upsample"] += time.perf_counter() - t0
         present = np.unique(labels)
         names = {int(v): ("background" if v == 0 else self.bank.names[v - 1]) for v in present}

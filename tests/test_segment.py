@@ -61,7 +61,7 @@ def test_views_cover_the_image_with_snapped_windows():
 
 def test_segment_max_matches_brute_force():
     g = torch.Generator().manual_seed(0)
-    sims = torch.randn(50, 9, generator=g)
+    sims = torch.randn(9, 50, generator=g)
     lengths = [3, 1, 5]
     index = torch.full((3, 5), 9, dtype=torch.long)
     start = 0
@@ -69,8 +69,29 @@ def test_segment_max_matches_brute_force():
         index[i, :n] = torch.arange(start, start + n)
         start += n
     out = segment_max(sims, index)
-    ref = torch.stack([sims[:, 0:3].amax(1), sims[:, 3:4].amax(1), sims[:, 4:9].amax(1)], 1)
+    ref = torch.stack([sims[0:3].amax(0), sims[3:4].amax(0), sims[4:9].amax(0)])
     assert torch.equal(out, ref)
+
+
+def test_match_equals_brute_force_cosines(seg):
+    """Scores = max cosine over a class's fg prototypes (and over the kept things' bg prototypes at 0)."""
+    from ovdiff_ray.segment import Switches
+
+    ids = seg.resolve(["red circle", "blue star", "green stripes"])
+    feats = torch.rand(2, 28, 5, 7)
+    for sw in (Switches(), Switches(class_mean_only=True)):
+        g = seg.gather("toy", ids, sw)
+        got = seg.match(feats, g)
+        a = seg.bank.extractors["toy"]
+        pix = torch.nn.functional.normalize(feats, dim=1)
+        for i, c in enumerate(ids):
+            r = np.arange(*a.rows_of(c).indices(len(a.vectors)))
+            r = r[(a.kind[r] == 0) & ((a.level[r] == 0) | (not sw.class_mean_only))]
+            p = torch.from_numpy(a.vectors[r]).float()
+            ref = torch.einsum("rd,bdhw->brhw", p, pix).amax(1)
+            assert torch.allclose(got[:, i + 1], ref, atol=1e-5)
+        bg = torch.einsum("rd,bdhw->brhw", g.protos[g.n_fg:], pix).amax(1)
+        assert g.n_bg > 0 and torch.allclose(got[:, 0], bg, atol=1e-5)
 
 
 def test_result_contract_and_class_restriction(seg, scenes):
@@ -219,3 +240,16 @@ def test_overlay_legend_lists_found_classes(seg, scenes):
     assert pic.size == (128, 128 + 18 * max(1, len(found)) + 6)
     top = np.asarray(pic)[:128]
     assert not np.array_equal(top, scenes[0][0])  # labels are drawn on the image
+
+
+def test_chunked_upsample_argmax_equals_interpolate():
+    from ovdiff_ray.segment import upsample_argmax
+
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(5, 13, 17, generator=g)
+    scores[0] = 0.0  # background row with ties to negative scores
+    for h0, w0 in ((13, 17), (100, 37), (531, 640), (7, 9)):
+        ref = torch.nn.functional.interpolate(scores[None], size=(h0, w0), mode="bilinear", align_corners=False)[0]
+        want = ref.clamp_min(0).argmax(0).numpy()
+        got = upsample_argmax(scores, h0, w0, rows=64)
+        assert (got == want).mean() > 0.9999

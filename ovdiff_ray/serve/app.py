@@ -39,7 +39,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import BankSpec, Catalog, Engine, Job, ServiceConfig, bank_entry
+from .engine import BankSpec, Catalog, Engine, Job, ServiceConfig, bank_entry, encode
 from .limits import (Limits, RequestError, check_classes, decode_image, parse_bool, parse_format,
                      split_classes)
 
@@ -185,18 +185,14 @@ def make_app(backend: Backend) -> FastAPI:
         classes = check_classes(split_classes(fields.get("classes"), cat.limits), entry.names, entry.key)
         t1 = time.perf_counter()
         image = await asyncio.to_thread(decode_image, data, cat.limits)  # header first, then a full decode
-        h, w = image.shape[:2]
-        del image
         t2 = time.perf_counter()
-        body = await backend.segment(entry.key, Job(data, tuple(classes) if classes else None, pamr, fmt))
-        status = body.pop("status", 200)
-        if status != 200:
-            return JSONResponse({k: body.get(k) for k in ("error", "detail", "code")}, status_code=status)
+        result = await backend.segment(entry.key, Job(image, tuple(classes) if classes else None, pamr))
+        if result.get("status", 200) != 200:
+            return JSONResponse({k: result.get(k) for k in ("error", "detail", "code")}, status_code=result["status"])
+        body = await asyncio.to_thread(encode, image, result, fmt)
         body["timing"] = {"total_ms": round(1000 * (time.perf_counter() - t0), 1),
                           "validate_ms": round(1000 * (t2 - t0), 1), "decode_ms": round(1000 * (t2 - t1), 1),
-                          **body.get("timing", {})}
-        if (body["width"], body["height"]) != (w, h):  # cannot happen unless the two decoders disagree
-            log.warning("size mismatch: ingress %sx%s, segmenter %sx%s", w, h, body["width"], body["height"])
+                          **body["timing"]}
         return JSONResponse(body)
 
     return app
@@ -423,7 +419,7 @@ class SegmenterDeployment:
         await self.check_health()
         return await self._batch(job)
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.005)
     async def _batch(self, jobs: list[Job]) -> list[dict]:
         key = serve.get_multiplexed_model_id() or self.engine.catalog.default
         try:
@@ -485,7 +481,7 @@ class AppArgs(BaseModel):
     pin_versions: bool = True  # resolve "latest" once, here, so every replica serves the same version
     limits: dict = Field(default_factory=dict)
     max_batch_size: int = Field(4, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
     device: str | None = None
     torch_threads: int | None = None
     request_timeout_s: float = Field(120.0, gt=0)
@@ -510,10 +506,17 @@ def service_config(a: AppArgs) -> ServiceConfig:
         banks.insert(0, BankSpec(a.bank, a.version))
     if not banks:
         raise ValueError("no bank: set `bank: URI` (or `banks: [...]`) in the application args")
+    banks = [BankSpec(_absolute(b.uri), b.version, b.name) for b in banks]  # replicas may not share our cwd
     if a.pin_versions:
         banks = [BankSpec(b.uri, bank_entry(b, a.storage).version, b.name) for b in banks]
     return ServiceConfig(banks, Limits.from_dict(a.limits), a.max_batch_size, a.batch_wait_timeout_s, a.device,
                          a.torch_threads, a.request_timeout_s, a.storage)
+
+
+def _absolute(uri: str) -> str:
+    if "://" in uri and not uri.startswith("file://"):
+        return uri
+    return str(Path(uri.removeprefix("file://")).expanduser().resolve())
 
 
 def build_app(args: dict | AppArgs):

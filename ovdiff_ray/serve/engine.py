@@ -2,8 +2,8 @@
 
 `Engine` is what a Serve replica (and the in-process `LocalBackend`) runs: it reads the configured banks' manifests
 (cheap: names and kinds, no prototypes), loads a bank's prototypes and its recipe's models on demand (models are
-shared by banks whose recipes name the same models), segments a batch of validated uploads and encodes each result
-as a PNG mask, COCO RLE or an overlay.
+shared by banks whose recipes name the same models) and segments a batch of decoded images. `encode` turns a result
+into the JSON body (PNG mask, COCO RLE or overlay); the ingress runs it, so a replica's CPU goes to the model.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .limits import Limits, RequestError, decode_image
+from .limits import Limits, RequestError
 
 log = logging.getLogger("ovdiff.serve")
 BANK_REF = re.compile(r"^(?P<id>.+?)(?:@v?(?P<version>\d+))?$")
@@ -55,7 +55,7 @@ class ServiceConfig:
     banks: list[BankSpec]
     limits: Limits = field(default_factory=Limits)
     max_batch_size: int = 4
-    batch_wait_timeout_s: float = 0.01
+    batch_wait_timeout_s: float = 0.005
     device: str | None = None  # None: cuda when the replica has a GPU, else cpu
     torch_threads: int | None = None  # None: the replica's CPUs (at least 1)
     request_timeout_s: float = 120.0  # ingress -> segmenter call
@@ -125,12 +125,11 @@ def bank_entry(spec: BankSpec, storage: dict | None = None) -> BankEntry:
 
 @dataclass
 class Job:
-    """One validated request, as the segmenter sees it."""
+    """One validated request, as the segmenter sees it: the decoded image (the ingress decodes once)."""
 
-    data: bytes  # the upload (already validated by the ingress; decoded again here)
-    classes: tuple[str, ...] | None
+    image: np.ndarray  # [H, W, 3] uint8
+    classes: tuple[str, ...] | None = None
     pamr: bool = False
-    format: str = "png"
 
 
 # ----------------------------------------------------------------------------------------------- encoders
@@ -226,69 +225,73 @@ class Engine:
 
     # -- work ------------------------------------------------------------------------------------------------
     def run(self, seg, jobs: Sequence[Job]) -> list[dict]:
-        """Segment a batch (jobs grouped by classes and PAMR for `segment_batch`) and encode each result.
+        """Segment a batch (grouped by classes and PAMR for `segment_batch`); model work only, no encoding.
 
-        A job that fails gets an error dict (`status`, `error`, `detail`) and never fails the others.
+        Each result: `status` 200, `labels` (uint8 or uint16 per bank), `classes` {value: name}, `kept`, `bank`,
+        `timing`. A job that fails gets an error dict (`status`, `error`, `detail`, `code`) and never fails the
+        others.
         """
         out: list[dict | None] = [None] * len(jobs)
-        images: list[np.ndarray | None] = [None] * len(jobs)
-        for i, j in enumerate(jobs):
-            try:
-                images[i] = decode_image(j.data, self.config.limits)
-            except RequestError as e:
-                out[i] = {"status": e.status, **e.to_dict()}
         groups: dict[tuple, list[int]] = {}
         for i, j in enumerate(jobs):
-            if out[i] is None:
-                groups.setdefault((j.classes, j.pamr), []).append(i)
+            groups.setdefault((j.classes, j.pamr), []).append(i)
         for (classes, pamr), idx in groups.items():
             t0 = time.perf_counter()
             try:
-                results = seg.segment_batch([images[i] for i in idx], list(classes) if classes else None, pamr)
+                results = seg.segment_batch([jobs[i].image for i in idx], list(classes) if classes else None, pamr)
             except Exception:  # noqa: BLE001 - isolate the failing image: run the group one by one
                 results = None
             dt = (time.perf_counter() - t0) / len(idx)
             for k, i in enumerate(idx):
-                if results is not None:
-                    out[i] = self._encode(seg, images[i], results[k], jobs[i].format, dt, len(jobs))
-                else:
-                    out[i] = self._one(seg, images[i], jobs[i], len(jobs))
+                out[i] = (self._result(seg, results[k], dt, len(jobs)) if results is not None
+                          else self._one(seg, jobs[i], len(jobs)))
         return out  # type: ignore[return-value]
 
-    def _one(self, seg, image: np.ndarray, job: Job, batch: int) -> dict:
+    def _one(self, seg, job: Job, batch: int) -> dict:
         from ..segment import SegmentError
 
         t0 = time.perf_counter()
         try:
-            res = seg.segment(image, list(job.classes) if job.classes else None, job.pamr)
+            res = seg.segment(job.image, list(job.classes) if job.classes else None, job.pamr)
         except SegmentError as e:
             return {"status": 400, "error": str(e), "detail": None, "code": "bad_request"}
         except Exception as e:  # noqa: BLE001 - one bad image never takes the replica down
             log.error("segmentation failed: %s", traceback.format_exc())
             return {"status": 500, "error": f"segmentation failed: {e.__class__.__name__}: {e}", "detail": None,
                     "code": "internal"}
-        return self._encode(seg, image, res, job.format, time.perf_counter() - t0, batch)
+        return self._result(seg, res, time.perf_counter() - t0, batch)
 
-    def _encode(self, seg, image: np.ndarray, res, fmt: str, seconds: float, batch: int) -> dict:
-        t0 = time.perf_counter()
-        h, w = res.labels.shape
-        body: dict[str, Any] = {
-            "status": 200, "bank": {"id": seg.bank.bank_id, "version": seg.bank.version},
-            "width": int(w), "height": int(h), "format": fmt,
-            "classes": {str(v): n for v, n in sorted(res.classes.items())}, "kept": list(res.kept)}
-        if fmt == "png":
-            body["mask"] = encode_png(res.labels, len(seg.bank.names))
-            body["mask_dtype"] = mask_dtype(len(seg.bank.names))
-        elif fmt == "rle":
-            body["rle"] = encode_rle(res.labels)
-        else:
-            from ..segment import overlay
+    @staticmethod
+    def _result(seg, res, seconds: float, batch: int) -> dict:
+        n = len(seg.bank.names)
+        return {"status": 200, "labels": res.labels.astype(np.uint8 if mask_dtype(n) == "uint8" else np.uint16),
+                "classes": {int(v): name for v, name in res.classes.items()}, "kept": list(res.kept),
+                "bank": {"id": seg.bank.bank_id, "version": seg.bank.version, "num_classes": n},
+                "timing": {"segment_ms": round(1000 * seconds, 1), "batch_size": batch,
+                           "stages_ms": {k: round(1000 * v, 1) for k, v in res.timings.items()}}}
 
-            body["overlay"] = b64png(overlay(image, res))
-            body["legend"] = legend(res.classes)
-        body["timing"] = {"segment_ms": round(1000 * seconds, 1), "encode_ms": round(1000 * (time.perf_counter() - t0), 1),
-                          "batch_size": batch, "stages_ms": {k: round(1000 * v, 1) for k, v in res.timings.items()}}
-        return body
+
+def encode(image: np.ndarray, result: dict, fmt: str) -> dict:
+    """A segmenter result -> the JSON body: mask as base64 PNG, COCO RLE per class, or overlay + legend."""
+    t0 = time.perf_counter()
+    labels, n = result["labels"], result["bank"]["num_classes"]
+    h, w = labels.shape
+    body: dict[str, Any] = {
+        "bank": {"id": result["bank"]["id"], "version": result["bank"]["version"]},
+        "width": int(w), "height": int(h), "format": fmt,
+        "classes": {str(v): name for v, name in sorted(result["classes"].items())}, "kept": result["kept"]}
+    if fmt == "png":
+        body["mask"] = encode_png(labels, n)
+        body["mask_dtype"] = mask_dtype(n)
+    elif fmt == "rle":
+        body["rle"] = encode_rle(labels)
+    else:
+        from ..segment import SegmentationResult, overlay
+
+        body["overlay"] = b64png(overlay(image, SegmentationResult(labels, result["classes"], None, result["kept"])))
+        body["legend"] = legend(result["classes"])
+    body["timing"] = {**result["timing"], "encode_ms": round(1000 * (time.perf_counter() - t0), 1)}
+    return body
 
 
 # ------------------------------------------------------------------------------------------------ catalog
