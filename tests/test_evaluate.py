@@ -3,6 +3,7 @@ folder, and clear errors for bad dataset folders and banks that do not cover a d
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from ovdiff_ray.models import toy
 from ovdiff_ray.recipe import load_recipe
 from ovdiff_ray.vocab import load_vocab
 
-VOCAB = "bank/vocab/toy.tsv"
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = str(ROOT / "bank" / "vocab" / "toy.tsv")
 
 
 def write_bank(root, protos, recipe) -> str:
@@ -33,11 +35,7 @@ def sample_all(recipe, names_kinds):
     return [sample_class(n, recipe, models, kind=k) for n, k in names_kinds]
 
 
-@pytest.fixture(scope="module")
-def toy_bank(tmp_path_factory):
-    recipe = load_recipe("toy")
-    protos = sample_all(recipe, [(c.name, c.kind) for c in load_vocab(VOCAB).classes])
-    return write_bank(tmp_path_factory.mktemp("toybank"), protos, recipe)
+# `toy_bank` (tests/conftest.py): the toy vocabulary built by `build_bank` on the session's local Ray.
 
 
 # ------------------------------------------------------------------------------------------------- metrics
@@ -150,7 +148,7 @@ def test_voc_layout_folder_evaluates(tmp_path, capsys, toy_bank):
     bank builds in seconds; tiny SD sampling takes about 10 s a class here. Random weights: the numbers are not
     meaningful, the dataset reading, class mapping, metrics and JSON are."""
     recipe = load_recipe("tiny")
-    names = load_vocab("bank/vocab/voc21.tsv").names[1:]
+    names = load_vocab(ROOT / "bank" / "vocab" / "voc21.tsv").names[1:]
     recipe.generation.generator = "toy"
     recipe.generation.resolution = 64
     recipe.generation.n_images = 2

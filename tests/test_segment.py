@@ -13,7 +13,7 @@ from ovdiff_ray.segment import (SegmentError, Segmenter, main, make_views, overl
 from ovdiff_ray.store.bank import Bank
 from ovdiff_ray.vocab import load_vocab
 
-VOCAB = "bank/vocab/toy.tsv"
+VOCAB = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "bank" / "vocab" / "toy.tsv")
 
 
 @pytest.fixture(scope="module")

@@ -378,3 +378,31 @@ def test_segmenter_deployment_health_without_ray(banks):
         assert d.default.bank.version == banks[1]["version"] + 1
 
     asyncio.run(run())
+
+
+def test_deploy_configs_are_valid_and_agree():
+    """deploy/serve.yaml and the RayService's serveConfigV2 parse as Serve configs, their args as `build_app` args,
+    and they name the same application and deployments."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from ovdiff_ray.serve.app import INGRESS, SEGMENTER, AppArgs
+
+    root = Path(__file__).resolve().parents[1] / "deploy"
+    local = yaml.safe_load((root / "serve.yaml").read_text())
+    rs = yaml.safe_load((root / "rayservice.yaml").read_text())
+    assert rs["apiVersion"] == "ray.io/v1" and rs["kind"] == "RayService"
+    cluster = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    for cfg in (local, cluster):
+        ServeDeploySchema.model_validate(cfg)
+        (app,) = cfg["applications"]
+        assert app["import_path"] == "ovdiff_ray.serve.app:build_app"
+        a = AppArgs.model_validate(app["args"])
+        deps = {d["name"]: d for d in app["deployments"]}
+        assert set(deps) == {SEGMENTER, INGRESS}
+        seg = deps[SEGMENTER]
+        assert seg["max_ongoing_requests"] > a.max_batch_size and seg["max_queued_requests"] > 0
+        assert seg["ray_actor_options"]["num_gpus"] == (0 if cfg is local else 1)
+    assert set(local["applications"][0]["args"]) == set(cluster["applications"][0]["args"])
+    gpu = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    assert gpu["resources"]["limits"]["nvidia.com/gpu"] == "1"

@@ -402,8 +402,7 @@ class SegmenterDeployment:
         import psutil
 
         return {"default": self.engine.catalog.default, "banks": list(self.engine.catalog.banks),
-                "replica": _replica_id(), "pid": os.getpid(),
-                "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1)}
+                "replica": _replica_id(), "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1)}
 
     async def describe(self) -> dict:
         await self.check_health()
