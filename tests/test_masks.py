@@ -10,17 +10,6 @@ from ovdiff_ray.models.masks import fg_bg_masks, maskcut
 from ovdiff_ray.recipe import MasksConfig, load_recipe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU spinning OpenMP threads are 10x slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _regions(h=16, w=16, d=32, noise=0.3, seed=0):
     """Features `[D, h, w]`: a rectangle with one feature vector on a background with another, plus noise."""
     rng = np.random.default_rng(seed)

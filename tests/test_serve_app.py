@@ -406,3 +406,34 @@ def test_deploy_configs_are_valid_and_agree():
     assert set(local["applications"][0]["args"]) == set(cluster["applications"][0]["args"])
     gpu = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert gpu["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_build_app_and_cli_check_their_args(banks, tmp_path, capsys):
+    from pydantic import ValidationError
+
+    from ovdiff_ray.serve.app import build_app, main
+
+    with pytest.raises(ValueError, match="above max_batch_size"):
+        build_app({"bank": banks[0], "max_batch_size": 8, "max_ongoing_requests": 8})
+    with pytest.raises(ValueError, match="no committed bank"):
+        build_app({"bank": str(tmp_path)})
+    with pytest.raises(ValidationError, match="replicas"):
+        build_app({"bank": banks[0], "replicas": 2})  # a typo is an error, not ignored
+    with pytest.raises(ValueError, match="unknown limit"):
+        build_app({"bank": banks[0], "limits": {"max_pixel": 10}})
+    app = build_app({"bank": banks[0], "num_gpus": 0, "max_batch_size": 2})
+    assert type(app).__name__ == "Application"
+    assert main(["--bank", str(tmp_path / "missing")]) == 2
+    assert "no committed bank" in capsys.readouterr().err
+
+
+def test_backend_crash_is_a_json_500(service, toy_scenes):
+    from fastapi.testclient import TestClient
+
+    class Crashing(CountingBackend):
+        async def segment(self, key, job):
+            raise ConnectionResetError("replica died")
+
+    client = TestClient(make_app(Crashing(service[1].inner)))
+    error_of(post(client, scene(toy_scenes)), 500, "segmentation failed", "replica died", code="internal")
+    assert_alive(client)

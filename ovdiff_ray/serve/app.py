@@ -1,6 +1,12 @@
 """Ray Serve application: a FastAPI ingress (factory form) in front of a batched, multiplexed segmenter deployment.
 
-    HTTP -> OVDiffIngress (validates; no model)  --DeploymentHandle-->  OVDiffSegmenter (@serve.batch, models, banks)
+    HTTP -> OVDiffIngress  --DeploymentHandle-->  OVDiffSegmenter
+            validates the form and the image      @serve.batch per bank (multiplexed id), banks + models
+            (header, then one full decode),       loaded once per replica, the model work in one thread
+            encodes the mask / RLE / overlay      off the event loop; no decoding or encoding here
+
+A bad request is answered by the ingress and never reaches the segmenter; the segmenter's CPU (or GPU) goes to the
+model.
 
 Run it with `ovdiff serve --bank URI`, `serve run deploy/serve.yaml` or `serve deploy deploy/serve.yaml`. Routes:
 
@@ -16,13 +22,14 @@ too many classes, 404 unknown bank, 413 upload or pixel count over the limits, 4
 
 Several banks are served side by side by Serve model multiplexing keyed by `<bank_id>@v<version>`: one replica keeps
 up to `OVDIFF_MAX_BANKS_PER_REPLICA` (3) banks, and banks whose recipes name the same models share one copy of them
-(bench/serve_bench.py measures the cost of a bank switch against a replica per bank).
+(bench/serve_bench.py measures a bank switch and an extra bank's memory against a whole replica per bank).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import math
 import os
 import sys
 import time
@@ -34,9 +41,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.datastructures import UploadFile
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import BankSpec, Catalog, Engine, Job, ServiceConfig, bank_entry, encode
@@ -107,7 +114,7 @@ class BodyLimit:
 
 def error_response(e: RequestError | Overloaded, headers: dict | None = None) -> JSONResponse:
     if isinstance(e, Overloaded):
-        hdr = {"Retry-After": str(max(1, round(e.retry_after_s)))} if e.retry_after_s is not None else {}
+        hdr = {"Retry-After": str(max(1, math.ceil(e.retry_after_s)))} if e.retry_after_s is not None else {}
         return JSONResponse({"error": str(e), "detail": {"retry_after_s": e.retry_after_s}, "code": "overloaded"},
                             status_code=e.status, headers=hdr)
     return JSONResponse(e.to_dict(), status_code=e.status, headers=headers)
@@ -186,10 +193,18 @@ def make_app(backend: Backend) -> FastAPI:
         t1 = time.perf_counter()
         image = await asyncio.to_thread(decode_image, data, cat.limits)  # header first, then a full decode
         t2 = time.perf_counter()
-        result = await backend.segment(entry.key, Job(image, tuple(classes) if classes else None, pamr))
-        if result.get("status", 200) != 200:
-            return JSONResponse({k: result.get(k) for k in ("error", "detail", "code")}, status_code=result["status"])
-        body = await asyncio.to_thread(encode, image, result, fmt)
+        try:
+            result = await backend.segment(entry.key, Job(image, tuple(classes) if classes else None, pamr))
+            if result.get("status", 200) != 200:
+                return JSONResponse({k: result.get(k) for k in ("error", "detail", "code")},
+                                    status_code=result["status"])
+            body = await asyncio.to_thread(encode, image, result, fmt)
+        except (RequestError, Overloaded):
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. a replica that died mid-request: a JSON 500, not a crash
+            log.exception("segment request failed")
+            raise RequestError(500, f"segmentation failed: {e.__class__.__name__}: {str(e)[:300]}", None,
+                               "internal") from None
         body["timing"] = {"total_ms": round(1000 * (time.perf_counter() - t0), 1),
                           "validate_ms": round(1000 * (t2 - t0), 1), "decode_ms": round(1000 * (t2 - t1), 1),
                           **body["timing"]}
@@ -352,8 +367,10 @@ class ServeBackend:
         try:
             return await asyncio.wait_for(response, timeout)
         except BackPressureError as e:
-            raise Overloaded(f"segmenter busy: its queue is full ({e.message}); retry later", e.status_code,
-                             e.retry_after_s if e.retry_after_s is not None else 2.0) from None
+            retry = e.retry_after_s if e.retry_after_s is not None else 2.0
+            queued = e.args[1] if len(e.args) > 1 else "max_queued_requests"
+            raise Overloaded(f"segmenter busy: its queue is full ({queued} requests waiting); retry in {retry:g}s",
+                             e.status_code, retry) from None
         except DeploymentUnavailableError as e:
             raise Overloaded(f"segmenter unavailable: {e.message}", 503, 5.0) from None
         except asyncio.TimeoutError:
@@ -578,9 +595,11 @@ def main(argv: list[str] | None = None) -> int:
     args = dict(banks=banks, num_replicas=a.replicas, min_replicas=lo, max_replicas=max(lo, a.max_replicas or lo, 1),
                 num_cpus=a.num_cpus, num_gpus=a.num_gpus, max_batch_size=a.max_batch_size,
                 max_queued_requests=a.max_queued_requests)
+    from ..store.fs import StoreError
+
     try:
         app = build_app(args)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, StoreError) as e:
         print(f"ovdiff serve: error: {e}", file=sys.stderr)
         return 2
     import signal
