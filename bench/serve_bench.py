@@ -1,12 +1,16 @@
 """Serve overhead, dynamic batching and bank multiplexing, against `Segmenter.segment` in-process, in the same run.
 
-For each recipe (toy: toy scenes; tiny: scikit-image photos) a bank is built with `build_bank`, then:
+For each recipe (toy: toy scenes sent as PNG; tiny: scikit-image photos sent as JPEG) a bank is built with
+`build_bank`, then:
 
 - in process: `Segmenter.segment` on the same images with the replica's torch threads (1);
 - over HTTP: the Serve app (one segmenter replica, 1 torch thread) at concurrency 1, 4 and 16: requests/s and
   p50/p95 latency; `overhead` = in-process requests/s / HTTP requests/s - 1 (goal: < 0.20 at concurrency 4).
-  In-process and HTTP rounds alternate, so both see the same background load on a shared machine;
-- (toy) the same with PAMR on (a 3-4x heavier model call): the overhead is a fixed cost per request;
+  In-process and HTTP rounds alternate, so both see the same background load on a shared machine. Also: CPU ms
+  per request by process (segmenter replica, ingress replica, proxy, other Ray processes, this client),
+  `serve_cpu_overhead` = the service's CPU per request / the in-process model CPU - 1, and `model_busy` = the share
+  of wall time the replica's model thread computes (requests/s x server-side model ms);
+- (toy) concurrency 4 with PAMR on (a heavier model call): the overhead is a fixed cost per request;
 - (toy) dynamic batching: `max_batch_size` 1 vs 4 vs 8 at concurrency 16 (three apps side by side, alternating);
 - (toy) multiplexing: a second bank version on the same replica: the first request's cost (bank load, models
   shared), alternating banks vs one bank, and the replica's memory per extra bank vs a whole replica (what one
@@ -56,8 +60,16 @@ def png(rgb: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def build(recipe: str, out: Path) -> tuple[str, list[np.ndarray]]:
-    """A bank of `recipe` at `out` and the images to send."""
+def jpeg(rgb: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def build(recipe: str, out: Path) -> tuple[str, list[np.ndarray], list[bytes]]:
+    """A bank of `recipe` at `out`, the images and their uploads (toy scenes as PNG, photos as JPEG)."""
     from ovdiff_ray.build_bank import main as build_bank
 
     if recipe == "toy":
@@ -67,17 +79,21 @@ def build(recipe: str, out: Path) -> tuple[str, list[np.ndarray]]:
         vocab = str(REPO / "bank" / "vocab" / "toy.tsv")
         assert scenes_main(["--vocab", vocab, "--n", "16", "--out", str(out / "scenes"), "--seed", "1"]) == 0
         images = [read_image(p) for p in sorted((out / "scenes" / "images").glob("*.png"))]
+        payloads = [png(im) for im in images]
     else:
         import skimage.data
 
         out.mkdir(parents=True, exist_ok=True)
         vocab = str(out / "vocab.tsv")
         Path(vocab).write_text("name\tkind\ncat\tthing\nperson\tthing\ncup\tthing\ngrass\tstuff\n")
-        images = [np.ascontiguousarray(getattr(skimage.data, n)()[..., :3]) for n in
-                  ("astronaut", "coffee", "chelsea", "rocket")]
+        from ovdiff_ray.serve.limits import Limits, decode_image
+
+        payloads = [jpeg(np.ascontiguousarray(getattr(skimage.data, n)()[..., :3])) for n in
+                    ("astronaut", "coffee", "chelsea", "rocket")]
+        images = [decode_image(p, Limits()) for p in payloads]  # in process: the very pixels the service sees
     uri = str(out / "bank")
     assert build_bank(["--vocab", vocab, "--recipe", recipe, "--out", uri, "--workers", "2"]) == 0
-    return uri, images
+    return uri, images, payloads
 
 
 def stats(lat: list[float], wall: float) -> dict:
@@ -188,8 +204,7 @@ def bench_recipe(recipe: str, work: Path, base: str, n: int, concurrency: list[i
     from ray import serve
 
     note(f"{recipe}: building the bank")
-    uri, images = build(recipe, work / recipe)
-    payloads = [png(im) for im in images]
+    uri, images, payloads = build(recipe, work / recipe)
     mux = recipe == "toy"
     if mux:  # a second version of the same bank (same classes) for the multiplexing measurement
         from ovdiff_ray.store.fs import Location

@@ -76,7 +76,7 @@ def _write_page(out: Path, rows: list[dict], photo: dict | None, summary: list[s
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>ovdiff demo</title>
 <style>body{{font:15px system-ui,sans-serif;margin:2rem auto;max-width:70rem;padding:0 1rem}}
 .grid{{display:flex;flex-wrap:wrap;gap:1rem}}figure{{margin:0;width:15rem}}figure img{{width:100%;
-border:1px solid #ccc;image-rendering:pixelated}}figcaption{{font-size:.85rem;color:#555}}pre{{background:#f4f4f6;
+border:1px solid #ccc;image-rendering:pixelated}}figcaption{{font-size:.85rem;color:#555}}pre{{white-space:pre-wrap;background:#f4f4f6;
 padding:.8rem}}</style></head><body><h1>ovdiff demo: the toy bank served over HTTP</h1>
 <pre>{html.escape(chr(10).join(summary))}</pre><h2>Toy scenes (overlays from the service)</h2>
 <div class="grid">{''.join(cells)}</div>{photo_html}</body></html>"""
@@ -185,7 +185,7 @@ def run(a: argparse.Namespace) -> int:
         summary = [
             f"toy mIoU over {len(ds)} scenes (via HTTP): {100 * m:.1f} (nanmean {100 * m_nan:.1f})",
             f"  per class IoU: {per_class}",
-            f"latency at concurrency {a.concurrency}, client side: masks (first look at each scene) p50 "
+            f"latency at concurrency {a.concurrency} on one replica (so mostly queueing), client side: masks (first look at each scene) p50 "
             f"{np.percentile(lat1, 50):.0f} ms / p95 {np.percentile(lat1, 95):.0f} ms; overlays (second look) p50 "
             f"{np.percentile(lat2, 50):.0f} ms / p95 {np.percentile(lat2, 95):.0f} ms; model time per image p50 "
             f"{np.percentile(seg_ms, 50):.0f} ms",

@@ -384,6 +384,11 @@ class ServeBackend:
 
 def ingress_app() -> FastAPI:
     """App factory for `serve.ingress`: evaluated on each ingress replica."""
+    import threading
+
+    # Overlays are drawn by ovdiff_ray.segment, which imports torch (about a second): import it now, in the
+    # background, rather than in the first overlay request.
+    threading.Thread(target=lambda: __import__("ovdiff_ray.segment"), name="warm-imports", daemon=True).start()
     return make_app(ServeBackend())
 
 
