@@ -25,13 +25,14 @@ import asyncio
 import io
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from ovdiff_ray.demo import free_port, png_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -44,20 +45,6 @@ def emit(name: str, value) -> None:
 
 def note(msg: str) -> None:
     print(f"# {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def png(rgb: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def jpeg(rgb: np.ndarray) -> bytes:
@@ -79,7 +66,7 @@ def build(recipe: str, out: Path) -> tuple[str, list[np.ndarray], list[bytes]]:
         vocab = str(REPO / "bank" / "vocab" / "toy.tsv")
         assert scenes_main(["--vocab", vocab, "--n", "16", "--out", str(out / "scenes"), "--seed", "1"]) == 0
         images = [read_image(p) for p in sorted((out / "scenes" / "images").glob("*.png"))]
-        payloads = [png(im) for im in images]
+        payloads = [png_bytes(im) for im in images]
     else:
         import skimage.data
 

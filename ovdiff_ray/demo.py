@@ -29,13 +29,15 @@ def say(msg: str) -> None:
     print(f"[demo {time.perf_counter() - T0:5.1f}s] {msg}", flush=True)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _png(rgb: np.ndarray) -> bytes:
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """`rgb [H, W, 3]` uint8 -> PNG bytes."""
     import io
 
     from PIL import Image
@@ -118,7 +120,7 @@ def run(a: argparse.Namespace) -> int:
         if scenes_main(["--vocab", str(vocab), "--n", str(a.scenes), "--out", str(out / "scenes"),
                         "--seed", "0"]) != 0:
             return 1
-        port = a.port or _free_port()
+        port = a.port or free_port()
         base = f"http://127.0.0.1:{port}"
         say(f"[3/5] starting the segmentation service (Ray Serve) at {base}/")
         quiet = {"log_level": "WARNING", "enable_access_log": False}
@@ -162,7 +164,7 @@ def run(a: argparse.Namespace) -> int:
         say("[5/5] one real photo (scikit-image's astronaut) and one bad request")
         import skimage.data
 
-        photo_bytes = _png(skimage.data.astronaut())
+        photo_bytes = png_bytes(skimage.data.astronaut())
         (name, secs, body, status), = asyncio.run(_send(base, [("astronaut", photo_bytes, {"format": "overlay"})], 1))
         photo = None
         if status == 200:

@@ -2,7 +2,6 @@
 killed mid-build, a driver killed mid-build. Processes are ended by their own PIDs, never `ray stop`."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal

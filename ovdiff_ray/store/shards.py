@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from ..prototypes import ClassPrototypes
 from .bank import KIND_CODES, LEVEL_CODES, Bank, BankArrays
-from .fs import CommitConflict, Location, StorageConfig, StoreError
+from .fs import Location, StorageConfig, StoreError
 from .schema import (LATEST_KEY, MAX_MANIFEST_BYTES, SCHEMA_VERSION, SHARD_SCHEMA, ManifestError, dump_manifest,
                      manifest_key, parse_manifest, slug)
 
