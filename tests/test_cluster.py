@@ -82,15 +82,25 @@ class Cluster:
         return subprocess.run(["timeout", str(timeout), RAY, *args], env=env, capture_output=True, text=True,
                               timeout=timeout + 10)
 
+    @staticmethod
+    def node_ports() -> list[str]:
+        """Ports of a node's agents, all free: nodes on one machine (and the session's local Ray) must not share the
+        defaults (the dashboard agent's 52365 among them), or a node's job agent never comes up."""
+        flags = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+                 "--metrics-export-port", "--node-manager-port", "--object-manager-port")
+        return [x for f in flags for x in (f, str(free_port()))]
+
     def start_head(self) -> None:
-        r = self.ray("start", "--head", "--node-ip-address", "127.0.0.2", "--port", str(self.port), "--num-cpus", "2",
+        r = self.ray("start", "--head", *self.node_ports(), "--ray-client-server-port", str(free_port()),
+                     "--node-ip-address", "127.0.0.2", "--port", str(self.port), "--num-cpus", "2",
                      "--temp-dir", str(self.tmp / "ray"), "--include-dashboard", "true", "--dashboard-host", "127.0.0.2",
                      "--dashboard-port", str(self.dash), "--disable-usage-stats", node="127.0.0.2")
         self.record_node_ids()
         assert r.returncode == 0, r.stderr + r.stdout
 
     def start_worker(self, ip: str) -> None:
-        r = self.ray("start", "--address", self.address, "--node-ip-address", ip, "--num-cpus", "2", node=ip)
+        r = self.ray("start", "--address", self.address, "--node-ip-address", ip, *self.node_ports(), "--num-cpus", "2",
+                     node=ip)
         self.record_node_ids()
         assert r.returncode == 0, r.stderr + r.stdout
 
