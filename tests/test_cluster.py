@@ -3,6 +3,7 @@ killed mid-build, a driver killed mid-build. Processes are ended by their own PI
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -72,6 +73,11 @@ class Cluster:
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0",
                     "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(ROOT),
                     "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+        # token auth (Ray's default): a token of this cluster's own, so nothing depends on ~/.ray/auth_token
+        token = tmp / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+        self.env["RAY_AUTH_TOKEN_PATH"] = str(token)
         self.address = f"127.0.0.2:{self.port}"
         self.dashboard = f"http://127.0.0.2:{self.dash}"
         self.node_ids: set[str] = set()
