@@ -141,11 +141,10 @@ def _tiny_folder(name: str) -> Path:
 
 
 def s3_client():
-    """boto3 S3 client from the standard environment (`AWS_ENDPOINT_URL[_S3]`, credentials, region)."""
-    import boto3
+    """boto3 S3 client from the standard environment, through the project's one storage factory."""
+    from ..store.fs import StorageConfig, boto3_client
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-    return boto3.client("s3", endpoint_url=endpoint)
+    return boto3_client(StorageConfig.from_env())
 
 
 def split_s3(uri: str) -> tuple[str, str]:

@@ -46,12 +46,18 @@ class Bank:
     manifest: dict = field(default_factory=dict)
     uri: str = ""
 
+    def _folded(self) -> dict[str, int]:
+        """Case/space-folded name -> class id, built once."""
+        from ..vocab import fold
+
+        if "_index" not in self.__dict__:
+            self._index = {fold(n): i for i, n in enumerate(self.names)}
+        return self._index
+
     def index(self, name: str) -> int:
         from ..vocab import fold
 
-        if not hasattr(self, "_index"):
-            self._index = {fold(n): i for i, n in enumerate(self.names)}
-        return self._index[fold(name)]
+        return self._folded()[fold(name)]
 
     def resolve(self, classes: list[str] | None) -> list[int]:
         """Class names -> ids; unknown names raise a KeyError that lists them all."""
@@ -59,11 +65,11 @@ class Bank:
             return list(range(len(self.names)))
         from ..vocab import fold
 
-        self.index(self.names[0]) if self.names else None
-        unknown = [c for c in classes if fold(c) not in self._index]
+        index = self._folded()
+        unknown = [c for c in classes if fold(c) not in index]
         if unknown:
             raise KeyError(f"unknown classes (not in bank {self.bank_id} v{self.version}): {', '.join(unknown)}")
-        return sorted({self._index[fold(c)] for c in classes})
+        return sorted({index[fold(c)] for c in classes})
 
     @classmethod
     def from_prototypes(cls, protos: list[ClassPrototypes], recipe: Recipe, bank_id: str = "memory",
