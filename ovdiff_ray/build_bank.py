@@ -101,7 +101,8 @@ class BuildState:
             return False
         for _ in range(10):
             have = {fold(c["name"]) for c in self.committed}
-            new = [e for e in self.pending_entries if fold(e["name"]) not in have]
+            # vocabulary order, not completion order: ids were handed out in vocabulary order
+            new = sorted((e for e in self.pending_entries if fold(e["name"]) not in have), key=lambda e: e["id"])
             if not new:
                 self.pending_entries = []
                 return False

@@ -32,7 +32,7 @@ def test_toy_bank_local_rebuild_and_extend(ray_local, tmp_path, capsys):
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith("summary: built 10, skipped 0, failed 0") and summary.endswith(f"bank {out} v1")
     bank = load_bank(out)
-    assert sorted(bank.names) == sorted(TOY_NAMES) and bank.version == 1
+    assert bank.names == TOY_NAMES and bank.version == 1  # vocabulary order, whichever worker finished first
     assert len(shard_keys(out)) == 10
     # rebuilding the same vocabulary commits nothing
     assert build_main(["--vocab", TOY, "--recipe", "toy", "--out", out]) == 0
