@@ -97,6 +97,16 @@ def bench_pipeline(recipe_name: str, n_images: int) -> None:
             if k != "pamr" or pamr:
                 out(f"{tag}.{k}_s", tot[k] / len(imgs))
         out(f"{tag}.total_s", wall / len(imgs))
+    loop = batch = 0.0
+    for _ in range(2):  # alternating, so both see the same background load
+        t0 = time.perf_counter()
+        for img in imgs:
+            seg.segment(img)
+        t1 = time.perf_counter()
+        seg.segment_batch(imgs)
+        loop, batch = loop + t1 - t0, batch + time.perf_counter() - t1
+    out(f"per_image.{recipe_name}.batch{len(imgs)}_s", batch / 2 / len(imgs))
+    out(f"per_image.{recipe_name}.batch{len(imgs)}_vs_loop.speedup", loop / batch)
     out(f"per_image.{recipe_name}.views", len(__import__("ovdiff_ray.segment", fromlist=["make_views"]).make_views(
         448, 597, seg.seg.windows, seg.seg.whole_image)))
 

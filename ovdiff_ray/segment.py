@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -83,6 +83,23 @@ class Gathered:
     n_fg: int
     n_bg: int
     run: int = 0  # every kept class has exactly `run` fg rows (a plain reshape replaces the index gather)
+
+
+View = tuple[int, int, int, int]  # (y0, x0, vh, vw) on the image at the short side
+
+
+@dataclass
+class _Item:
+    """One image on its way through `segment_batch`."""
+
+    x: torch.Tensor  # [3, h, w] float in [0, 1], short side `segmentation.short_side`
+    h0: int  # input height
+    w0: int  # input width
+    views: list[View]
+    t: dict[str, float]  # seconds per stage
+    kept: list[int] = field(default_factory=list)  # bank ids after the pre-filter
+    acc: torch.Tensor | None = None  # [K + 1, h, w] summed view scores
+    count: torch.Tensor | None = None  # [h, w] views covering each pixel
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -245,7 +262,7 @@ class Segmenter:
             raise SegmentError(f"bank {bank.bank_id} has no prototypes for extractor(s) {', '.join(missing)}")
         self.ex_cfg = {c.name: c for c in self.recipe.extractors}
         self.classifier = classifier
-        self.view_batch = 4
+        self.view_batch = 16 if self.device.type == "cuda" else 4  # views per extractor forward pass
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._gather_cache: OrderedDict[tuple, Gathered] = OrderedDict()
         self._retrieval_index: dict[str, tuple] = {}
@@ -285,13 +302,21 @@ class Segmenter:
 
     def prefilter(self, image: torch.Tensor, ids: list[int]) -> list[int]:
         """OVDIFF.md 6.2: `image [3, H, W]` -> kept class ids (stuff always kept)."""
+        return self.prefilter_batch([image], ids)[0]
+
+    def prefilter_batch(self, images: list[torch.Tensor], ids: list[int]) -> list[list[int]]:
+        """`images [3, H, W]` each -> kept class ids per image; one image-encoder pass for all of them."""
         things = [c for c in ids if self.bank.kinds[c] != "stuff"]
         stuff = [c for c in ids if self.bank.kinds[c] == "stuff"]
         if not things:
-            return ids
+            return [ids for _ in images]
         size = self.recipe.classifier.image_size
-        x = F.interpolate(image[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        e = np.asarray(self.classifier.encode_image(x), np.float32)[0]
+        x = torch.cat([F.interpolate(im[None], size=(size, size), mode="bilinear", align_corners=False,
+                                     antialias=True) for im in images])  # [B, 3, S, S]
+        emb = np.asarray(self.classifier.encode_image(x), np.float32)  # [B, E]
+        return [self._subset_search(e, things, stuff) for e in emb]
+
+    def _subset_search(self, e: np.ndarray, things: list[int], stuff: list[int]) -> list[int]:
         cos = self.bank.text[things] @ e
         p = np.exp(cos - cos.max())
         p /= p.sum()
@@ -403,105 +428,140 @@ class Segmenter:
                 o /= fi.norm(dim=0).clamp_min(1e-12)
         return out.view(b, k + 1, h, w)
 
-    def _view_input(self, ex: str, crop: torch.Tensor) -> torch.Tensor:
+    def _view_size(self, ex: str, h: int, w: int) -> tuple[int, int]:
         """Per-extractor view size: square `view_size`, or kept with the long side capped at `max_side`."""
         cfg = self.ex_cfg.get(ex)
         e = self.extractors[ex]
-        h, w = crop.shape[-2:]
         if e.view_size:
-            size = (e.view_size, e.view_size)
-        else:
-            cap = cfg.max_side if cfg is not None and cfg.max_side else 10 ** 9
-            s = min(1.0, cap / max(h, w))
-            size = (max(1, round(h * s)), max(1, round(w * s)))
-        if size == (h, w):
-            return crop
-        return F.interpolate(crop, size=size, mode="bilinear", align_corners=False, antialias=size[0] < h)
+            return e.view_size, e.view_size
+        cap = cfg.max_side if cfg is not None and cfg.max_side else 10 ** 9
+        s = min(1.0, cap / max(h, w))
+        return max(1, round(h * s)), max(1, round(w * s))
 
-    def _features(self, ex: str, image: torch.Tensor, views: list[tuple[int, int, int, int]], t: dict):
-        """Yield `(views, feats [B, D, h, w])` for batches of same-size views."""
-        by_size: dict[tuple[int, int], list] = {}
-        for v in views:
-            by_size.setdefault((v[2], v[3]), []).append(v)
-        for group in by_size.values():
-            for i in range(0, len(group), self.view_batch):
-                batch = group[i:i + self.view_batch]
+    def _features(self, ex: str, items: list[_Item], which: Callable[[_Item], list[View]]):
+        """Yield `(views, feats [B, D, h, w])`, `views` = `(item index, view)`: the views of all items, batched by
+        extractor input size, so views of several images share one forward pass."""
+        by_size: dict[tuple[int, int], list[tuple[int, View]]] = {}
+        for i, it in enumerate(items):
+            for v in which(it):
+                by_size.setdefault(self._view_size(ex, v[2], v[3]), []).append((i, v))
+        for size, group in by_size.items():
+            for b in range(0, len(group), self.view_batch):
+                batch = group[b:b + self.view_batch]
                 t0 = time.perf_counter()
-                crops = torch.stack([image[:, y:y + h, x:x + w] for y, x, h, w in batch])
-                with torch.no_grad():
-                    f = self.extractors[ex](self._view_input(ex, crops.to(self.device))).float()
-                t["features"] += time.perf_counter() - t0
+                crops = []
+                for i, (y, x, h, w) in batch:
+                    crop = items[i].x[None, :, y:y + h, x:x + w]
+                    if (h, w) != size:
+                        crop = F.interpolate(crop, size=size, mode="bilinear", align_corners=False,
+                                             antialias=size[0] < h)
+                    crops.append(crop)
+                f = self.extractors[ex](torch.cat(crops)).float()
+                dt = (time.perf_counter() - t0) / len(batch)
+                for i, _ in batch:
+                    items[i].t["features"] += dt
                 yield batch, f
 
-    # -- the whole thing -----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def segment(self, image, classes: list[str] | None = None, pamr: bool = False, ablate: Sequence[str] = (),
-                return_scores: bool = False) -> SegmentationResult:
-        """One image (`[H, W, 3]` uint8 array or PIL image) -> SegmentationResult at the input size."""
-        t = dict.fromkeys(TIMING_KEYS, 0.0)
-        ids = self.resolve(classes)
-        sw = Switches.of(self.seg, ablate, list(self.extractors))
-        exs = [sw.only] if sw.only else list(self.extractors)
+    def _prepare(self, image) -> _Item:
         rgb = to_rgb_array(image)
-        h0, w0 = rgb.shape[:2]
         x = torch.from_numpy(rgb).permute(2, 0, 1).float().div(255)
-        x = resize_short(x, self.seg.short_side).to(self.device)
+        x = resize_short(x, self.seg.short_side).to(self.device)  # [3, h, w]
         h, w = x.shape[-2:]
-        views = make_views(h, w, self.seg.windows, self.seg.whole_image)
+        return _Item(x, rgb.shape[0], rgb.shape[1], make_views(h, w, self.seg.windows, self.seg.whole_image),
+                     dict.fromkeys(TIMING_KEYS, 0.0))
 
+    def _keep(self, items: list[_Item], ids: list[int], sw: Switches, exs: list[str]) -> None:
+        """Each item's kept classes: the pre-filter (one image-encoder pass for the batch), or faiss retrieval
+        when it is off over a large vocabulary."""
         t0 = time.perf_counter()
-        kept = self.prefilter(x, ids) if sw.prefilter else ids
-        t["prefilter"] += time.perf_counter() - t0
-        if not sw.prefilter and len(kept) > self.seg.retrieval_classes:
-            whole = {}
-            for ex in exs:
-                for _, f in self._features(ex, x, [(0, 0, h, w)], t):
-                    whole[ex] = f[0]
-            t0 = time.perf_counter()
-            kept = self.retrieve(whole, kept, self.seg.retrieval_classes)
-            t["prefilter"] += time.perf_counter() - t0
-
-        k = len(kept)
-        acc = torch.zeros(k + 1, h, w, device=self.device)
-        count = torch.zeros(h, w, device=self.device)
+        kept = self.prefilter_batch([it.x for it in items], ids) if sw.prefilter else [ids] * len(items)
+        for it, k in zip(items, kept):
+            it.kept = k
+            it.t["prefilter"] += (time.perf_counter() - t0) / len(items)
+        if sw.prefilter or len(ids) <= self.seg.retrieval_classes:
+            return
+        whole: list[dict[str, torch.Tensor]] = [{} for _ in items]
         for ex in exs:
+            for batch, f in self._features(ex, items, lambda it: [(0, 0, *it.x.shape[-2:])]):
+                for (i, _), fi in zip(batch, f):
+                    whole[i][ex] = fi
+        for it, wf in zip(items, whole):
             t0 = time.perf_counter()
-            g = self.gather(ex, kept, sw)
-            t["matching"] += time.perf_counter() - t0
-            for batch, f in self._features(ex, x, views, t):
+            it.kept = self.retrieve(wf, ids, self.seg.retrieval_classes)
+            it.t["prefilter"] += time.perf_counter() - t0
+
+    def _accumulate(self, items: list[_Item], sw: Switches, exs: list[str]) -> None:
+        """Scores of every view of every item, upsampled, clamped and summed into `item.acc` / `item.count`."""
+        for it in items:
+            it.acc = torch.zeros(len(it.kept) + 1, *it.x.shape[-2:], device=self.device)  # [K + 1, h, w]
+            it.count = torch.zeros(it.x.shape[-2:], device=self.device)  # [h, w]
+        for ex in exs:
+            gs = []
+            for it in items:
                 t0 = time.perf_counter()
-                s = self.match(f, g)
-                t1 = time.perf_counter()
-                t["matching"] += t1 - t0
-                for (y0, x0, vh, vw), sv in zip(batch, s):
-                    up = F.interpolate(sv[None], size=(vh, vw), mode="bilinear", align_corners=False)[0]
-                    acc[:, y0:y0 + vh, x0:x0 + vw] += up.clamp_(-1, 1)
-                    count[y0:y0 + vh, x0:x0 + vw] += 1
-                t["upsample"] += time.perf_counter() - t1
-        scores = acc / count.clamp_min(1)
+                gs.append(self.gather(ex, it.kept, sw))
+                it.t["matching"] += time.perf_counter() - t0
+            for batch, f in self._features(ex, items, lambda it: it.views):
+                j = 0
+                while j < len(batch):  # runs of views of one item share its gathered prototypes
+                    i = batch[j][0]
+                    n = next((m for m in range(j, len(batch)) if batch[m][0] != i), len(batch)) - j
+                    it = items[i]
+                    t0 = time.perf_counter()
+                    s = self.match(f[j:j + n], gs[i])
+                    t1 = time.perf_counter()
+                    it.t["matching"] += t1 - t0
+                    for (_, (y0, x0, vh, vw)), sv in zip(batch[j:j + n], s):
+                        up = F.interpolate(sv[None], size=(vh, vw), mode="bilinear", align_corners=False)[0]
+                        it.acc[:, y0:y0 + vh, x0:x0 + vw] += up.clamp_(-1, 1)
+                        it.count[y0:y0 + vh, x0:x0 + vw] += 1
+                    it.t["upsample"] += time.perf_counter() - t1
+                    j += n
+
+    def _finish(self, it: _Item, pamr: bool, return_scores: bool) -> SegmentationResult:
+        t = it.t
+        scores = it.acc / it.count.clamp_min(1)  # [K + 1, h, w]
+        it.acc = it.count = None
         if pamr:
             t0 = time.perf_counter()
-            scores = pamr_refine(x, scores, self.seg.pamr_iters, self.seg.pamr_dilations)
+            scores = pamr_refine(it.x, scores, self.seg.pamr_iters, self.seg.pamr_dilations)
             t["pamr"] += time.perf_counter() - t0
         t0 = time.perf_counter()
+        h0, w0 = it.h0, it.w0
         if return_scores:
-            if (h, w) != (h0, w0):
+            if scores.shape[-2:] != (h0, w0):
                 scores = F.interpolate(scores[None], size=(h0, w0), mode="bilinear", align_corners=False)[0]
             scores = scores.clamp_min(0)
             arg = scores.argmax(0).cpu().numpy()  # first maximum: ties go to background (row 0)
         else:
             arg = upsample_argmax(scores, h0, w0)
-        labels = np.array([0] + [c + 1 for c in kept], np.int32)[arg]
+        labels = np.array([0] + [c + 1 for c in it.kept], np.int32)[arg]
         t["upsample"] += time.perf_counter() - t0
         present = np.unique(labels)
         names = {int(v): ("background" if v == 0 else self.bank.names[v - 1]) for v in present}
         return SegmentationResult(labels, names, scores.cpu().numpy().astype(np.float32) if return_scores else None,
-                                  [self.bank.names[c] for c in kept], t)
+                                  [self.bank.names[c] for c in it.kept], t)
 
+    # -- the whole thing -----------------------------------------------------------------------------------
+    def segment(self, image, classes: list[str] | None = None, pamr: bool = False, ablate: Sequence[str] = (),
+                return_scores: bool = False) -> SegmentationResult:
+        """One image (`[H, W, 3]` uint8 array or PIL image) -> SegmentationResult at the input size."""
+        return self.segment_batch([image], classes, pamr, ablate, return_scores)[0]
+
+    @torch.no_grad()
     def segment_batch(self, images, classes: list[str] | None = None, pamr: bool = False,
-                      ablate: Sequence[str] = ()) -> list[SegmentationResult]:
-        """Several images; models, text embeddings and gathered prototypes are shared."""
-        return [self.segment(im, classes, pamr, ablate) for im in images]
+                      ablate: Sequence[str] = (), return_scores: bool = False) -> list[SegmentationResult]:
+        """Several images (any sizes) -> one SegmentationResult each. The pre-filter's image encoder runs once for
+        the batch, and views of all images go through each extractor together (`view_batch` per forward pass)."""
+        ids = self.resolve(classes)
+        sw = Switches.of(self.seg, ablate, list(self.extractors))
+        exs = [sw.only] if sw.only else list(self.extractors)
+        items = [self._prepare(im) for im in images]
+        if not items:
+            return []
+        self._keep(items, ids, sw, exs)
+        self._accumulate(items, sw, exs)
+        return [self._finish(it, pamr, return_scores) for it in items]
 
 
 # ------------------------------------------------------------------------------------------------- pictures

@@ -292,3 +292,40 @@ def test_encoders_round_trip():
     with Image.open(io.BytesIO(encode_png(labels, "uint16"))) as im:
         assert np.asarray(im).dtype == np.uint16
         np.testing.assert_array_equal(np.asarray(im), labels)
+
+
+def test_labeller_segments_a_batch_and_isolates_a_failing_image(toy_bank, toy_scenes, reference, tmp_path,
+                                                                 monkeypatch):
+    """The actor segments a batch in one `segment_batch` call; when it raises, the images go one by one, so only
+    the failing image becomes a `failed` row (with its reason) and a bad file an `unreadable` row."""
+    from pycocotools import mask as coco_mask
+
+    from ovdiff_ray.label import Labeller
+
+    names = sorted(reference)[:3]
+    for n in names:
+        shutil.copy(Path(toy_scenes, "images", n), tmp_path / n)
+    Image.open(tmp_path / names[1]).resize((77, 128)).save(tmp_path / "odd.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    lab = Labeller(toy_bank, 1, None, str(tmp_path))
+    real, calls = lab.seg.segment_batch, []
+
+    def flaky(images, *a, **kw):
+        calls.append(len(images))
+        if any(im.shape[1] == 77 for im in images):
+            raise RuntimeError("boom: the model fell over")
+        return real(images, *a, **kw)
+
+    monkeypatch.setattr(lab.seg, "segment_batch", flaky)
+    paths = [names[0], "odd.png", "bad.png", names[2]]
+    with one_torch_thread():
+        rows = lab({"path": np.array(paths), "size": np.array([(tmp_path / p).stat().st_size for p in paths])})
+    rows = rows.to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "failed", "unreadable", "ok"]
+    assert calls[0] == 3 and "boom: the model fell over" in rows[1]["error"] and rows[2]["error"]
+    for r in (rows[0], rows[3]):
+        ref = reference[r["path"]]
+        assert r["values"] == sorted(set(np.unique(ref).tolist()) - {0})
+        for v, counts in zip(r["values"], r["counts"]):
+            m = coco_mask.decode({"size": [r["height"], r["width"]], "counts": counts.encode()})
+            assert np.array_equal(m.astype(bool), ref == v)

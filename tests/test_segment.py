@@ -110,8 +110,39 @@ def test_result_contract_and_class_restriction(seg, scenes):
     allowed = {0, seg.bank.index("red circle") + 1, seg.bank.index("green stripes") + 1}
     assert set(np.unique(only.labels)) <= allowed
 
-    batch = seg.segment_batch([s[0] for s in scenes[:2]])
-    assert [b.labels.tolist() for b in batch] == [seg.segment(s[0]).labels.tolist() for s in scenes[:2]]
+
+
+def test_batch_of_mixed_sizes_matches_one_by_one(seg, scenes):
+    """Views of several images share forward passes; each result is the one-image result (up to float rounding)."""
+    imgs = [scenes[0][0], np.asarray(Image.fromarray(scenes[1][0]).resize((150, 100))), scenes[2][0],
+            np.asarray(Image.fromarray(scenes[3][0]).resize((90, 200)))]
+    for kw in ({}, {"pamr": True}, {"ablate": ["no_prefilter"]}):
+        batch = seg.segment_batch(imgs, return_scores=True, **kw)
+        for img, b in zip(imgs, batch):
+            one = seg.segment(img, return_scores=True, **kw)
+            assert b.labels.shape == img.shape[:2] and b.kept == one.kept
+            assert np.allclose(b.scores, one.scores, atol=1e-4)
+            assert (b.labels != one.labels).mean() < 1e-3  # only exact ties can flip
+    class Counting:  # counts the images of each extractor forward pass
+        def __init__(self, e):
+            self.e = e
+
+        def __getattr__(self, k):
+            return getattr(self.e, k)
+
+        def __call__(self, x):
+            calls.append(len(x))
+            return self.e(x)
+
+    calls: list[int] = []
+    orig = seg.extractors
+    seg.extractors = {k: Counting(e) for k, e in orig.items()}
+    try:
+        seg.segment_batch([scenes[i][0] for i in range(4)])
+    finally:
+        seg.extractors = orig
+    assert max(calls) == seg.view_batch and sum(calls) == 4 * len(make_views(128, 128, seg.seg.windows, True)) * len(seg.extractors)
+    assert seg.segment_batch([]) == []
 
 
 def test_segments_a_scene_correctly(seg, scenes):

@@ -365,7 +365,11 @@ class ToyExtractor:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        cells = cell_channels(images.float(), self.stride, texton_references(self.stride))
+        # one image at a time: these ops are memory-bound, and a batch of large views only thrashes the cache
+        return torch.cat([self._one(images[i:i + 1].float()) for i in range(len(images))])
+
+    def _one(self, image: torch.Tensor) -> torch.Tensor:
+        cells = cell_channels(image, self.stride, texton_references(self.stride))  # [1, 14, h, w]
         k = 2 * self.context + 1
         ctx = F.avg_pool2d(cells, k, stride=1, padding=self.context, count_include_pad=False)
         return torch.cat([cells, 0.7 * ctx], 1)
