@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # constraints file that keeps that pair.
 TORCH   := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-browser bench install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra
+
+# The try-it page in headless Chromium (not in `make test`: a fresh machine has no Chromium). Installs Debian's
+# chromium when it is missing (needs root and the Debian registry) and playwright-core from tests/browser's lock file.
+test-browser: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium)
+	test -d tests/browser/node_modules/playwright-core || npm ci --prefix tests/browser --no-audit --no-fund
+	$(BIN)/python -m pytest -q -ra tests/browser/browser_check.py
 
 bench: $(STAMP)
 	@for f in bench/*_bench.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
