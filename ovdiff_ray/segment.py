@@ -262,7 +262,8 @@ class Segmenter:
             raise SegmentError(f"bank {bank.bank_id} has no prototypes for extractor(s) {', '.join(missing)}")
         self.ex_cfg = {c.name: c for c in self.recipe.extractors}
         self.classifier = classifier
-        self.view_batch = 16 if self.device.type == "cuda" else 4  # views per extractor forward pass
+        # views per extractor forward pass; 8 on a GPU, the batch the bank build already runs these extractors at
+        self.view_batch = 8 if self.device.type == "cuda" else 4
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._gather_cache: OrderedDict[tuple, Gathered] = OrderedDict()
         self._retrieval_index: dict[str, tuple] = {}
