@@ -476,9 +476,10 @@ class Segmenter:
         when it is off over a large vocabulary."""
         t0 = time.perf_counter()
         kept = self.prefilter_batch([it.x for it in items], ids) if sw.prefilter else [ids] * len(items)
+        dt = (time.perf_counter() - t0) / len(items)
         for it, k in zip(items, kept):
             it.kept = k
-            it.t["prefilter"] += (time.perf_counter() - t0) / len(items)
+            it.t["prefilter"] += dt
         if sw.prefilter or len(ids) <= self.seg.retrieval_classes:
             return
         whole: list[dict[str, torch.Tensor]] = [{} for _ in items]
