@@ -1,4 +1,8 @@
-"""Vocabulary files: `.tsv` with header `name<TAB>kind` (kind = thing | stuff) or `.txt`, one name a line (things).
+"""Vocabulary files: `.tsv` with header `name<TAB>kind` (kind = thing | stuff) or `name<TAB>kind<TAB>prompt`, or
+`.txt`, one name a line (things).
+
+The optional `prompt` column is the text used wherever a class name becomes text (the support-set prompt, the
+pre-filter's text), for names that are ambiguous alone (`keyboard` -> `computer keyboard`); empty means the name.
 
 Every problem stops the job before any work, with the file name and line number.
 """
@@ -24,6 +28,12 @@ class VocabError(ValueError):
 class VocabClass:
     name: str
     kind: str  # thing | stuff
+    prompt: str = ""  # text for prompts; "" = the name
+
+    @property
+    def text(self) -> str:
+        """The words used for this class in prompts: the prompt column, else the name."""
+        return self.prompt or self.name
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,11 @@ class Vocabulary:
     @property
     def names(self) -> list[str]:
         return [c.name for c in self.classes]
+
+    @property
+    def prompts(self) -> list[str]:
+        """Per class, the text for prompts (the prompt column, else the name)."""
+        return [c.text for c in self.classes]
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -73,9 +88,12 @@ def parse_vocab(data: bytes, source: str) -> Vocabulary:
         lines.pop()
     tsv = source.endswith(".tsv")
     start = 0
+    ncols = 2
     if tsv:
-        if not lines or [h.strip() for h in lines[0].rstrip("\r").split("\t")] != ["name", "kind"]:
-            raise VocabError(f"{source}:1: expected the header 'name<TAB>kind'")
+        header = [h.strip() for h in lines[0].rstrip("\r").split("\t")] if lines else []
+        if header not in (["name", "kind"], ["name", "kind", "prompt"]):
+            raise VocabError(f"{source}:1: expected the header 'name<TAB>kind' or 'name<TAB>kind<TAB>prompt'")
+        ncols = len(header)
         start = 1
     classes: list[VocabClass] = []
     seen: dict[str, int] = {}
@@ -84,19 +102,23 @@ def parse_vocab(data: bytes, source: str) -> Vocabulary:
         raw = lines[i].rstrip("\r")
         if tsv:
             parts = raw.split("\t")
-            if len(parts) != 2:
-                raise VocabError(f"{where}: expected 2 tab-separated columns (name, kind), got {len(parts)}")
+            if ncols == 3 and len(parts) == 2:
+                parts.append("")  # the prompt column may be left off a line
+            if len(parts) != ncols:
+                cols = "name, kind" + (", prompt" if ncols == 3 else "")
+                raise VocabError(f"{where}: expected {ncols} tab-separated columns ({cols}), got {len(parts)}")
             name, kind = parts[0], parts[1].strip()
+            prompt = _check_name(parts[2], where + " (prompt)") if ncols == 3 and parts[2].strip() else ""
             if kind not in KINDS:
                 raise VocabError(f"{where}: unknown kind {kind!r} (expected thing or stuff)")
         else:
-            name, kind = raw, "thing"
+            name, kind, prompt = raw, "thing", ""
         name = _check_name(name, where)
         key = fold(name)
         if key in seen:
             raise VocabError(f"{where}: duplicate class {name!r} (first on line {seen[key]})")
         seen[key] = i + 1
-        classes.append(VocabClass(name, kind))
+        classes.append(VocabClass(name, kind, "" if prompt == name else prompt))
         if len(classes) > MAX_CLASSES:
             raise VocabError(f"{source}: more than {MAX_CLASSES} classes")
     if not classes:
@@ -116,7 +138,9 @@ def load_vocab(path: str | Path) -> Vocabulary:
     return parse_vocab(p.read_bytes(), str(p))
 
 
-def from_names(names: list[str], kinds: list[str] | None = None, source: str = "<list>") -> Vocabulary:
+def from_names(names: list[str], kinds: list[str] | None = None, source: str = "<list>",
+               prompts: list[str] | None = None) -> Vocabulary:
     kinds = kinds or ["thing"] * len(names)
-    body = "name\tkind\n" + "".join(f"{n}\t{k}\n" for n, k in zip(names, kinds))
+    prompts = prompts or [""] * len(names)
+    body = "name\tkind\tprompt\n" + "".join(f"{n}\t{k}\t{p}\n" for n, k, p in zip(names, kinds, prompts))
     return parse_vocab(body.encode(), source if source.endswith(".tsv") else source + ".tsv")

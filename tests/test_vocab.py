@@ -34,6 +34,9 @@ def test_txt_is_all_things(tmp_path):
     ("name\tkind\nca\x07t\tthing\n", ".tsv", r"v.tsv:2: control character '\\x07'"),
     ("name\tkind\ncat\tanimal\n", ".tsv", r"v.tsv:2: unknown kind 'animal'"),
     ("name\tkind\ncat\n", ".tsv", r"v.tsv:2: expected 2 tab-separated columns"),
+    ("name\tkind\tprompt\ncat\tthing\ta\tb\n", ".tsv", r"v.tsv:2: expected 3 tab-separated columns"),
+    ("name\tkind\tprompt\ncat\tthing\tc\x07t\n", ".tsv", r"v.tsv:2 \(prompt\): control character"),
+    ("name\tprompt\ncat\tthing\n", ".tsv", r"v.tsv:1: expected the header"),
     ("cat\tthing\n", ".tsv", r"v.tsv:1: expected the header"),
 ])
 def test_rejections(tmp_path, body, suffix, message):
@@ -41,6 +44,16 @@ def test_rejections(tmp_path, body, suffix, message):
     p.write_text(body, encoding="utf-8")
     with pytest.raises(ValueError, match=message):
         load_vocab(p)
+
+
+def test_prompt_column(tmp_path):
+    p = tmp_path / "v.tsv"
+    p.write_text("name\tkind\tprompt\nkeyboard\tthing\tcomputer keyboard\nsky\tstuff\t\ncat\tthing\ncow\tthing\tcow\n")
+    v = load_vocab(p)
+    assert v.names == ["keyboard", "sky", "cat", "cow"]
+    assert v.prompts == ["computer keyboard", "sky", "cat", "cow"]
+    assert [c.prompt for c in v.classes] == ["computer keyboard", "", "", ""]
+    assert v.kind("sky") == "stuff"
 
 
 def test_not_utf8(tmp_path):
