@@ -249,10 +249,15 @@ def run_preflight(args: argparse.Namespace) -> tuple[preflight.Preflight, BuildS
         else:
             import ray
 
-            if not ray.is_initialized():
-                ray.init(address=args.address, log_to_driver=True, logging_level="WARNING")
-                started = True
-            res = preflight.ray_resources()
+            try:
+                if not ray.is_initialized():
+                    ray.init(address=args.address, log_to_driver=True, logging_level="WARNING")
+                    started = True
+                res = preflight.ray_resources()
+            except Exception as e:  # noqa: BLE001 - a wrong address, a cluster that is down
+                pf.add(f"--address {args.address or 'auto'}", f"cannot connect to the Ray cluster "
+                       f"({' '.join(str(e).split())[:300]}): check the address and that it runs the same Ray version")
+                return pf, state, pending, started
         workers = args.workers or preflight.default_workers(res, args.gpus_per_worker, args.cpus_per_worker)
         args.workers = max(1, min(workers, len(pending)))
         preflight.check_resources(pf, res, args.workers, args.gpus_per_worker, args.cpus_per_worker)

@@ -594,6 +594,28 @@ def human_seconds(s: float) -> str:
 
 # ---------------------------------------------------------------------------------------------- loading jobs
 
+def cluster_resources(pf: Preflight, address: str | None) -> Resources | None:
+    """This machine's resources when a local Ray would start, else the cluster's (connecting for the question
+    and disconnecting again unless already connected). None, with a problem, when the cluster cannot be reached."""
+    if local_ray_would_start(address):
+        return local_resources()
+    import ray
+
+    connected = ray.is_initialized()
+    try:
+        if not connected:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+        return ray_resources()
+    except Exception as e:  # noqa: BLE001 - a wrong address, a cluster that is down, a version mismatch
+        pf.add(f"--address {address or os.environ.get('RAY_ADDRESS', 'auto')}",
+               f"cannot connect to the Ray cluster ({' '.join(str(e).split())[:300]}): check the address and that "
+               "the cluster runs the same Ray version")
+        return None
+    finally:
+        if not connected and ray.is_initialized():
+            ray.shutdown()
+
+
 def preflight_load(banks: list[tuple[str, int | None]], hub_timeout: float = HUB_TIMEOUT) -> Preflight:
     """For jobs that load banks (`label_dataset`, `ovdiff serve`): each bank readable, its recipe's models."""
     pf = Preflight()
@@ -610,14 +632,24 @@ def preflight_load(banks: list[tuple[str, int | None]], hub_timeout: float = HUB
     return pf
 
 
-def run_for_load(prog: str, banks: list[tuple[str, int | None]], file=None) -> int:
-    """Preflight for a loading job: prints one line per problem to `file` (stderr); returns 2 on problems, else 0."""
+def run_for_load(prog: str, banks: list[tuple[str, int | None]], *, address: str | None = None,
+                 workers: int | None = None, gpus: float = 0.0, cpus: float = 1.0, what: str = "worker",
+                 flags: tuple[str, str, str] = ("--workers", "--gpus-per-worker", "--cpus-per-worker"),
+                 file=None) -> int:
+    """The preflight of a loading job, as one call at the start of its `main`: the banks and their models, then
+    (only when those pass) the cluster for `workers` x (`cpus`, `gpus`); `workers` None = one per `gpus` GPUs, or
+    1. Prints one line per problem; returns 2 on problems, else 0."""
     import sys
 
+    out = file or sys.stderr
     pf = preflight_load(banks)
+    if pf.ok and (gpus > 0 or workers):
+        res = cluster_resources(pf, address)
+        if res is not None:
+            n = workers or (max(1, int(res.gpus // gpus)) if gpus > 0 else 1)
+            check_resources(pf, res, n, gpus, cpus, what, flags)
     if not pf.ok:
-        pf.report(prog, file or sys.stderr)
-        print(f"summary: preflight found {len(pf.problems)} problem(s); nothing was started or written",
-              file=file or sys.stderr)
+        pf.report(prog, out)
+        print(f"summary: preflight found {len(pf.problems)} problem(s); nothing was started or written", file=out)
         return 2
     return 0
