@@ -297,6 +297,8 @@ def check_hub(use: ModelUse, hub_timeout: float) -> tuple[Problem | None, str]:
         partial = f"partly in the local Hugging Face cache ({snap}, lacking {', '.join(need)})"
     else:
         partial = f"not in the local Hugging Face cache ({hf_cache_dir()})"
+    if "/" in use.ref and Path(use.ref.split("/")[0]).is_dir():  # `weights/sd` meant as a folder, probably
+        partial += f" (read as a hub id; a folder must be written ./{use.ref} or absolute, and must exist)"
     if hf_offline():
         return Problem(thing, f"{partial} and HF_HUB_OFFLINE=1 forbids downloading it: run `hf download {repo}` "
                               f"where the hub is reachable and point HF_HOME at that cache, {MIRROR_HINT}"), ""
