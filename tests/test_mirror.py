@@ -105,3 +105,49 @@ def test_mirror_refuses_what_is_not_here(tmp_path, monkeypatch, capsys):
     assert len(lines) == 3 and "generation.model 'stable-diffusion-v1-5/stable-diffusion-v1-5': not in the local" in lines[0]
     assert "hf download timm/vit_base_patch16_clip_224.openai" in lines[2]
     assert "summary: nothing mirrored" in err and not to.exists()
+
+
+def test_mirror_open_clip_pretrained_tag(tmp_path, monkeypatch, capsys):
+    """`open_clip:ARCH/TAG` (the paper's CLIP reference form): the tag's weights from the HF cache plus a generated
+    `open_clip_config.json` make a `local-dir:` folder. A tiny architecture registered as ARCH stands in for
+    ViT-B-16 (same open_clip code path, 7 MB instead of 600)."""
+    import open_clip
+    import open_clip.factory
+    import open_clip.pretrained
+
+    from ovdiff_ray.models import extractors
+    from ovdiff_ray.models.tiny import TINY_CLIP_CFG
+
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "TinyTest-16", dict(TINY_CLIP_CFG))
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, "TinyTest-16",
+                        {"openai": open_clip.pretrained._pcfg(hf_hub="org/tiny-clip-openai/", quick_gelu=True)})
+    cache = tmp_path / "hf"
+    base = cache / "models--org--tiny-clip-openai"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text("r1")
+    (base / "snapshots" / "r1").mkdir(parents=True)
+    tiny_clip = Path(resolve_model("tiny:clip"))
+    shutil.copyfile(tiny_clip / "open_clip_model.safetensors", base / "snapshots" / "r1" / "open_clip_model.safetensors")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text((ROOT / "bank" / "recipes" / "tiny.yaml").read_text()
+                      .replace("model: tiny:clip", "model: open_clip:TinyTest-16/openai"))
+    pf = preflight.Preflight()
+    preflight.check_models(pf, load_recipe(recipe))
+    assert pf.ok and any("open_clip:TinyTest-16/openai': in the local Hugging Face cache" in n for n in pf.notes)
+    to = tmp_path / "weights"
+    assert cli_main(["weights", "mirror", "--recipe", str(recipe), "--to", str(to),
+                     "--recipe-out", str(tmp_path / "out.yaml")]) == 0
+    folder = to / "open_clip--TinyTest-16--openai"
+    assert sorted(p.name for p in folder.iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors",
+                                                        "weights.sha256.json"]
+    cfg = json.loads((folder / "open_clip_config.json").read_text())
+    assert cfg["model_cfg"]["quick_gelu"] is True and cfg["model_cfg"]["vision_cfg"] == TINY_CLIP_CFG["vision_cfg"]
+    assert cfg["preprocess_cfg"]["mean"] == list(open_clip.pretrained.OPENAI_DATASET_MEAN)
+    monkeypatch.setattr(extractors, "_MODELS", {})
+    mirrored = load_recipe(tmp_path / "out.yaml")
+    assert mirrored.classifier.model == str(folder)
+    copy = extractors.load_open_clip(mirrored.classifier.model)[0]
+    original = extractors.load_open_clip("tiny:clip")[0]
+    assert same_weights(original, copy)
+    assert copy.transformer.resblocks[0].mlp.gelu.__class__.__name__ == "QuickGELU"  # openai weights need it
