@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from .models.weights import MANIFEST, RECORD, is_local_ref, resolve_model, s3_client, sha256_file, split_s3
-from .preflight import (FIRST_FILE, OPEN_CLIP_WEIGHTS, SKIPPED_COMPONENTS, ModelUse, _hub_repo, cached_snapshot,
+from .preflight import (FIRST_FILE, OPEN_CLIP_WEIGHTS, SKIPPED_COMPONENTS, ModelUse, cached_snapshot, hub_repo,
                         hf_cache_dir, loader_files, model_uses)
 from .recipe import Recipe, RecipeError, load_recipe
 
@@ -90,7 +90,7 @@ def source_of(use: ModelUse) -> Source:
     if use.loader == "cutler" and Path(ref).expanduser().is_file():
         p = Path(ref).expanduser()
         return Source(use, {p.name: p}, {})
-    repo, loader, bad = _hub_repo(use)
+    repo, loader, bad = hub_repo(use)
     if bad:
         raise MirrorError(f"{use.where} {ref!r}: {bad}")
     if repo is None:

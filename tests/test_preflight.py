@@ -279,7 +279,7 @@ def test_check_prints_what_the_build_would_do(tmp_path, capsys):
                             capsys)
     assert rc == 0, text
     assert "would build 10 classes" in text and "0 already in v0" in text
-    assert f"would write bank tiny-" in text and f"v1 to {out}" in text and "1 worker(s)" in text
+    assert "would write bank tiny-" in text and f"v1 to {out}" in text and "1 worker(s)" in text
     per = 210 * (4 / 64) * (4 / 30) * (64 / 512) ** 2  # the tiny recipe: N=4, 4 steps, 64 px
     assert f"estimated GPU time 10 x ~{per:.0f} s" in text and "N=4, 4 steps, 64 px" in text
     assert "generation.model 'tiny:sd': tiny random model" in text
