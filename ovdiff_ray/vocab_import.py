@@ -134,7 +134,7 @@ def import_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ovdiff vocab", description="Vocabulary tools.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     imp = sub.add_parser("import", help="COCO/LVIS JSON or a .txt of names -> name<TAB>kind<TAB>prompt TSV",
-                         description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                         description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     imp.add_argument("file", help="COCO/LVIS annotation or categories JSON, .txt (one name a line) or .tsv")
     imp.add_argument("--out", required=True, help="TSV to write (name<TAB>kind<TAB>prompt)")
     imp.add_argument("--force", action="store_true", help="overwrite --out if it exists")
