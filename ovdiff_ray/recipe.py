@@ -89,9 +89,10 @@ class PrototypesConfig:
     """Prototype kinds (OVDIFF.md section 5)."""
 
     parts: int = 32
-    kmeans_iters: int = 50
+    kmeans_iters: int = 50  # at most; k-means stops earlier at a fixed point
     seed: int = 0
-    max_pixels: int = 200_000  # foreground pixels sampled for k-means
+    max_pixels: int = 200_000  # pixels sampled per region for k-means; 0 = all (the authors)
+    mask_grid: str = "any"  # masks onto the feature grid: any (max pooling) | centre (the authors' bilinear > 0)
 
 
 @dataclass
@@ -162,6 +163,7 @@ _CHOICES = {
     "extractors.type": {"sd", "dino", "clip", "toy"},
     "extractors.normalise": {"default", "imagenet", "clip"},
     "classifier.type": {"clip", "toy"},
+    "prototypes.mask_grid": {"any", "centre"},
 }
 
 
@@ -232,6 +234,8 @@ def _validate(r: Recipe) -> None:
         raise RecipeError("generation.prompt_template: must contain {name}")
     if r.prototypes.parts < 0:
         raise RecipeError("prototypes.parts: must be >= 0")
+    if r.prototypes.max_pixels < 0:
+        raise RecipeError("prototypes.max_pixels: must be >= 0 (0 = all pixels)")
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:

@@ -66,7 +66,8 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _features(ex: Extractor, images: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, size: int, batch: int):
+def _features(ex: Extractor, images: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, size: int, batch: int,
+              mask_grid: str = "any"):
     """Per image fg/bg pixel features of one extractor, batch by batch (full maps never all in memory)."""
     fgp, bgp = [], []
     for i in range(0, len(images), batch):
@@ -74,8 +75,8 @@ def _features(ex: Extractor, images: torch.Tensor, fg: torch.Tensor, bg: torch.T
         if size and x.shape[-1] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         feats = ex(x).float().cpu()  # [b, D, h, w]
-        fgp += masked_pixels(feats, fg[i:i + batch])
-        bgp += masked_pixels(feats, bg[i:i + batch])
+        fgp += masked_pixels(feats, fg[i:i + batch], mask_grid)
+        bgp += masked_pixels(feats, bg[i:i + batch], mask_grid)
     return fgp, bgp
 
 
@@ -105,9 +106,10 @@ def sample_class(name: str, recipe: Recipe, models: SamplingModels | None = None
     sets, kmeans_s = {}, 0.0
     p = recipe.prototypes
     for cfg, ex in zip(recipe.extractors, models.extractors):
-        fgp, bgp = _features(ex, images, fg_t, bg_t, cfg.input_size, g.batch_size)
+        fgp, bgp = _features(ex, images, fg_t, bg_t, cfg.input_size, g.batch_size, p.mask_grid)
         k0 = time.perf_counter()
-        sets[cfg.name] = protoset_from_pixels(fgp, bgp, ex.dim, p.parts, p.kmeans_iters, p.seed, p.max_pixels)
+        sets[cfg.name] = protoset_from_pixels(fgp, bgp, ex.dim, p.parts, p.kmeans_iters, p.seed, p.max_pixels,
+                                              models.device)
         kmeans_s += time.perf_counter() - k0
     t["text"] = time.perf_counter()
     text = models.classifier.encode_text([recipe.classifier.text_template.format(name=name)])[0]
