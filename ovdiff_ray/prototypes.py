@@ -48,6 +48,7 @@ class ClassPrototypes:
     sets: dict[str, ProtoSet]  # extractor name -> prototypes
     text: np.ndarray  # [E] float32 unit-norm class text embedding (pre-filter)
     info: dict = field(default_factory=dict)  # n_images, skipped, seconds per stage, ...
+    prompt: str = ""  # the words used for the class in prompts ("" = the name)
 
     @property
     def rows(self) -> int:

@@ -42,8 +42,13 @@ class GenerationConfig:
     resolution: int = 512
     prompt_template: str = "A good picture of a {name}"
     negative_prompt: str = "text, low quality, blurry, cartoon, meme, low resolution, bad, poor, faded"
-    prompt_names: dict[str, str] = field(default_factory=dict)
+    prompt_names: dict[str, str] = field(default_factory=dict)  # name -> prompt text, for vocabularies without one
     dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16
+
+    def prompt_name(self, name: str, prompt: str = "") -> str:
+        """The words for class `name` wherever it becomes text: the vocabulary's prompt column, else this recipe's
+        `prompt_names`, else the name."""
+        return prompt or self.prompt_names.get(name, name)
 
 
 @dataclass
@@ -60,7 +65,8 @@ class MasksConfig:
     method: str = "maskcut"  # maskcut | cutler | none
     maskcut_n: int = 3  # instance masks per image
     maskcut_tau: float = 0.15
-    maskcut_size: int = 224  # image side fed to DINO for MaskCut
+    maskcut_size: int = 224  # image side fed to DINO for MaskCut (MaskCut's own: 480)
+    maskcut_crf: bool = False  # MaskCut's dense-CRF post-processing (needs pydensecrf2: pip install -e .[crf])
     cutler_weights: str = ""
     cutler_score: float = 0.35
     fg_threshold: float = 0.5  # fallback: fg = attribution > this

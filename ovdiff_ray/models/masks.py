@@ -52,15 +52,31 @@ def fg_bg_masks(attribution: np.ndarray, instances: np.ndarray | None, cfg: Mask
 
 
 def ncut_bipartition(feats: np.ndarray, tau: float, eps: float = 1e-5) -> np.ndarray:
-    """feats `[N, D]` -> second smallest generalised eigenvector `[N]` of the thresholded cosine affinity graph."""
+    """feats `[N, D]` -> second smallest generalised eigenvector `[N]` of `(D - A) x = l D x` for the thresholded
+    cosine affinity graph A (MaskCut's `eigh(D - A, D)`), D-normalised (x' D x = 1); its sign is arbitrary.
+
+    Solved as the symmetric normalised problem: with N = D^-1/2 A D^-1/2, x = D^-1/2 y for the eigenvector y of
+    N's second largest eigenvalue (Lanczos on N; a dense solve when it does not converge). The same vector as the
+    generalised solve at a fraction of its cost (60 x 60 patches: ~1 s instead of ~70 s on 2 CPU cores).
+    """
     from scipy.linalg import eigh
+    from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
     f = feats / np.linalg.norm(feats, axis=1, keepdims=True).clip(min=1e-8)
-    a = f @ f.T
-    a = np.where(a > tau, 1.0, eps)
-    d = np.diag(a.sum(1))
-    _, vecs = eigh(d - a, d, subset_by_index=[1, 1])
-    return vecs[:, 0]
+    a = np.where(f @ f.T > tau, 1.0, eps)
+    d = a.sum(1)
+    r = 1.0 / np.sqrt(d)
+    n = a * r[:, None] * r[None, :]
+    if len(n) <= 64:
+        y = eigh(n, subset_by_index=[len(n) - 2, len(n) - 2])[1][:, 0]
+    else:
+        try:
+            v0 = np.random.default_rng(0).uniform(0.5, 1.5, len(n))
+            vals, vecs = eigsh(n, k=2, which="LA", v0=v0, tol=1e-10, maxiter=20 * len(n))
+            y = vecs[:, int(np.argmin(vals))]
+        except ArpackNoConvergence:
+            y = eigh(n, subset_by_index=[len(n) - 2, len(n) - 2])[1][:, 0]
+    return y * r
 
 
 def _corners_in(mask: np.ndarray) -> int:
@@ -99,11 +115,50 @@ def maskcut(feats: np.ndarray, n: int, tau: float = 0.15, min_frac: float = 0.01
     return np.stack(masks) if masks else np.zeros((0, h, w), bool)
 
 
+# MaskCut's CRF (CutLER maskcut/crf.py values): 10 mean-field iterations, a Gaussian and a bilateral kernel
+CRF_ITERS, CRF_POS_W, CRF_POS_XY, CRF_BI_W, CRF_BI_XY, CRF_BI_RGB = 10, 7, 3, 10, 50, 5
+
+
+def require_crf():
+    """pydensecrf2's module, or a RuntimeError that says how to get it."""
+    try:
+        import pydensecrf.densecrf as dcrf
+    except ImportError as e:
+        raise RuntimeError("masks.maskcut_crf needs a dense CRF: pip install pydensecrf2 (or `pip install -e .[crf]`; "
+                           f"it builds with a C++ compiler), or set masks.maskcut_crf: false ({e})") from None
+    return dcrf
+
+
+def crf_refine(image: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
+    """MaskCut's post-processing of one mask: `image [H, W, 3]` uint8 and `mask [H, W]` bool at the same size ->
+    the dense-CRF mask with holes filled, or None when it overlaps the input by IoU < 0.5 (the mask is dropped)."""
+    import torch
+
+    dcrf = require_crf()
+    h, w = mask.shape
+    fg = mask.astype(np.float32)
+    probs = torch.softmax(torch.from_numpy(np.stack([1 - fg, fg])), 0).numpy()  # bg, fg
+    unary = np.ascontiguousarray(-np.log(probs.reshape(2, -1)).astype(np.float32))
+    d = dcrf.DenseCRF2D(w, h, 2)
+    d.setUnaryEnergy(unary)
+    d.addPairwiseGaussian(sxy=CRF_POS_XY, compat=CRF_POS_W)
+    d.addPairwiseBilateral(sxy=CRF_BI_XY, srgb=CRF_BI_RGB, rgbim=np.ascontiguousarray(image, np.uint8), compat=CRF_BI_W)
+    q = np.array(d.inference(CRF_ITERS)).reshape(2, h, w)
+    out = ndimage.binary_fill_holes(q.argmax(0) == 1)
+    union = (out | mask).sum()
+    if union == 0 or (out & mask).sum() / union < 0.5:
+        return None
+    return out
+
+
 class MaskCut:
-    """Instance masker: `image [H, W, 3] uint8 -> masks [M, H, W] bool` from a DINO extractor's keys."""
+    """Instance masker: `image [H, W, 3] uint8 -> masks [M, H, W] bool` from a DINO extractor's keys, at
+    `maskcut_size` (MaskCut's own: 480, 60x60 patches at stride 8), with MaskCut's dense CRF when `maskcut_crf`."""
 
     def __init__(self, extractor, cfg: MasksConfig):
         self.extractor, self.cfg = extractor, cfg
+        if cfg.maskcut_crf:
+            require_crf()
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         return self.batch(image[None])[0]
@@ -118,9 +173,14 @@ class MaskCut:
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
         x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
         feats = self.extractor(x).cpu().numpy()  # [N, D, g, g]
+        small = (x * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy() if self.cfg.maskcut_crf else None
         out = []
-        for f in feats:
+        for j, f in enumerate(feats):
             m = maskcut(f, self.cfg.maskcut_n, self.cfg.maskcut_tau)
+            if len(m) and small is not None:  # CRF at MaskCut's image size, as MaskCut does
+                m_up = F.interpolate(torch.from_numpy(m).float()[None], size=(s, s), mode="nearest")[0].numpy() > 0.5
+                kept = [r for r in (crf_refine(small[j], mi) for mi in m_up) if r is not None]
+                m = np.stack(kept) if kept else np.zeros((0, s, s), bool)
             if len(m) == 0:
                 out.append(np.zeros((0, h, w), bool))
                 continue
