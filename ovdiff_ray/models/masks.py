@@ -43,7 +43,8 @@ def fg_bg_masks(attribution: np.ndarray, instances: np.ndarray | None, cfg: Mask
     fg = winner == best
     bg = (winner == worst) & low if worst != best else np.zeros_like(fg)
     if cfg.erode > 0 and bg.any():
-        bg = ndimage.binary_erosion(bg, structure=CROSS, iterations=cfg.erode)
+        # the image border does not erode (border_value=1), as skimage.morphology.binary_erosion in the authors code
+        bg = ndimage.binary_erosion(bg, structure=CROSS, iterations=cfg.erode, border_value=1)
     return fg, bg & ~fg
 
 
@@ -53,7 +54,9 @@ def fg_bg_masks(attribution: np.ndarray, instances: np.ndarray | None, cfg: Mask
 
 def ncut_bipartition(feats: np.ndarray, tau: float, eps: float = 1e-5) -> np.ndarray:
     """feats `[N, D]` -> second smallest generalised eigenvector `[N]` of `(D - A) x = l D x` for the thresholded
-    cosine affinity graph A (MaskCut's `eigh(D - A, D)`), D-normalised (x' D x = 1); its sign is arbitrary.
+    cosine affinity graph A (MaskCut's `eigh(D - A, D)`), D-normalised (x' D x = 1). An eigenvector's sign is
+    arbitrary and MaskCut's corner / salient-patch rule is not symmetric in it, so the sign is fixed: the entry of
+    largest magnitude (the most salient patch) is positive.
 
     Solved as the symmetric normalised problem: with N = D^-1/2 A D^-1/2, x = D^-1/2 y for the eigenvector y of
     N's second largest eigenvalue (Lanczos on N; a dense solve when it does not converge). The same vector as the
@@ -76,7 +79,8 @@ def ncut_bipartition(feats: np.ndarray, tau: float, eps: float = 1e-5) -> np.nda
             y = vecs[:, int(np.argmin(vals))]
         except ArpackNoConvergence:
             y = eigh(n, subset_by_index=[len(n) - 2, len(n) - 2])[1][:, 0]
-    return y * r
+    x = y * r
+    return x if x[np.argmax(np.abs(x))] >= 0 else -x
 
 
 def _corners_in(mask: np.ndarray) -> int:
@@ -207,7 +211,8 @@ CUTLER_EXPECTED = {
     "MODEL.MASK_ON": True,
 }
 CUTLER_HINT = ("masks.method 'cutler' needs detectron2 and CutLER's own code, neither on PyPI: build detectron2 from "
-               "source (pip install 'git+https://github.com/facebookresearch/detectron2.git'), set OVDIFF_CUTLER_CODE to "
+               "source (pip install 'git+https://github.com/facebookresearch/detectron2.git') and `pip install -e .[cutler]`, "
+               "set OVDIFF_CUTLER_CODE to "
                "the `cutler` folder of a checkout of https://github.com/facebookresearch/CutLER (CutLER's config and "
                "its CustomCascadeROIHeads), set masks.cutler_weights to CutLER's cascade checkpoint "
                "(cutler_cascade_final.pth); or use masks.method 'maskcut'")
