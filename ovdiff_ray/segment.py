@@ -79,7 +79,7 @@ class Gathered:
     """Kept classes' prototypes of one extractor, ready for one matmul."""
 
     protos: torch.Tensor  # [R, D] float32 (fg rows of all kept classes, then bg rows)
-    fg_index: torch.Tensor  # [K, L] int64 column per (class, slot); padding points at column R (-inf)
+    fg_index: torch.Tensor  # [K, L] int64 fg row per (class, slot); padding points at row n_fg (-inf)
     n_fg: int
     n_bg: int
     run: int = 0  # every kept class has exactly `run` fg rows (a plain reshape replaces the index gather)
@@ -397,7 +397,7 @@ class Segmenter:
         lengths = [len(f) for f in fg_rows]
         n_fg = sum(lengths)
         width = max(lengths + [1])
-        index = torch.full((len(kept), width), n_fg + len(bg), dtype=torch.long)
+        index = torch.full((len(kept), width), n_fg, dtype=torch.long)  # padding: the -inf row after the fg rows
         start = 0
         for i, n in enumerate(lengths):
             index[i, :n] = torch.arange(start, start + n)
