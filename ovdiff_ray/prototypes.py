@@ -6,6 +6,7 @@ L2-normalised. `ClassPrototypes` is what the store writes as one shard.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,10 +61,13 @@ def l2n(x: torch.Tensor) -> torch.Tensor:
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> torch.Tensor:
-    """k-means++ init + Lloyd iterations on `x [n, D]` -> centroids `[min(k, n), D]`. Deterministic for a seed.
+    """Greedy k-means++ init + Lloyd iterations on `x [n, D]` -> centroids `[min(k, n), D]`, as scikit-learn's
+    `KMeans(init="k-means++", n_init=1)` (the authors' k-means). Deterministic for a seed; runs on `x`'s device.
 
-    Stops at a fixed point (no assignment changes: converged exactly) or after `iters` iterations; runs on `x`'s
-    device."""
+    Each new centre is the best of `2 + log(k)` candidates drawn with probability proportional to the squared
+    distance to the nearest chosen centre (the one that lowers the total most). Lloyd stops at a fixed point (no
+    assignment changes: converged exactly) or after `iters` iterations.
+    """
     n = x.shape[0]
     k = min(k, n)
     if k == 0:
@@ -71,17 +75,25 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> torch.Ten
     g = torch.Generator().manual_seed(seed)  # CPU generator: the same picks on every device
     x = x.float()
     xx = (x * x).sum(1)
+    trials = 2 + int(math.log(k))
+
+    def dist2(c: torch.Tensor) -> torch.Tensor:  # [m, D] -> [m, n] squared distances
+        return (xx[None] - 2 * c @ x.T + (c * c).sum(1)[:, None]).clamp_min(0)
+
     centers = [x[torch.randint(n, (1,), generator=g).item()]]
-    d2 = (xx - 2 * x @ centers[0] + centers[0].dot(centers[0])).clamp_min(0)
+    d2 = dist2(centers[0][None])[0]
     for _ in range(1, k):
         total = d2.sum()
         if total <= 0:
-            idx = torch.randint(n, (1,), generator=g).item()
+            idx = torch.randint(n, (trials,), generator=g)
         else:
-            idx = torch.multinomial((d2 / total).cpu(), 1, generator=g).item()
-        c = x[idx]
-        centers.append(c)
-        d2 = torch.minimum(d2, (xx - 2 * x @ c + c.dot(c)).clamp_min(0))
+            cum = torch.cumsum(d2.double(), 0).cpu()
+            r = torch.rand(trials, generator=g, dtype=torch.float64) * cum[-1]
+            idx = torch.searchsorted(cum, r).clamp_max(n - 1)
+        cand = torch.minimum(d2[None], dist2(x[idx.to(x.device)]))  # [trials, n]
+        best = int(cand.sum(1).argmin())
+        centers.append(x[int(idx[best])])
+        d2 = cand[best]
     c = torch.stack(centers)
     assign = None
     for _ in range(iters):
