@@ -60,7 +60,7 @@ class ClassWorker:
                 raise
             self.fatal = f"{one_line(e)} (on worker {self.node})"
 
-    def build_one(self, class_id: int, name: str, kind: str) -> dict:
+    def build_one(self, class_id: int, name: str, kind: str, prompt: str = "") -> dict:
         from .sample import sample_class
 
         if self.fatal:
@@ -69,7 +69,7 @@ class ClassWorker:
         for attempt in range(1, self.retries + 2):
             t0 = time.perf_counter()
             try:
-                protos = sample_class(name, self.recipe, self.models, kind=kind)
+                protos = sample_class(name, self.recipe, self.models, kind=kind, prompt=prompt)
                 info = write_shard(self.loc, protos, class_id)
                 secs = time.perf_counter() - t0
                 entry = {**info.to_entry(), "id": class_id, "seconds": round(secs, 3), "n_images": protos.info["kept"]}
@@ -87,8 +87,9 @@ class ClassWorker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {k: [] for k in ("class_id", "name", "status", "entry", "error", "seconds",
                                                 "attempts", "worker")}
-        for cid, name, kind in zip(batch["class_id"], batch["name"], batch["kind"]):
-            r = self.build_one(int(cid), str(name), str(kind))
+        prompts = batch["prompt"] if "prompt" in batch else [""] * len(batch["name"])
+        for cid, name, kind, prompt in zip(batch["class_id"], batch["name"], batch["kind"], prompts):
+            r = self.build_one(int(cid), str(name), str(kind), str(prompt))
             out["class_id"].append(int(cid))
             out["name"].append(str(name))
             for k, v in r.items():
@@ -213,7 +214,7 @@ def plan(args: argparse.Namespace) -> tuple[BuildState, list[dict]]:
     pending = []
     for c in vocab.classes:
         if fold(c.name) not in have:
-            pending.append({"class_id": next_id, "name": c.name, "kind": c.kind})
+            pending.append({"class_id": next_id, "name": c.name, "kind": c.kind, "prompt": c.prompt})
             next_id += 1
     if args.limit is not None:
         pending = pending[: args.limit]

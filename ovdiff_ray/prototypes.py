@@ -6,6 +6,7 @@ L2-normalised. `ClassPrototypes` is what the store writes as one shard.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +49,7 @@ class ClassPrototypes:
     sets: dict[str, ProtoSet]  # extractor name -> prototypes
     text: np.ndarray  # [E] float32 unit-norm class text embedding (pre-filter)
     info: dict = field(default_factory=dict)  # n_images, skipped, seconds per stage, ...
+    prompt: str = ""  # the words used for the class in prompts ("" = the name)
 
     @property
     def rows(self) -> int:
@@ -59,25 +61,39 @@ def l2n(x: torch.Tensor) -> torch.Tensor:
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> torch.Tensor:
-    """k-means++ init + Lloyd iterations on `x [n, D]` -> centroids `[min(k, n), D]`. Deterministic for a seed."""
+    """Greedy k-means++ init + Lloyd iterations on `x [n, D]` -> centroids `[min(k, n), D]`, as scikit-learn's
+    `KMeans(init="k-means++", n_init=1)` (the authors' k-means). Deterministic for a seed; runs on `x`'s device.
+
+    Each new centre is the best of `2 + log(k)` candidates drawn with probability proportional to the squared
+    distance to the nearest chosen centre (the one that lowers the total most). Lloyd stops at a fixed point (no
+    assignment changes: converged exactly) or after `iters` iterations.
+    """
     n = x.shape[0]
     k = min(k, n)
     if k == 0:
         return x[:0]
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # CPU generator: the same picks on every device
     x = x.float()
     xx = (x * x).sum(1)
+    trials = 2 + int(math.log(k))
+
+    def dist2(c: torch.Tensor) -> torch.Tensor:  # [m, D] -> [m, n] squared distances
+        return (xx[None] - 2 * c @ x.T + (c * c).sum(1)[:, None]).clamp_min(0)
+
     centers = [x[torch.randint(n, (1,), generator=g).item()]]
-    d2 = (xx - 2 * x @ centers[0] + centers[0].dot(centers[0])).clamp_min(0)
+    d2 = dist2(centers[0][None])[0]
     for _ in range(1, k):
         total = d2.sum()
         if total <= 0:
-            idx = torch.randint(n, (1,), generator=g).item()
+            idx = torch.randint(n, (trials,), generator=g)
         else:
-            idx = torch.multinomial(d2 / total, 1, generator=g).item()
-        c = x[idx]
-        centers.append(c)
-        d2 = torch.minimum(d2, (xx - 2 * x @ c + c.dot(c)).clamp_min(0))
+            cum = torch.cumsum(d2.double(), 0).cpu()
+            r = torch.rand(trials, generator=g, dtype=torch.float64) * cum[-1]
+            idx = torch.searchsorted(cum, r).clamp_max(n - 1)
+        cand = torch.minimum(d2[None], dist2(x[idx.to(x.device)]))  # [trials, n]
+        best = int(cand.sum(1).argmin())
+        centers.append(x[int(idx[best])])
+        d2 = cand[best]
     c = torch.stack(centers)
     assign = None
     for _ in range(iters):
@@ -86,19 +102,31 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> torch.Ten
             break  # a fixed point: centroids are already the means of their points
         assign = new_assign
         sums = torch.zeros_like(c).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k).float()
+        counts = torch.bincount(assign, minlength=k).to(x.dtype)
         c = torch.where((counts == 0)[:, None], c, sums / counts.clamp_min(1)[:, None])
     return c
 
 
-def downsample_mask(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """`mask [N, H, W] bool` -> `[N, h, w] bool`; any coverage of a cell counts as inside."""
-    return F.adaptive_max_pool2d(mask[:, None].float(), (h, w))[:, 0] > 0
+MASK_GRID_RULES = ("any", "centre")
 
 
-def masked_pixels(feats: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+def downsample_mask(mask: torch.Tensor, h: int, w: int, rule: str = "any") -> torch.Tensor:
+    """`mask [N, H, W] bool` -> `[N, h, w] bool` on a feature grid.
+
+    `any`: a cell is inside when any of its pixels is (max pooling; borders grow by up to a cell). `centre`: the
+    authors' rule, a bilinear resize to the grid kept where > 0, i.e. the pixels around each cell centre decide.
+    """
+    m = mask[:, None].float()
+    if rule == "any":
+        return F.adaptive_max_pool2d(m, (h, w))[:, 0] > 0
+    if rule == "centre":
+        return F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)[:, 0] > 0
+    raise ValueError(f"prototypes.mask_grid: unknown rule {rule!r} (one of {', '.join(MASK_GRID_RULES)})")
+
+
+def masked_pixels(feats: torch.Tensor, mask: torch.Tensor, rule: str = "any") -> list[torch.Tensor]:
     """feats: [N, D, h, w]; mask: [N, H, W] bool at image size -> per image `[P_i, D]` finite pixel features."""
-    m = downsample_mask(mask.bool(), *feats.shape[-2:])
+    m = downsample_mask(mask.bool(), *feats.shape[-2:], rule=rule)
     out = []
     for f, mi in zip(feats, m):
         p = f.permute(1, 2, 0)[mi]
@@ -106,9 +134,11 @@ def masked_pixels(feats: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]
     return out
 
 
-def region_prototypes(pixels: list[torch.Tensor], parts: int, iters: int, seed: int,
-                      max_pixels: int) -> tuple[list[torch.Tensor], list[str], list[int]]:
-    """One region (fg or bg) of one extractor: per-image pixels `[P_i, D]` -> rows, levels, sources."""
+def region_prototypes(pixels: list[torch.Tensor], parts: int, iters: int, seed: int, max_pixels: int,
+                      device: str = "cpu") -> tuple[list[torch.Tensor], list[str], list[int]]:
+    """One region (fg or bg) of one extractor: per-image pixels `[P_i, D]` -> rows, levels, sources.
+
+    k-means runs on `device` over all the region's pixels, or a seeded sample of `max_pixels` (0 = all)."""
     rows, levels, sources = [], [], []
     nonempty = [(i, p.float()) for i, p in enumerate(pixels) if p.shape[0]]
     if not nonempty:
@@ -123,10 +153,10 @@ def region_prototypes(pixels: list[torch.Tensor], parts: int, iters: int, seed: 
         sources.append(i)
     if parts > 0:
         sel = torch.cat([p for _, p in nonempty])
-        if sel.shape[0] > max_pixels:
+        if 0 < max_pixels < sel.shape[0]:
             g = torch.Generator().manual_seed(seed + 1)
             sel = sel[torch.randperm(sel.shape[0], generator=g)[:max_pixels]]
-        for c in kmeans(sel, parts, iters, seed):
+        for c in kmeans(sel.to(device), parts, iters, seed).cpu():
             rows.append(c)
             levels.append("part")
             sources.append(-1)
@@ -134,11 +164,11 @@ def region_prototypes(pixels: list[torch.Tensor], parts: int, iters: int, seed: 
 
 
 def protoset_from_pixels(fg: list[torch.Tensor], bg: list[torch.Tensor], dim: int, parts: int, iters: int = 50,
-                         seed: int = 0, max_pixels: int = 200_000) -> ProtoSet:
+                         seed: int = 0, max_pixels: int = 200_000, device: str = "cpu") -> ProtoSet:
     """Per-image fg and bg pixel features (`[P_i, D]` each) -> ProtoSet with unit-norm rows."""
     vecs, kinds, levels, sources = [], [], [], []
     for kind, pixels in (("fg", fg), ("bg", bg)):
-        r, lv, src = region_prototypes(pixels, parts, iters, seed, max_pixels)
+        r, lv, src = region_prototypes(pixels, parts, iters, seed, max_pixels, device)
         vecs += r
         levels += lv
         sources += src
@@ -155,7 +185,7 @@ def protoset_from_pixels(fg: list[torch.Tensor], bg: list[torch.Tensor], dim: in
 
 
 def build_protoset(feats: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, parts: int, iters: int = 50,
-                   seed: int = 0, max_pixels: int = 200_000) -> ProtoSet:
+                   seed: int = 0, max_pixels: int = 200_000, mask_grid: str = "any") -> ProtoSet:
     """feats: [N, D, h, w]; fg, bg: [N, H, W] bool masks at image size -> ProtoSet (unit-norm rows)."""
-    return protoset_from_pixels(masked_pixels(feats, fg), masked_pixels(feats, bg), feats.shape[1], parts, iters,
-                                seed, max_pixels)
+    return protoset_from_pixels(masked_pixels(feats, fg, mask_grid), masked_pixels(feats, bg, mask_grid),
+                                feats.shape[1], parts, iters, seed, max_pixels)

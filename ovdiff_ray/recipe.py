@@ -42,8 +42,13 @@ class GenerationConfig:
     resolution: int = 512
     prompt_template: str = "A good picture of a {name}"
     negative_prompt: str = "text, low quality, blurry, cartoon, meme, low resolution, bad, poor, faded"
-    prompt_names: dict[str, str] = field(default_factory=dict)
+    prompt_names: dict[str, str] = field(default_factory=dict)  # name -> prompt text, for vocabularies without one
     dtype: str = "auto"  # auto (fp16 on GPU, fp32 on CPU) | fp32 | fp16
+
+    def prompt_name(self, name: str, prompt: str = "") -> str:
+        """The words for class `name` wherever it becomes text: the vocabulary's prompt column, else this recipe's
+        `prompt_names`, else the name."""
+        return prompt or self.prompt_names.get(name, name)
 
 
 @dataclass
@@ -60,7 +65,8 @@ class MasksConfig:
     method: str = "maskcut"  # maskcut | cutler | none
     maskcut_n: int = 3  # instance masks per image
     maskcut_tau: float = 0.15
-    maskcut_size: int = 224  # image side fed to DINO for MaskCut
+    maskcut_size: int = 224  # image side fed to DINO for MaskCut (MaskCut's own: 480)
+    maskcut_crf: bool = False  # MaskCut's dense-CRF post-processing (needs pydensecrf2: pip install -e .[crf])
     cutler_weights: str = ""
     cutler_score: float = 0.35
     fg_threshold: float = 0.5  # fallback: fg = attribution > this
@@ -89,9 +95,10 @@ class PrototypesConfig:
     """Prototype kinds (OVDIFF.md section 5)."""
 
     parts: int = 32
-    kmeans_iters: int = 50
+    kmeans_iters: int = 50  # at most; k-means stops earlier at a fixed point
     seed: int = 0
-    max_pixels: int = 200_000  # foreground pixels sampled for k-means
+    max_pixels: int = 200_000  # pixels sampled per region for k-means; 0 = all (the authors)
+    mask_grid: str = "any"  # masks onto the feature grid: any (max pooling) | centre (the authors' bilinear > 0)
 
 
 @dataclass
@@ -162,6 +169,7 @@ _CHOICES = {
     "extractors.type": {"sd", "dino", "clip", "toy"},
     "extractors.normalise": {"default", "imagenet", "clip"},
     "classifier.type": {"clip", "toy"},
+    "prototypes.mask_grid": {"any", "centre"},
 }
 
 
@@ -232,6 +240,8 @@ def _validate(r: Recipe) -> None:
         raise RecipeError("generation.prompt_template: must contain {name}")
     if r.prototypes.parts < 0:
         raise RecipeError("prototypes.parts: must be >= 0")
+    if r.prototypes.max_pixels < 0:
+        raise RecipeError("prototypes.max_pixels: must be >= 0 (0 = all pixels)")
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:

@@ -66,7 +66,8 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _features(ex: Extractor, images: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, size: int, batch: int):
+def _features(ex: Extractor, images: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, size: int, batch: int,
+              mask_grid: str = "any"):
     """Per image fg/bg pixel features of one extractor, batch by batch (full maps never all in memory)."""
     fgp, bgp = [], []
     for i in range(0, len(images), batch):
@@ -74,19 +75,21 @@ def _features(ex: Extractor, images: torch.Tensor, fg: torch.Tensor, bg: torch.T
         if size and x.shape[-1] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         feats = ex(x).float().cpu()  # [b, D, h, w]
-        fgp += masked_pixels(feats, fg[i:i + batch])
-        bgp += masked_pixels(feats, bg[i:i + batch])
+        fgp += masked_pixels(feats, fg[i:i + batch], mask_grid)
+        bgp += masked_pixels(feats, bg[i:i + batch], mask_grid)
     return fgp, bgp
 
 
 def sample_class(name: str, recipe: Recipe, models: SamplingModels | None = None, kind: str = "thing",
-                 artifacts: list | None = None) -> ClassPrototypes:
-    """Build the prototypes of one class. Deterministic for (recipe.seed, name). Appends SampleArtifacts to
-    `artifacts` when given."""
+                 artifacts: list | None = None, prompt: str = "") -> ClassPrototypes:
+    """Build the prototypes of one class. Deterministic for (recipe.seed, name, prompt). `prompt`: the vocabulary's
+    words for the class (else the recipe's `prompt_names`, else the name), used for the support-set prompt and
+    the class text embedding. Appends SampleArtifacts to `artifacts` when given."""
     models = models or SamplingModels.load(recipe)
     t = {"generate": time.perf_counter()}
     g = recipe.generation
-    support = models.generator.generate(name, g.n_images, recipe.seed, prompt_name=g.prompt_names.get(name))
+    words = g.prompt_name(name, prompt)
+    support = models.generator.generate(name, g.n_images, recipe.seed, prompt_name=words)
     t["masks"] = time.perf_counter()
     fgs, bgs = [], []
     for img, attr, inst in zip(support.images, support.attributions, _instances(models.masker, support.images)):
@@ -105,12 +108,13 @@ def sample_class(name: str, recipe: Recipe, models: SamplingModels | None = None
     sets, kmeans_s = {}, 0.0
     p = recipe.prototypes
     for cfg, ex in zip(recipe.extractors, models.extractors):
-        fgp, bgp = _features(ex, images, fg_t, bg_t, cfg.input_size, g.batch_size)
+        fgp, bgp = _features(ex, images, fg_t, bg_t, cfg.input_size, g.batch_size, p.mask_grid)
         k0 = time.perf_counter()
-        sets[cfg.name] = protoset_from_pixels(fgp, bgp, ex.dim, p.parts, p.kmeans_iters, p.seed, p.max_pixels)
+        sets[cfg.name] = protoset_from_pixels(fgp, bgp, ex.dim, p.parts, p.kmeans_iters, p.seed, p.max_pixels,
+                                              models.device)
         kmeans_s += time.perf_counter() - k0
     t["text"] = time.perf_counter()
-    text = models.classifier.encode_text([recipe.classifier.text_template.format(name=name)])[0]
+    text = models.classifier.encode_text([recipe.classifier.text_template.format(name=words)])[0]
     t["end"] = time.perf_counter()
     marks = list(t.values())
     seconds = {k: marks[i + 1] - marks[i] for i, k in enumerate(list(t)[:-1])}
@@ -121,7 +125,7 @@ def sample_class(name: str, recipe: Recipe, models: SamplingModels | None = None
         seconds["attribution"] = split["attribution"]
         seconds["generate"] -= split["attribution"]
     info = {"n_images": int(len(fg)), "kept": int(kept.sum()), "seconds": seconds, "total_s": marks[-1] - marks[0]}
-    return ClassPrototypes(name, kind, sets, np.asarray(text, np.float32), info)
+    return ClassPrototypes(name, kind, sets, np.asarray(text, np.float32), info, prompt=words if words != name else "")
 
 
 # -- ovdiff preview ---------------------------------------------------------------------------------------------
@@ -161,6 +165,8 @@ def preview_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--n", type=int, default=None, help="support images (default: the recipe's n_images)")
     ap.add_argument("--kind", choices=["thing", "stuff"], default="thing")
+    ap.add_argument("--prompt", default="", help="words for the class in prompts (default: the recipe's "
+                    "prompt_names, else the name), like a vocabulary's prompt column")
     a = ap.parse_args(argv)
     from PIL import Image
 
@@ -182,7 +188,7 @@ def preview_main(argv: list[str] | None = None) -> int:
     arts: list[SampleArtifacts] = []
     t0 = time.perf_counter()
     try:
-        protos = sample_class(a.name, recipe, kind=a.kind, artifacts=arts)
+        protos = sample_class(a.name, recipe, kind=a.kind, artifacts=arts, prompt=a.prompt.strip())
     except EmptySupportError as e:
         protos = None
         print(f"ovdiff preview: {e}", file=sys.stderr)

@@ -79,10 +79,11 @@ class Gathered:
     """Kept classes' prototypes of one extractor, ready for one matmul."""
 
     protos: torch.Tensor  # [R, D] float32 (fg rows of all kept classes, then bg rows)
-    fg_index: torch.Tensor  # [K, L] int64 column per (class, slot); padding points at column R (-inf)
+    fg_index: torch.Tensor  # [K, L] int64 fg row per (class, slot); padding points at row n_fg (-inf)
     n_fg: int
     n_bg: int
     run: int = 0  # every kept class has exactly `run` fg rows (a plain reshape replaces the index gather)
+    bg_empty: float = 0.0  # background score without bg rows: -1 (the authors' padding) when background is on
 
 
 View = tuple[int, int, int, int]  # (y0, x0, vh, vw) on the image at the short side
@@ -321,13 +322,18 @@ class Segmenter:
         cos = self.bank.text[things] @ e
         p = np.exp(cos - cos.max())
         p /= p.sum()
-        order = [i for i in np.argsort(-p, kind="stable") if p[i] >= 1.0 / len(things) - 1e-12]
-        cands = sorted(things[i] for i in order[: self.seg.max_candidates])
+        # candidates as the authors' CLIPClassifierThresh: p >= 1/K in class order; more than max_candidates: the
+        # most probable, in descending probability order (torch.topk). Subset prompts keep this order.
+        passed = [i for i in range(len(things)) if p[i] >= 1.0 / len(things) - 1e-12]
+        if len(passed) > self.seg.max_candidates:
+            ok = set(passed)
+            passed = [i for i in np.argsort(-p, kind="stable") if i in ok][: self.seg.max_candidates]
+        cands = [things[i] for i in passed]
         if not cands:
             return stuff
         tmpl = self.recipe.classifier.text_template
         subsets = [s for r in range(1, len(cands) + 1) for s in itertools.combinations(cands, r)]
-        prompts = [" and ".join(tmpl.format(name=self.bank.names[c]) for c in s) for s in subsets]
+        prompts = [" and ".join(tmpl.format(name=self.bank.prompts[c]) for c in s) for s in subsets]
         best = subsets[int(np.argmax(self.text_embeddings(prompts) @ e))]
         return sorted(list(best) + stuff)
 
@@ -391,14 +397,14 @@ class Segmenter:
         lengths = [len(f) for f in fg_rows]
         n_fg = sum(lengths)
         width = max(lengths + [1])
-        index = torch.full((len(kept), width), n_fg + len(bg), dtype=torch.long)
+        index = torch.full((len(kept), width), n_fg, dtype=torch.long)  # padding: the -inf row after the fg rows
         start = 0
         for i, n in enumerate(lengths):
             index[i, :n] = torch.arange(start, start + n)
             start += n
         rows = np.concatenate(fg_rows + [bg]).astype(np.int64)
         run = lengths[0] if lengths and all(n == lengths[0] for n in lengths) else 0
-        g = Gathered(vec(rows), index.to(self.device), n_fg, len(bg), run)
+        g = Gathered(vec(rows), index.to(self.device), n_fg, len(bg), run, -1.0 if sw.background else 0.0)
         self._gather_cache[key] = g
         while len(self._gather_cache) > 64:
             self._gather_cache.popitem(last=False)
@@ -406,7 +412,8 @@ class Segmenter:
 
     # -- matching ------------------------------------------------------------------------------------------
     def match(self, feats: torch.Tensor, g: Gathered, chunk: int = 16384) -> torch.Tensor:
-        """`feats [B, D, h, w]` -> scores `[B, K + 1, h, w]` (background at 0; 0 when there are no bg rows).
+        """`feats [B, D, h, w]` -> scores `[B, K + 1, h, w]` (background at 0; `g.bg_empty` when there are no bg rows:
+        -1, or 0 with background prototypes switched off).
 
         Per image one `protos [R, D] @ feats [D, N]` (fp32), a per-class max over rows, and the division by the
         pixel norms after the max (cosine = max(p . f) / |f|), so features are never copied or normalised.
@@ -427,6 +434,8 @@ class Segmenter:
                 if g.n_bg:
                     o[0] = sims[g.n_fg:].amax(0)
                 o /= fi.norm(dim=0).clamp_min(1e-12)
+                if not g.n_bg:
+                    o[0] = g.bg_empty
         return out.view(b, k + 1, h, w)
 
     def _view_size(self, ex: str, h: int, w: int) -> tuple[int, int]:

@@ -66,10 +66,25 @@ def _autocast(device: str):
 
 
 def to_q_name(unet, name: str) -> str:
-    """Module path of a `to_q` Linear; a block path (`up_blocks.1.attentions.0`) means its first attn1's."""
-    if not isinstance(unet.get_submodule(name), torch.nn.Linear):
-        return to_q_name(unet, name + ".transformer_blocks.0.attn1.to_q")
-    return name
+    """Module path of a cross-attention `to_q` Linear (OVDIFF.md 4: the query projections of `attn2`).
+
+    A block path is completed to its first transformer block's cross-attention: `up_blocks.1.attentions.0` (or
+    `....transformer_blocks.0`) -> `....transformer_blocks.0.attn2.to_q`; an attention module (`...attn2`) -> its
+    `to_q`. Naming `attn1` (self-attention) explicitly is allowed; any other module is an error naming what to give.
+    """
+    mod = unet.get_submodule(name)
+    if isinstance(mod, torch.nn.Linear):
+        return name
+    if hasattr(mod, "to_q") and isinstance(mod.to_q, torch.nn.Linear):
+        return name + ".to_q"
+    if hasattr(mod, "attn2"):  # a transformer block
+        if getattr(mod, "attn2") is None:
+            raise ValueError(f"UNet layer {name!r} has no cross-attention (attn2); name an attention's to_q")
+        return name + ".attn2.to_q"
+    if hasattr(mod, "transformer_blocks"):  # a Transformer2DModel (the `attentions.N` of a block)
+        return to_q_name(unet, name + ".transformer_blocks.0")
+    raise ValueError(f"UNet layer {name!r} is a {type(mod).__name__}, not an attention layer: name a cross-attention "
+                     f"query projection, e.g. '{name}.attentions.0.transformer_blocks.0.attn2.to_q'")
 
 
 def layer_dims(unet, names: list[str]) -> list[int]:
@@ -107,6 +122,8 @@ class SDExtractor:
             return to_q_name(self.unet, name)
         except AttributeError:
             raise ValueError(f"extractor {self.name!r}: the UNet has no layer {name!r}") from None
+        except ValueError as e:
+            raise ValueError(f"extractor {self.name!r}: {e}") from None
 
     @staticmethod
     def _level_factor(name: str, levels: int) -> int:

@@ -5,6 +5,9 @@ CutLER through detectron2) produce its candidates.
 """
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 from scipy import ndimage
 
@@ -18,7 +21,8 @@ def fg_bg_masks(attribution: np.ndarray, instances: np.ndarray | None, cfg: Mask
 
     Candidates are the instance masks plus their complement; each is weighted by its mean attribution and each pixel
     goes to the covering candidate of highest weight. Foreground = pixels won by the best candidate; background =
-    pixels won by the worst one, with attribution < bg_threshold, eroded `erode` times. No instance masks: thresholds.
+    pixels won by the lowest-weight candidate that wins any (as the authors' code), with attribution <
+    bg_threshold, eroded `erode` times. No instance masks: thresholds, not eroded (as the authors' code).
     """
     attr = np.asarray(attribution, np.float32)
     low = attr < cfg.bg_threshold
@@ -26,20 +30,21 @@ def fg_bg_masks(attribution: np.ndarray, instances: np.ndarray | None, cfg: Mask
     if inst is not None:
         inst = inst[inst.reshape(len(inst), -1).any(1)] if len(inst) else inst
     if inst is None or len(inst) == 0:
-        fg = attr > cfg.fg_threshold
-        bg = low
-    else:
-        comp = ~inst.any(0)
-        cands = np.concatenate([inst, comp[None]]) if comp.any() else inst  # [K, H, W]
-        weights = np.array([attr[c].mean() for c in cands], np.float32)  # [K]
-        # each pixel -> covering candidate of highest weight
-        w = np.where(cands, weights[:, None, None], -np.inf)
-        winner = w.argmax(0)  # [H, W]
-        best, worst = int(weights.argmax()), int(weights.argmin())
-        fg = winner == best
-        bg = (winner == worst) & low if worst != best else np.zeros_like(fg)
+        return attr > cfg.fg_threshold, low & ~(attr > cfg.fg_threshold)
+    comp = ~inst.any(0)
+    cands = np.concatenate([inst, comp[None]]) if comp.any() else inst  # [K, H, W]
+    weights = np.array([attr[c].mean() for c in cands], np.float32)  # [K]
+    # each pixel -> covering candidate of highest weight (ties: the first)
+    w = np.where(cands, weights[:, None, None], -np.inf)
+    winner = w.argmax(0)  # [H, W]
+    best = int(weights.argmax())
+    winners = np.unique(winner)
+    worst = int(winners[np.argmin(weights[winners])])  # lowest weight among the candidates that win pixels
+    fg = winner == best
+    bg = (winner == worst) & low if worst != best else np.zeros_like(fg)
     if cfg.erode > 0 and bg.any():
-        bg = ndimage.binary_erosion(bg, structure=CROSS, iterations=cfg.erode)
+        # the image border does not erode (border_value=1), as skimage.morphology.binary_erosion in the authors code
+        bg = ndimage.binary_erosion(bg, structure=CROSS, iterations=cfg.erode, border_value=1)
     return fg, bg & ~fg
 
 
@@ -48,15 +53,34 @@ def fg_bg_masks(attribution: np.ndarray, instances: np.ndarray | None, cfg: Mask
 
 
 def ncut_bipartition(feats: np.ndarray, tau: float, eps: float = 1e-5) -> np.ndarray:
-    """feats `[N, D]` -> second smallest generalised eigenvector `[N]` of the thresholded cosine affinity graph."""
+    """feats `[N, D]` -> second smallest generalised eigenvector `[N]` of `(D - A) x = l D x` for the thresholded
+    cosine affinity graph A (MaskCut's `eigh(D - A, D)`), D-normalised (x' D x = 1). An eigenvector's sign is
+    arbitrary and MaskCut's corner / salient-patch rule is not symmetric in it, so the sign is fixed: the entry of
+    largest magnitude (the most salient patch) is positive.
+
+    Solved as the symmetric normalised problem: with N = D^-1/2 A D^-1/2, x = D^-1/2 y for the eigenvector y of
+    N's second largest eigenvalue (Lanczos on N; a dense solve when it does not converge). The same vector as the
+    generalised solve at a fraction of its cost (60 x 60 patches: ~1 s instead of ~70 s on 2 CPU cores).
+    """
     from scipy.linalg import eigh
+    from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
     f = feats / np.linalg.norm(feats, axis=1, keepdims=True).clip(min=1e-8)
-    a = f @ f.T
-    a = np.where(a > tau, 1.0, eps)
-    d = np.diag(a.sum(1))
-    _, vecs = eigh(d - a, d, subset_by_index=[1, 1])
-    return vecs[:, 0]
+    a = np.where(f @ f.T > tau, 1.0, eps)
+    d = a.sum(1)
+    r = 1.0 / np.sqrt(d)
+    n = a * r[:, None] * r[None, :]
+    if len(n) <= 64:
+        y = eigh(n, subset_by_index=[len(n) - 2, len(n) - 2])[1][:, 0]
+    else:
+        try:
+            v0 = np.random.default_rng(0).uniform(0.5, 1.5, len(n))
+            vals, vecs = eigsh(n, k=2, which="LA", v0=v0, tol=1e-10, maxiter=20 * len(n))
+            y = vecs[:, int(np.argmin(vals))]
+        except ArpackNoConvergence:
+            y = eigh(n, subset_by_index=[len(n) - 2, len(n) - 2])[1][:, 0]
+    x = y * r
+    return x if x[np.argmax(np.abs(x))] >= 0 else -x
 
 
 def _corners_in(mask: np.ndarray) -> int:
@@ -95,11 +119,50 @@ def maskcut(feats: np.ndarray, n: int, tau: float = 0.15, min_frac: float = 0.01
     return np.stack(masks) if masks else np.zeros((0, h, w), bool)
 
 
+# MaskCut's CRF (CutLER maskcut/crf.py values): 10 mean-field iterations, a Gaussian and a bilateral kernel
+CRF_ITERS, CRF_POS_W, CRF_POS_XY, CRF_BI_W, CRF_BI_XY, CRF_BI_RGB = 10, 7, 3, 10, 50, 5
+
+
+def require_crf():
+    """pydensecrf2's module, or a RuntimeError that says how to get it."""
+    try:
+        import pydensecrf.densecrf as dcrf
+    except ImportError as e:
+        raise RuntimeError("masks.maskcut_crf needs a dense CRF: pip install pydensecrf2 (or `pip install -e .[crf]`; "
+                           f"it builds with a C++ compiler), or set masks.maskcut_crf: false ({e})") from None
+    return dcrf
+
+
+def crf_refine(image: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
+    """MaskCut's post-processing of one mask: `image [H, W, 3]` uint8 and `mask [H, W]` bool at the same size ->
+    the dense-CRF mask with holes filled, or None when it overlaps the input by IoU < 0.5 (the mask is dropped)."""
+    import torch
+
+    dcrf = require_crf()
+    h, w = mask.shape
+    fg = mask.astype(np.float32)
+    probs = torch.softmax(torch.from_numpy(np.stack([1 - fg, fg])), 0).numpy()  # bg, fg
+    unary = np.ascontiguousarray(-np.log(probs.reshape(2, -1)).astype(np.float32))
+    d = dcrf.DenseCRF2D(w, h, 2)
+    d.setUnaryEnergy(unary)
+    d.addPairwiseGaussian(sxy=CRF_POS_XY, compat=CRF_POS_W)
+    d.addPairwiseBilateral(sxy=CRF_BI_XY, srgb=CRF_BI_RGB, rgbim=np.ascontiguousarray(image, np.uint8), compat=CRF_BI_W)
+    q = np.array(d.inference(CRF_ITERS)).reshape(2, h, w)
+    out = ndimage.binary_fill_holes(q.argmax(0) == 1)
+    union = (out | mask).sum()
+    if union == 0 or (out & mask).sum() / union < 0.5:
+        return None
+    return out
+
+
 class MaskCut:
-    """Instance masker: `image [H, W, 3] uint8 -> masks [M, H, W] bool` from a DINO extractor's keys."""
+    """Instance masker: `image [H, W, 3] uint8 -> masks [M, H, W] bool` from a DINO extractor's keys, at
+    `maskcut_size` (MaskCut's own: 480, 60x60 patches at stride 8), with MaskCut's dense CRF when `maskcut_crf`."""
 
     def __init__(self, extractor, cfg: MasksConfig):
         self.extractor, self.cfg = extractor, cfg
+        if cfg.maskcut_crf:
+            require_crf()
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         return self.batch(image[None])[0]
@@ -114,9 +177,14 @@ class MaskCut:
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
         x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
         feats = self.extractor(x).cpu().numpy()  # [N, D, g, g]
+        small = (x * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy() if self.cfg.maskcut_crf else None
         out = []
-        for f in feats:
+        for j, f in enumerate(feats):
             m = maskcut(f, self.cfg.maskcut_n, self.cfg.maskcut_tau)
+            if len(m) and small is not None:  # CRF at MaskCut's image size, as MaskCut does
+                m_up = F.interpolate(torch.from_numpy(m).float()[None], size=(s, s), mode="nearest")[0].numpy() > 0.5
+                kept = [r for r in (crf_refine(small[j], mi) for mi in m_up) if r is not None]
+                m = np.stack(kept) if kept else np.zeros((0, s, s), bool)
             if len(m) == 0:
                 out.append(np.zeros((0, h, w), bool))
                 continue
@@ -126,40 +194,136 @@ class MaskCut:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CutLER (detectron2, optional)
+# CutLER (detectron2 + CutLER's own code, optional)
 
-CUTLER_HINT = ("masks.method 'cutler' needs detectron2, which is not on PyPI: build it from source "
-               "(pip install 'git+https://github.com/facebookresearch/detectron2.git'), then "
-               "`pip install -e .[cutler]` and set masks.cutler_weights to CutLER's cascade checkpoint; "
-               "or use masks.method 'maskcut'")
+CUTLER_CODE_ENV = "OVDIFF_CUTLER_CODE"
+CUTLER_CONFIG_FILE = "model_zoo/configs/CutLER-ImageNet/cascade_mask_rcnn_R_50_FPN.yaml"  # inside CutLER's `cutler`
+# What CutLER's checkpoint was trained with (its config above); a merged config that differs would give garbage masks.
+CUTLER_EXPECTED = {
+    "INPUT.FORMAT": "RGB",
+    "MODEL.PIXEL_MEAN": [123.675, 116.28, 103.53],
+    "MODEL.PIXEL_STD": [58.395, 57.12, 57.375],
+    "MODEL.RESNETS.DEPTH": 50,
+    "MODEL.RESNETS.STRIDE_IN_1X1": False,
+    "MODEL.ROI_HEADS.NAME": "CustomCascadeROIHeads",
+    "MODEL.ROI_HEADS.NUM_CLASSES": 1,
+    "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG": True,
+    "MODEL.MASK_ON": True,
+}
+CUTLER_HINT = ("masks.method 'cutler' needs detectron2 and CutLER's own code, neither on PyPI: build detectron2 from "
+               "source (pip install 'git+https://github.com/facebookresearch/detectron2.git') and `pip install -e .[cutler]`, "
+               "set OVDIFF_CUTLER_CODE to "
+               "the `cutler` folder of a checkout of https://github.com/facebookresearch/CutLER (CutLER's config and "
+               "its CustomCascadeROIHeads), set masks.cutler_weights to CutLER's cascade checkpoint "
+               "(cutler_cascade_final.pth); or use masks.method 'maskcut'")
+
+
+def cutler_overrides(cfg: MasksConfig, device: str, distributed: bool = False) -> dict:
+    """Test-time values set on top of CutLER's config, as the authors' `utils/cutler.py` does.
+
+    SyncBN (CutLER trains with it in the ResNet and the FPN) becomes BN in a single process: the same running
+    statistics at inference, and SyncBN does not run on a CPU.
+    """
+    out = {"MODEL.DEVICE": str(device), "MODEL.ROI_HEADS.SCORE_THRESH_TEST": float(cfg.cutler_score),
+           "MODEL.RETINANET.SCORE_THRESH_TEST": float(cfg.cutler_score), "TEST.DETECTIONS_PER_IMAGE": 100,
+           "INPUT.MIN_SIZE_TEST": 800, "INPUT.MAX_SIZE_TEST": 1333}
+    if str(device).startswith("cpu") or not distributed:
+        out.update({"MODEL.RESNETS.NORM": "BN", "MODEL.FPN.NORM": "BN"})
+    return out
+
+
+def check_cutler_config(get) -> None:
+    """`get(dotted key) -> value` of a merged detectron2 config; raises naming each value that differs from
+    CutLER's (BGR input, Caffe pixel statistics, stride in the 1x1 conv, the model zoo's ROI heads)."""
+    bad = []
+    for key, want in CUTLER_EXPECTED.items():
+        have = get(key)
+        have = list(have) if isinstance(have, (tuple, list)) else have
+        if (have != want) if not isinstance(want, list) else not np.allclose(have, want):
+            bad.append(f"{key} = {have!r} (CutLER: {want!r})")
+    if bad:
+        raise ValueError("the detectron2 config is not CutLER's: " + "; ".join(bad))
+
+
+def cutler_inputs(image: np.ndarray, min_size: int = 800, max_size: int = 1333) -> dict:
+    """`image [H, W, 3]` uint8 RGB -> one detectron2 model input: `image [3, h, w]` float RGB in 0..255 resized so the
+    short side is `min_size` (the long side at most `max_size`), and the original `height`, `width` (masks come back
+    at that size)."""
+    import torch
+    import torch.nn.functional as F
+
+    h, w = image.shape[:2]
+    s = min(min_size / min(h, w), max_size / max(h, w))
+    size = (max(1, round(h * s)), max(1, round(w * s)))
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()  # RGB, as CutLER's INPUT.FORMAT
+    if size != (h, w):
+        x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=s < 1)[0]
+    return {"image": x, "height": h, "width": w}
 
 
 class CutLER:
-    """CutLER class-agnostic instances: cascade Mask R-CNN R50-FPN, score >= cutler_score, at most 100 per image,
-    shortest side 800. Uses detectron2's model-zoo cascade config with one class-agnostic class; untested here
-    (no detectron2 on this machine)."""
+    """CutLER class-agnostic instances, built as CutLER builds it: its own config file and cascade ROI heads
+    (the `cutler` folder of CutLER's repository, named by $OVDIFF_CUTLER_CODE), RGB input with ImageNet statistics, score >= cutler_score, at most 100 per image,
+    shortest side 800. Refuses with what is missing when detectron2 or CutLER's code is not importable."""
 
     def __init__(self, cfg: MasksConfig, device: str = "cpu"):
+        import torch
+
+        code = cutler_code_dir()
+        missing = []
         try:
-            from detectron2 import model_zoo
+            from detectron2.checkpoint import DetectionCheckpointer
             from detectron2.config import get_cfg
-            from detectron2.engine import DefaultPredictor
         except ImportError as e:
-            raise RuntimeError(f"{CUTLER_HINT} ({e})") from None
+            missing.append(f"detectron2 ({e})")
+        if code is None:
+            missing.append(f"CutLER's code (set {CUTLER_CODE_ENV} to the `cutler` folder of a CutLER checkout)")
+        if missing:
+            raise RuntimeError(f"{CUTLER_HINT}. Missing: {'; '.join(missing)}") from None
+        if str(code) not in sys.path:
+            sys.path.insert(0, str(code))  # CutLER's own modules import each other as top-level `config`, `modeling`
+        try:
+            from config.cutler_config import add_cutler_config
+            from modeling import build_model  # CutLER's registry: GeneralizedRCNN + CustomCascadeROIHeads
+        except ImportError as e:
+            raise RuntimeError(f"{CUTLER_HINT}. {CUTLER_CODE_ENV}={code}: cannot import CutLER's code ({e})") from None
         c = get_cfg()
-        c.merge_from_file(model_zoo.get_config_file("Misc/cascade_mask_rcnn_R_50_FPN_3x.yaml"))
-        c.MODEL.ROI_HEADS.NUM_CLASSES = 1
-        c.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK = True
-        c.MODEL.ROI_HEADS.SCORE_THRESH_TEST = cfg.cutler_score
-        c.TEST.DETECTIONS_PER_IMAGE = 100
-        c.INPUT.MIN_SIZE_TEST = 800
+        add_cutler_config(c)
+        c.merge_from_file(str(code / CUTLER_CONFIG_FILE))
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        for k, v in cutler_overrides(cfg, device, dist).items():
+            c.merge_from_list([k, v])
         c.MODEL.WEIGHTS = cutler_checkpoint(cfg.cutler_weights)
-        c.MODEL.DEVICE = str(device)
-        self.predictor = DefaultPredictor(c)
+        check_cutler_config(lambda key: _cfg_get(c, key))
+        c.freeze()
+        self.cfg = c
+        self.model = build_model(c).eval()
+        DetectionCheckpointer(self.model).load(c.MODEL.WEIGHTS)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        inst = self.predictor(np.ascontiguousarray(image[:, :, ::-1]))["instances"]  # detectron2 wants BGR
+        import torch
+
+        with torch.no_grad():
+            inp = cutler_inputs(image, self.cfg.INPUT.MIN_SIZE_TEST, self.cfg.INPUT.MAX_SIZE_TEST)
+            inst = self.model([inp])[0]["instances"]
         return inst.pred_masks.cpu().numpy().astype(bool)
+
+
+def cutler_code_dir():
+    """CutLER's `cutler` folder (holding `config/`, `modeling/`, `model_zoo/`) from $OVDIFF_CUTLER_CODE, or None."""
+    from pathlib import Path
+
+    ref = os.environ.get(CUTLER_CODE_ENV, "")
+    if not ref:
+        return None
+    p = Path(ref).expanduser().resolve()
+    return p if (p / CUTLER_CONFIG_FILE).is_file() else None
+
+
+def _cfg_get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def cutler_checkpoint(ref: str) -> str:

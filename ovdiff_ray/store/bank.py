@@ -45,6 +45,12 @@ class Bank:
     extractors: dict[str, BankArrays]
     manifest: dict = field(default_factory=dict)
     uri: str = ""
+    prompts: list[str] = field(default_factory=list)  # per class, the words for prompts (pre-filter text)
+
+    def __post_init__(self):
+        """Missing prompts ("" or none) resolve as at build time: the recipe's `prompt_names`, else the name."""
+        given = list(self.prompts) + [""] * (len(self.names) - len(self.prompts))
+        self.prompts = [self.recipe.generation.prompt_name(n, p) for n, p in zip(self.names, given)]
 
     def _folded(self) -> dict[str, int]:
         """Case/space-folded name -> class id, built once."""
@@ -98,7 +104,7 @@ class Bank:
                 level=np.concatenate(level) if level else np.zeros(0, np.uint8),
                 offsets=np.array(offsets, np.int64),
             )
-        return cls(bank_id, version, recipe, names, kinds, text, arrays)
+        return cls(bank_id, version, recipe, names, kinds, text, arrays, prompts=[p.prompt for p in protos])
 
     @classmethod
     def load(cls, uri: str, version: int | None = None, classes: list[str] | None = None,

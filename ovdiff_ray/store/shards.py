@@ -44,10 +44,14 @@ class ShardInfo:
     bytes: int
     prototypes: dict[str, int]  # extractor -> rows
     dims: dict[str, int]
+    prompt: str = ""  # the words used for the class in prompts, when they differ from the name
 
     def to_entry(self) -> dict[str, Any]:
-        return dict(name=self.name, kind=self.kind, shard=self.shard, rows=self.rows, sha256=self.sha256,
-                    bytes=self.bytes, prototypes=self.prototypes, dims=self.dims)
+        e = dict(name=self.name, kind=self.kind, shard=self.shard, rows=self.rows, sha256=self.sha256,
+                 bytes=self.bytes, prototypes=self.prototypes, dims=self.dims)
+        if self.prompt and self.prompt != self.name:
+            e["prompt"] = self.prompt
+        return e
 
 
 def _table(p: ClassPrototypes, class_id: int, extractor: str, vectors: np.ndarray, kind, level, source) -> pa.Table:
@@ -89,7 +93,7 @@ def write_shard(loc: Location, p: ClassPrototypes, class_id: int) -> ShardInfo:
     if not loc.exists(key):
         loc.write_bytes(key, data)
     return ShardInfo(p.name, p.kind, key, p.rows, digest, len(data), {e: len(s) for e, s in p.sets.items()},
-                     {e: s.dim for e, s in p.sets.items()})
+                     {e: s.dim for e, s in p.sets.items()}, p.prompt)
 
 
 def read_shard_bytes(loc: Location, entry: dict) -> bytes:
@@ -253,4 +257,4 @@ def assemble(m: dict, entries: list[dict], tables: list[pa.Table], uri: str) -> 
         )
     text = np.stack(texts) if texts else np.zeros((0, 0), np.float32)
     return Bank(m["bank_id"], int(m["version"]), recipe, [e["name"] for e in entries], [e["kind"] for e in entries],
-                text, arrays, manifest=m, uri=uri)
+                text, arrays, manifest=m, uri=uri, prompts=[e.get("prompt", "") for e in entries])
