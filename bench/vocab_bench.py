@@ -84,8 +84,8 @@ def switches_of(recipe_name: str) -> dict:
 
 
 SWITCH_KEYS = {
-    "segmentation": ("candidate_ratio", "subset_search", "subset_beam", "subset_exhaustive_upto",
-                     "stuff_filter_rule", "background_source", "background_classes", "stuff_min_area"),
+    "segmentation": ("subset_search", "subset_beam", "subset_exhaustive_upto",
+                     "stuff_filter_rule", "stuff_min_area"),
     "classifier": (),
 }
 
@@ -125,6 +125,46 @@ def evaluate_vocab(uri: str, vocab: list[tuple[str, str]], scenes, config: str, 
             "prompts": (seg.prompts_encoded - prompts0) / len(scenes)}
 
 
+def lvis_prefilter(n_images: int, searches=("exhaustive", "greedy", "beam")) -> None:
+    """The pre-filter over a synthetic 1203-class bank (the LVIS names, text embeddings from the tiny recipe's CLIP
+    text tower, no prototypes needed): prompts encoded (text-encoder inputs, cache misses), prompts scored and
+    seconds per image for each subset search, each with a fresh classifier and cache, on the same images; the
+    paper's `max_candidates` (10)."""
+    import torch
+
+    from ovdiff_ray.models import build_classifier
+    from ovdiff_ray.prefilter import PreFilter
+    from ovdiff_ray.store.bank import Bank
+    from ovdiff_ray.vocab import load_vocab
+
+    recipe = load_recipe("tiny")
+    recipe.segmentation.max_candidates = load_recipe("paper").segmentation.max_candidates  # 10, not tiny's 4
+    vocab = load_vocab(os.path.join(os.path.dirname(__file__), "..", "bank", "vocab", "lvis1203.tsv"))
+    clf = build_classifier(recipe, "cpu")
+    text = np.asarray(clf.encode_text([recipe.classifier.text_template.format(name=c.text) for c in vocab.classes]),
+                      np.float32)
+    bank = Bank("lvis-synthetic", 0, recipe, vocab.names, [c.kind for c in vocab.classes], text, {})
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 96, 96, generator=g) for _ in range(n_images)]
+    ids = list(range(len(vocab.names)))
+    base = None
+    for how in searches:
+        bank.recipe.segmentation.subset_search = how
+        pf = PreFilter(bank, build_classifier(recipe, "cpu"))
+        t0 = time.perf_counter()
+        kept = [sel.kept for img in images for sel in pf([img], ids)]
+        dt = (time.perf_counter() - t0) / n_images
+        out(f"lvis1203.{how}.prompts_encoded_per_image", pf.prompts_encoded / n_images)
+        out(f"lvis1203.{how}.prompts_scored_per_image", pf.prompts_scored / n_images)
+        out(f"lvis1203.{how}.s_per_image", dt)
+        if base is None:
+            base = (pf.prompts_encoded, dt, kept)
+        else:
+            out(f"lvis1203.{how}.fewer_prompts_than_exhaustive", base[0] / max(1, pf.prompts_encoded))
+            out(f"lvis1203.{how}.speedup_vs_exhaustive", base[1] / max(dt, 1e-9))
+            out(f"lvis1203.{how}.same_kept_as_exhaustive", sum(a == b for a, b in zip(kept, base[2])) / n_images)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="10,20,40,60", help=f"comma-separated sizes among {sorted(SIZES)}")
@@ -134,10 +174,16 @@ def main(argv=None) -> int:
     ap.add_argument("--no-prefilter-off", action="store_true", help="skip the runs with the pre-filter off")
     ap.add_argument("--confusions", type=int, default=5, help="top confusions printed per size and config")
     ap.add_argument("--bank", default=None, help="keep the all-classes toy bank in this folder and reuse it")
+    ap.add_argument("--lvis-images", type=int, default=8, help="images for the 1203-class pre-filter measure (0: skip)")
+    ap.add_argument("--lvis-only", action="store_true", help="only the 1203-class pre-filter measure")
     a = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
+    if a.lvis_images:
+        lvis_prefilter(a.lvis_images)
+    if a.lvis_only:
+        return 0
     recipe = load_recipe("toy")
     sizes = [int(s) for s in a.sizes.split(",")]
     for s in sizes:

@@ -1,8 +1,7 @@
 """Nearest-prototype matching (OVDIFF.md 6.3-6.4): gather the kept classes' prototypes, score pixels against them.
 
 `gather` lays out one extractor's rows for one matmul: the foreground rows of every kept class (segment layout), then
-the background rows: the background prototypes of `bg_from` (the kept things in the paper), stuff-filtered against
-the kept stuff classes. `match` is the matmul and the per-class max.
+the background rows: the background prototypes of the kept things, stuff-filtered against the kept stuff classes. `match` is the matmul and the per-class max.
 
 Stuff filter rules (`segmentation.stuff_filter_rule`):
 
@@ -64,10 +63,10 @@ def self_threshold(bank: Bank, ex: str, c: int, default: float) -> float:
 
 def gather(bank: Bank, ex: str, kept: Sequence[int], *, background: bool = True, stuff_filter: bool = True,
            class_mean_only: bool = False, stuff_threshold: float = 0.85, stuff_filter_rule: str = "fixed",
-           bg_from: Sequence[int] | None = None, device: torch.device | str = "cpu",
+           device: torch.device | str = "cpu",
            thresholds: dict | None = None) -> Gathered:
-    """Rows of extractor `ex` for the kept classes: fg rows per kept class, then the bg rows of `bg_from` (default:
-    the kept things), stuff-filtered against the kept stuff classes. `thresholds` caches `self` thresholds."""
+    """Rows of extractor `ex` for the kept classes: fg rows per kept class, then the bg rows of the kept things,
+    stuff-filtered against the kept stuff classes. `thresholds` caches `self` thresholds."""
     a = bank.extractors[ex]
     fg_rows, bg_rows, stuff_rows, stuff_ids = [], [], [], []
     level_ok = (lambda r: a.level[r] == 0) if class_mean_only else (lambda r: np.ones(len(r), bool))
@@ -78,11 +77,8 @@ def gather(bank: Bank, ex: str, kept: Sequence[int], *, background: bool = True,
         if bank.kinds[c] == "stuff":
             stuff_rows.append(fg)
             stuff_ids.append(c)
-    if background:
-        for c in (kept if bg_from is None else bg_from):
-            if bank.kinds[c] != "stuff":
-                r = class_rows(bank, ex, c)
-                bg_rows.append(r[(a.kind[r] == 1) & level_ok(r)])
+        elif background:
+            bg_rows.append(r[(a.kind[r] == 1) & level_ok(r)])
     bg = np.concatenate(bg_rows) if bg_rows else np.zeros(0, np.int64)
     vec = lambda idx: torch.from_numpy(a.vectors[idx]).to(device).float()  # noqa: E731
     if stuff_filter and len(bg) and stuff_rows and sum(len(s) for s in stuff_rows):

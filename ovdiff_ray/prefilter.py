@@ -6,8 +6,6 @@ scored as the prompt "a X and a Y and ..." and the best-scoring subset is kept; 
 
 Switches beyond the paper (recipe `segmentation.*`, off in paper.yaml):
 
-- `candidate_ratio` (> 0): candidates are also bounded relative to the best class: `p >= candidate_ratio * p_max`
-  (the 1/K rule lets almost every class through when K is large and the softmax is flat).
 - `subset_search`: `exhaustive` (the paper: 2^n - 1 prompts), `greedy` (grow the subset one candidate at a time
   while the score improves: at most n(n+1)/2 prompts) or `beam` (the same with `subset_beam` subsets per size);
   with at most `subset_exhaustive_upto` candidates the bounded searches are the exhaustive one.
@@ -33,13 +31,9 @@ from .store.bank import Bank
 SUBSET_SEARCHES = ("exhaustive", "greedy", "beam")
 
 
-def candidates(p: np.ndarray, max_candidates: int, ratio: float = 0.0) -> list[int]:
-    """Positions of `p [K]` (a softmax) that pass `p >= 1/K` (and `p >= ratio * max p` when `ratio > 0`), most
-    probable first, at most `max_candidates`."""
-    k = len(p)
-    floor = 1.0 / k - 1e-12
-    if ratio > 0:
-        floor = max(floor, ratio * float(p.max()) - 1e-12)
+def candidates(p: np.ndarray, max_candidates: int) -> list[int]:
+    """Positions of `p [K]` (a softmax) that pass `p >= 1/K`, most probable first, at most `max_candidates`."""
+    floor = 1.0 / len(p) - 1e-12
     order = [int(i) for i in np.argsort(-p, kind="stable") if p[i] >= floor]
     return order[:max_candidates]
 
@@ -106,31 +100,27 @@ class PreFilter:
                                      antialias=True) for im in images])  # [B, 3, S, S]
         return np.asarray(self.classifier.encode_image(x), np.float32)
 
-    def __call__(self, images: list[torch.Tensor], ids: list[int], search: str | None = None,
-                 ratio: float | None = None) -> list[Selection]:
+    def __call__(self, images: list[torch.Tensor], ids: list[int], search: str | None = None) -> list[Selection]:
         """One Selection per image: kept bank ids (sorted; stuff always kept here, see `segment.stuff_presence`)
-        and every thing class of `ids`, most probable first. `search` / `ratio` override the recipe's
-        `subset_search` / `candidate_ratio`."""
+        and every thing class of `ids`, most probable first. `search` overrides `segmentation.subset_search`."""
         things = [c for c in ids if self.bank.kinds[c] != "stuff"]
         stuff = [c for c in ids if self.bank.kinds[c] == "stuff"]
         if not things:
             return [Selection(list(ids), []) for _ in images]
         out = []
         for e in self.image_embeddings(images):
-            kept, ranked = self.select(e, things, search, ratio)
+            kept, ranked = self.select(e, things, search)
             out.append(Selection(sorted(kept + stuff), ranked))
         return out
 
-    def select(self, e: np.ndarray, things: list[int], search: str | None = None,
-               ratio: float | None = None) -> tuple[list[int], list[int]]:
+    def select(self, e: np.ndarray, things: list[int], search: str | None = None) -> tuple[list[int], list[int]]:
         """(thing classes kept for one image embedding `e [E]`: candidates, then the subset search; `things` most
         probable first)."""
         cos = self.bank.text[things] @ e
         p = np.exp(cos - cos.max())
         p /= p.sum()
         ranked = [things[i] for i in np.argsort(-p, kind="stable")]
-        ratio = self.seg.candidate_ratio if ratio is None else ratio
-        cands = sorted(things[i] for i in candidates(p, self.seg.max_candidates, ratio))
+        cands = sorted(things[i] for i in candidates(p, self.seg.max_candidates))
         if not cands:
             return [], ranked
         return sorted(self.search(cands, e, search)), ranked

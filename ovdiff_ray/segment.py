@@ -31,8 +31,7 @@ from .store.bank import Bank
 
 ABLATIONS = ("no_background", "no_prefilter", "no_stuff_filter", "class_mean_only",
              # issue 10's switches (ovdiff_ray/prefilter.py, ovdiff_ray/matching.py): each turns one off
-             "no_stuff_filter_self", "no_background_vocab", "no_stuff_presence", "no_bounded_search",
-             "no_candidate_ratio")
+             "no_stuff_filter_self", "no_stuff_presence", "no_bounded_search")
 TIMING_KEYS = ("features", "prefilter", "matching", "upsample", "pamr")
 
 
@@ -59,18 +58,16 @@ class Switches:
     class_mean_only: bool = False
     only: str | None = None
     stuff_filter_self: bool = False  # segmentation.stuff_filter_rule == "self"
-    background_vocab: bool = False  # segmentation.background_source == "vocabulary"
     stuff_presence: bool = False  # segmentation.stuff_min_area > 0
     bounded_search: bool = False  # segmentation.subset_search != "exhaustive"
-    candidate_ratio: bool = False  # segmentation.candidate_ratio > 0
 
     @classmethod
     def of(cls, seg, ablate: Sequence[str], extractors: Sequence[str]) -> "Switches":
         """From the recipe's `segmentation` section plus ablation names."""
         s = dict(background=seg.background, prefilter=seg.prefilter, stuff_filter=seg.stuff_filter,
                  class_mean_only=seg.class_mean_only, only=None, stuff_filter_self=seg.stuff_filter_rule == "self",
-                 background_vocab=seg.background_source == "vocabulary", stuff_presence=seg.stuff_min_area > 0,
-                 bounded_search=seg.subset_search != "exhaustive", candidate_ratio=seg.candidate_ratio > 0)
+                 stuff_presence=seg.stuff_min_area > 0,
+                 bounded_search=seg.subset_search != "exhaustive")
         for a in ablate:
             if a.startswith("only:"):
                 name = a[5:]
@@ -98,7 +95,6 @@ class _Item:
     views: list[View]
     t: dict[str, float]  # seconds per stage
     kept: list[int] = field(default_factory=list)  # bank ids after the pre-filter
-    bg_from: list[int] | None = None  # things whose bg prototypes form the background (None: the kept things)
     acc: torch.Tensor | None = None  # [K + 1, h, w] summed view scores
     count: torch.Tensor | None = None  # [h, w] views covering each pixel
 
@@ -332,18 +328,16 @@ class Segmenter:
         return self._retrieval_index[ex]
 
     # -- prototypes ----------------------------------------------------------------------------------------
-    def gather(self, ex: str, kept: list[int], sw: Switches, bg_from: list[int] | None = None) -> Gathered:
-        """Kept classes' fg rows (segment layout) and background rows (of `bg_from`, default the kept things;
-        stuff-filtered), cached (LRU, 64)."""
-        bg_key = None if bg_from is None else tuple(bg_from)
-        key = (ex, tuple(kept), bg_key, sw.background, sw.stuff_filter, sw.class_mean_only, sw.stuff_filter_self)
+    def gather(self, ex: str, kept: list[int], sw: Switches) -> Gathered:
+        """Kept classes' fg rows (segment layout) and background rows (the kept things', stuff-filtered), cached
+        (LRU, 64)."""
+        key = (ex, tuple(kept), sw.background, sw.stuff_filter, sw.class_mean_only, sw.stuff_filter_self)
         if key in self._gather_cache:
             self._gather_cache.move_to_end(key)
             return self._gather_cache[key]
         g = gather(self.bank, ex, kept, background=sw.background, stuff_filter=sw.stuff_filter,
                    class_mean_only=sw.class_mean_only, stuff_threshold=self.seg.stuff_threshold,
-                   stuff_filter_rule="self" if sw.stuff_filter_self else "fixed", bg_from=bg_from,
-                   device=self.device, thresholds=self._thresholds)
+                   stuff_filter_rule="self" if sw.stuff_filter_self else "fixed", device=self.device, thresholds=self._thresholds)
         self._gather_cache[key] = g
         while len(self._gather_cache) > 64:
             self._gather_cache.popitem(last=False)
@@ -398,20 +392,15 @@ class Segmenter:
 
     def _keep(self, items: list[_Item], ids: list[int], sw: Switches, exs: list[str]) -> None:
         """Each item's kept classes: the pre-filter (one image-encoder pass for the batch), or faiss retrieval
-        when it is off over a large vocabulary; then the background's classes and the stuff presence check."""
+        when it is off over a large vocabulary; then the stuff presence check."""
         t0 = time.perf_counter()
         if sw.prefilter:
-            sel = self._prefilter([it.x for it in items], ids, search=None if sw.bounded_search else "exhaustive",
-                                  ratio=None if sw.candidate_ratio else 0.0)
+            sel = self._prefilter([it.x for it in items], ids, search=None if sw.bounded_search else "exhaustive")
         else:
-            things = [c for c in ids if self.bank.kinds[c] != "stuff"]
-            sel = [Selection(list(ids), things) for _ in items]
+            sel = [Selection(list(ids), []) for _ in items]
         dt = (time.perf_counter() - t0) / len(items)
         for it, k in zip(items, sel):
             it.kept = k.kept
-            if sw.background_vocab:
-                it.bg_from = sorted(set(k.ranked[:self.seg.background_classes])
-                                    | {c for c in k.kept if self.bank.kinds[c] != "stuff"})
             it.t["prefilter"] += dt
         if not sw.prefilter and len(ids) > self.seg.retrieval_classes:
             whole: list[dict[str, torch.Tensor]] = [{} for _ in items]
@@ -422,8 +411,6 @@ class Segmenter:
             for it, wf in zip(items, whole):
                 t0 = time.perf_counter()
                 it.kept = self.retrieve(wf, ids, self.seg.retrieval_classes)
-                if sw.background_vocab:
-                    it.bg_from = [c for c in it.kept if self.bank.kinds[c] != "stuff"]
                 it.t["prefilter"] += time.perf_counter() - t0
         if sw.stuff_presence and any(self.bank.kinds[c] == "stuff" for it in items for c in it.kept):
             self._stuff_presence(items, sw, exs)
@@ -438,7 +425,7 @@ class Segmenter:
                 for (i, _), fi in zip(batch, f):
                     it = items[i]
                     t0 = time.perf_counter()
-                    sv = self.match(fi[None], self.gather(ex, it.kept, sw, it.bg_from))[0]
+                    sv = self.match(fi[None], self.gather(ex, it.kept, sw))[0]
                     it.acc += F.interpolate(sv[None], size=it.acc.shape[-2:], mode="bilinear",
                                             align_corners=False)[0].clamp_(-1, 1)
                     it.t["prefilter"] += time.perf_counter() - t0
@@ -458,7 +445,7 @@ class Segmenter:
             gs = []
             for it in items:
                 t0 = time.perf_counter()
-                gs.append(self.gather(ex, it.kept, sw, it.bg_from))
+                gs.append(self.gather(ex, it.kept, sw))
                 it.t["matching"] += time.perf_counter() - t0
             for batch, f in self._features(ex, items, lambda it: it.views):
                 j = 0
