@@ -97,6 +97,7 @@ class _Item:
     kept: list[int] = field(default_factory=list)  # bank ids after the pre-filter
     acc: torch.Tensor | None = None  # [K + 1, h, w] summed view scores
     count: torch.Tensor | None = None  # [h, w] views covering each pixel
+    whole: dict[str, torch.Tensor] = field(default_factory=dict)  # extractor -> whole-image features [1, D, h, w]
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -412,18 +413,20 @@ class Segmenter:
                 t0 = time.perf_counter()
                 it.kept = self.retrieve(wf, ids, self.seg.retrieval_classes)
                 it.t["prefilter"] += time.perf_counter() - t0
-        if sw.stuff_presence and any(self.bank.kinds[c] == "stuff" for it in items for c in it.kept):
+        if sw.prefilter and sw.stuff_presence and any(self.bank.kinds[c] == "stuff" for it in items for c in it.kept):
             self._stuff_presence(items, sw, exs)
 
     def _stuff_presence(self, items: list[_Item], sw: Switches, exs: list[str]) -> None:
-        """Drop the kept stuff classes that win less than `segmentation.stuff_min_area` of the whole-image view
-        (matched with every kept class, scores averaged over extractors); the paper keeps every stuff class."""
+        """The stuff half of the pre-filter (off with it): drop the kept stuff classes that win less than
+        `segmentation.stuff_min_area` of the whole-image view (matched with every kept class, scores averaged over
+        extractors); the paper keeps every stuff class. The whole-image features are reused by `_accumulate`."""
         for it in items:
             it.acc = torch.zeros(len(it.kept) + 1, *it.x.shape[-2:], device=self.device)
         for ex in exs:
             for batch, f in self._features(ex, items, lambda it: [(0, 0, *it.x.shape[-2:])]):
                 for (i, _), fi in zip(batch, f):
                     it = items[i]
+                    it.whole[ex] = fi[None]  # reused by `_accumulate`
                     t0 = time.perf_counter()
                     sv = self.match(fi[None], self.gather(ex, it.kept, sw))[0]
                     it.acc += F.interpolate(sv[None], size=it.acc.shape[-2:], mode="bilinear",
@@ -436,6 +439,16 @@ class Segmenter:
                        if self.bank.kinds[c] != "stuff" or share[j + 1] >= self.seg.stuff_min_area]
             it.acc = None
 
+    def _view_features(self, ex: str, items: list[_Item]):
+        """`_features` over every view of every item, reusing the whole-image features the stuff presence check
+        already computed (`item.whole[ex]`)."""
+        whole = lambda it: (0, 0, *it.x.shape[-2:])  # noqa: E731
+        reuse = lambda it: ex in it.whole and whole(it) in it.views  # noqa: E731
+        yield from self._features(ex, items, lambda it: [v for v in it.views if not (reuse(it) and v == whole(it))])
+        for i, it in enumerate(items):
+            if reuse(it):
+                yield [(i, whole(it))], it.whole.pop(ex)
+
     def _accumulate(self, items: list[_Item], sw: Switches, exs: list[str]) -> None:
         """Scores of every view of every item, upsampled, clamped and summed into `item.acc` / `item.count`."""
         for it in items:
@@ -447,7 +460,7 @@ class Segmenter:
                 t0 = time.perf_counter()
                 gs.append(self.gather(ex, it.kept, sw))
                 it.t["matching"] += time.perf_counter() - t0
-            for batch, f in self._features(ex, items, lambda it: it.views):
+            for batch, f in self._view_features(ex, items):
                 j = 0
                 while j < len(batch):  # runs of views of one item share its gathered prototypes
                     i = batch[j][0]
