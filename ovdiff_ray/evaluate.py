@@ -15,7 +15,9 @@ Dataset layouts under `--root` (the folder named, or the usual parent it sits in
 
 Class 0 ("background") of every dataset is the segmenter's background; the other classes map by case-folded name to
 bank classes, and segmentation is restricted to them. mIoU is reported with absent classes counted as 0 (`miou`,
-the reference code's nan_to_num) and excluded (`miou_nanmean`).
+the reference code's nan_to_num) and excluded (`miou_nanmean`). `--json` adds `confusion` (`confusion_summary`: the
+most frequent `(true, predicted, pixels)` pairs and per class the share of its pixels lost to background and to
+each other class); the printed table ends with the top confusions.
 """
 from __future__ import annotations
 
@@ -302,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="first N images only")
     ap.add_argument("--ablate", nargs="+", default=[], metavar="NAME",
                     help="also run each ablation: no_background no_prefilter no_stuff_filter class_mean_only "
-                         "only:<extractor>")
+                         "only:<extractor>, and the issue-10 switches: no_stuff_filter_self no_stuff_presence "
+                         "no_bounded_search")
     ap.add_argument("--pamr", action="store_true")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--overlays", type=int, default=0, help="save overlays of the first N images to --out")

@@ -6,8 +6,12 @@ filtering); one matmul per extractor and view batch (fp16 storage, fp32 accumula
 upsample, clamp and average over views and extractors (one shared count map); optional PAMR; upsample to the input
 size, scores <= 0 -> 0, argmax with ties to background.
 
+The pre-filter lives in prefilter.py, prototype gathering and matching in matching.py.
+
 Ablations (recipe `segmentation.*` or the `ablate` argument): `no_background`, `no_prefilter`, `no_stuff_filter`,
-`class_mean_only`, `only:<extractor>`. With the pre-filter off over more than `segmentation.retrieval_classes`
+`class_mean_only`, `only:<extractor>`; and for the switches beyond the paper (issue 10, off in paper.yaml):
+`no_stuff_filter_self` (`stuff_filter_rule: self`), `no_stuff_presence` (`stuff_min_area`: a stuff class is kept
+only where it wins part of the whole-image view) and `no_bounded_search` (`subset_search: greedy | beam`). With the pre-filter off over more than `segmentation.retrieval_classes`
 classes, a faiss class-level retrieval (pooled image features vs class prototypes) bounds the classes matched.
 """
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 
 from .models.base import Classifier, Extractor
 from .matching import Gathered, gather, match, segment_max  # noqa: F401 (segment_max: re-exported)
+from .pamr import pamr_affinity, pamr_refine  # noqa: F401 (re-exported)
 from .prefilter import PreFilter, Selection
 from .store.bank import Bank
 
@@ -188,51 +193,6 @@ def upsample_argmax(scores: torch.Tensor, h0: int, w0: int, rows: int = 256) -> 
         blend = tmp[:, i0[sl]] * (1 - wt[:, sl]) + tmp[:, i1[sl]] * wt[:, sl]
         out[sl] = blend.clamp_min_(0).argmax(0).cpu().numpy()
     return out
-
-
-# ------------------------------------------------------------------------------------------------------ PAMR
-
-_NEIGHBOURS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
-
-
-def _shifts(x: torch.Tensor, dilations: Sequence[int], centre: bool) -> list[torch.Tensor]:
-    """`x [C, H, W]` -> neighbours at each dilation (replicate padding), optionally with the centre per dilation."""
-    d_max = max(dilations)
-    h, w = x.shape[-2:]
-    p = F.pad(x[None], (d_max,) * 4, mode="replicate")[0]
-    out = []
-    for d in dilations:
-        for dy, dx in ([(0, 0)] if centre else []) + _NEIGHBOURS:
-            y0, x0 = d_max + dy * d, d_max + dx * d
-            out.append(p[:, y0:y0 + h, x0:x0 + w])
-    return out
-
-
-def pamr_affinity(image: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
-    """PAMR affinities `[P, H, W]` (softmax over the 8 * len(dilations) neighbours) of `image [3, H, W]`."""
-    with_centre = torch.stack(_shifts(image, dilations, True))  # [9 * nd, 3, H, W]
-    std = with_centre.std(0)  # [3, H, W]
-    del with_centre
-    diffs = torch.stack([(n - image).abs() for n in _shifts(image, dilations, False)])  # [P, 3, H, W]
-    aff = (-diffs / (1e-8 + 0.1 * std)).mean(1)  # [P, H, W]
-    return torch.softmax(aff, 0)
-
-
-@torch.no_grad()
-def pamr_refine(image: torch.Tensor, scores: torch.Tensor, iters: int = 10,
-         dilations: Sequence[int] = (1, 2, 4, 8, 12, 24)) -> torch.Tensor:
-    """Pixel-adaptive mask refinement (Araslanov & Roth 2020): `image [3, H, W]`, `scores [K, H, W]` -> `[K, H, W]`.
-
-    Each iteration replaces a pixel's scores by the affinity-weighted mean of its neighbours' at several
-    dilations; affinities come from local colour differences scaled by the local standard deviation.
-    """
-    if iters <= 0 or not dilations:
-        return scores
-    aff = pamr_affinity(image.float(), dilations)
-    m = scores.float()
-    for _ in range(iters):
-        m = sum(a[None] * n for a, n in zip(aff, _shifts(m, dilations, False)))
-    return m
 
 
 # ------------------------------------------------------------------------------------------------- segmenter
