@@ -6,13 +6,14 @@ filtering); one matmul per extractor and view batch (fp16 storage, fp32 accumula
 upsample, clamp and average over views and extractors (one shared count map); optional PAMR; upsample to the input
 size, scores <= 0 -> 0, argmax with ties to background.
 
-The pre-filter lives in prefilter.py, prototype gathering and matching in matching.py.
+The pre-filter lives in prefilter.py, prototype gathering and matching in matching.py, PAMR in pamr.py.
 
 Ablations (recipe `segmentation.*` or the `ablate` argument): `no_background`, `no_prefilter`, `no_stuff_filter`,
 `class_mean_only`, `only:<extractor>`; and for the switches beyond the paper (issue 10, off in paper.yaml):
 `no_stuff_filter_self` (`stuff_filter_rule: self`), `no_stuff_presence` (`stuff_min_area`: a stuff class is kept
-only where it wins part of the whole-image view) and `no_bounded_search` (`subset_search: greedy | beam`). With the pre-filter off over more than `segmentation.retrieval_classes`
-classes, a faiss class-level retrieval (pooled image features vs class prototypes) bounds the classes matched.
+only where it wins part of the whole-image view) and `no_bounded_search` (`subset_search: greedy | beam`). With
+the pre-filter off over more than `segmentation.retrieval_classes` classes, a faiss class-level retrieval (pooled
+image features vs class prototypes) bounds the classes matched.
 """
 from __future__ import annotations
 
