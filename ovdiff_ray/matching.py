@@ -1,7 +1,8 @@
 """Nearest-prototype matching (OVDIFF.md 6.3-6.4): gather the kept classes' prototypes, score pixels against them.
 
 `gather` lays out one extractor's rows for one matmul: the foreground rows of every kept class (segment layout), then
-the background rows: the background prototypes of the kept things, stuff-filtered against the kept stuff classes. `match` is the matmul and the per-class max.
+the background rows: the background prototypes of the kept things, stuff-filtered against the kept stuff classes.
+`match` is the matmul and the per-class max.
 
 Stuff filter rules (`segmentation.stuff_filter_rule`):
 

@@ -299,7 +299,8 @@ class Segmenter:
             return self._gather_cache[key]
         g = gather(self.bank, ex, kept, background=sw.background, stuff_filter=sw.stuff_filter,
                    class_mean_only=sw.class_mean_only, stuff_threshold=self.seg.stuff_threshold,
-                   stuff_filter_rule="self" if sw.stuff_filter_self else "fixed", device=self.device, thresholds=self._thresholds)
+                   stuff_filter_rule="self" if sw.stuff_filter_self else "fixed", device=self.device,
+                   thresholds=self._thresholds)
         self._gather_cache[key] = g
         while len(self._gather_cache) > 64:
             self._gather_cache.popitem(last=False)

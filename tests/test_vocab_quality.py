@@ -83,6 +83,38 @@ def test_self_stuff_filter_keeps_backgrounds_that_only_share_the_stuff_colour(ca
         fixed.segment(img, classes).labels.tolist()
 
 
+def test_both_stuff_filter_rules_against_a_plain_loop(case_protos):
+    """Kept background rows = the kept things' bg rows whose cosine to every kept stuff fg row is <= 0.85 (paper),
+    or below each stuff class's own threshold (self: min over its instance prototypes of the cosine to its class
+    prototype), counted row by row."""
+    for rule in ("fixed", "self"):
+        seg = segmenter(case_protos, stuff_filter_rule=rule)
+        a = seg.bank.extractors["toy"]
+        ids = seg.resolve(None)
+        want = 0
+        for t in ids:
+            if seg.bank.kinds[t] == "stuff":
+                continue
+            r = range(a.offsets[t], a.offsets[t + 1])
+            for i in (i for i in r if a.kind[i] == 1):
+                b = a.vectors[i].astype(np.float64)
+                keep = True
+                for s_ in (s_ for s_ in ids if seg.bank.kinds[s_] == "stuff"):
+                    rows = [j for j in range(a.offsets[s_], a.offsets[s_ + 1]) if a.kind[j] == 0]
+                    cls = [j for j in rows if a.level[j] == 0][0]
+                    thr = 0.85
+                    if rule == "self":
+                        thr = min(float(a.vectors[j].astype(np.float64) @ a.vectors[cls].astype(np.float64))
+                                  for j in rows if a.level[j] == 1)
+                    for j in rows:
+                        c = float(b @ a.vectors[j].astype(np.float64))
+                        if (c > thr) if rule == "fixed" else (c >= thr - 1e-6):
+                            keep = False
+                want += keep
+        sw = Switches.of(seg.seg, (), list(seg.extractors))
+        assert abs(seg.gather("toy", ids, sw).n_bg - want) <= 1, rule  # fp16 vs fp64 rounding at the threshold
+
+
 def test_self_stuff_filter_still_drops_a_background_that_is_the_stuff():
     """yellow cross's typical background is green stripes: with that stuff kept, both rules drop most of it."""
     protos = sample([("yellow cross", "thing"), ("green stripes", "stuff")])
