@@ -15,7 +15,9 @@ Dataset layouts under `--root` (the folder named, or the usual parent it sits in
 
 Class 0 ("background") of every dataset is the segmenter's background; the other classes map by case-folded name to
 bank classes, and segmentation is restricted to them. mIoU is reported with absent classes counted as 0 (`miou`,
-the reference code's nan_to_num) and excluded (`miou_nanmean`).
+the reference code's nan_to_num) and excluded (`miou_nanmean`). `--json` adds `confusion` (`confusion_summary`: the
+most frequent `(true, predicted, pixels)` pairs and per class the share of its pixels lost to background and to
+each other class); the printed table ends with the top confusions.
 """
 from __future__ import annotations
 
@@ -63,8 +65,11 @@ class Scores:
     confusion: np.ndarray = field(repr=False, default=None)
 
     def to_dict(self) -> dict:
-        return {"miou": self.miou, "miou_nanmean": self.miou_nanmean, "per_class": self.per_class,
-                "images": self.images, "seconds": round(self.seconds, 3)}
+        d = {"miou": self.miou, "miou_nanmean": self.miou_nanmean, "per_class": self.per_class,
+             "images": self.images, "seconds": round(self.seconds, 3)}
+        if self.confusion is not None:
+            d["confusion"] = confusion_summary(self.confusion, list(self.per_class))
+        return d
 
 
 # ------------------------------------------------------------------------------------------------- metrics
@@ -96,6 +101,42 @@ def miou(conf: np.ndarray) -> tuple[float, float, np.ndarray]:
     iou = iou_from_confusion(conf)
     nanmean = float(np.nanmean(iou)) if np.isfinite(iou).any() else 0.0
     return float(np.nan_to_num(iou, nan=0.0).mean()), nanmean, iou
+
+
+def confusion_summary(conf: np.ndarray, classes: list[str], top: int = 10) -> dict:
+    """Where pixels go: the `top` most frequent off-diagonal `(true, predicted, pixels)` pairs of `conf [n, n]`
+    (rows = ground truth, class 0 = background), and per class with ground-truth pixels: its pixel count, the share
+    lost to background (`to_background`; for background itself 0) and the share lost to each other class
+    (`to_classes`, largest first, shares >= 0.001)."""
+    conf = np.asarray(conf, np.int64)
+    off = conf.copy()
+    np.fill_diagonal(off, 0)
+    flat = np.argsort(-off, axis=None, kind="stable")[:top]
+    pairs = [{"true": classes[i], "predicted": classes[j], "pixels": int(off[i, j])}
+             for i, j in zip(*np.unravel_index(flat, off.shape)) if off[i, j] > 0]
+    per = {}
+    for i, name in enumerate(classes):
+        total = int(conf[i].sum())
+        if total == 0:
+            continue
+        share = off[i] / total
+        others = {classes[j]: round(float(share[j]), 4) for j in np.argsort(-share, kind="stable")
+                  if j != 0 and share[j] >= 0.001}
+        per[name] = {"pixels": total, "to_background": round(float(share[0]), 4) if i else 0.0,
+                     "to_classes": others}
+    return {"top": pairs, "per_class": per}
+
+
+def format_confusions(conf: np.ndarray, classes: list[str], top: int = 10) -> str:
+    """The `top` most frequent confusions as a table: true class, predicted class, pixels, share of the true class."""
+    totals = np.asarray(conf).sum(1)
+    lines = [f"{'top confusions: true':<28} {'predicted':<28} {'pixels':>9} {'share':>6}"]
+    for p in confusion_summary(conf, classes, top)["top"]:
+        share = p["pixels"] / max(1, int(totals[classes.index(p["true"])]))
+        lines.append(f"{p['true'][:28]:<28} {p['predicted'][:28]:<28} {p['pixels']:>9} {100 * share:>5.1f}%")
+    if len(lines) == 1:
+        lines.append("(none: every pixel right)")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ datasets
@@ -248,6 +289,8 @@ def format_table(rows: list[Scores], ds: Dataset) -> str:
     for r in rows:
         delta = "" if r is rows[0] else f"{100 * (r.miou - rows[0].miou):+.2f}"
         lines.append(f"{r.name:<28} {100 * r.miou:>7.2f} {100 * r.miou_nanmean:>8.2f} {delta:>7} {r.images:>7}")
+    if rows[0].confusion is not None:
+        lines += ["", format_confusions(rows[0].confusion, list(rows[0].per_class))]
     return "\n".join(lines)
 
 
@@ -261,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="first N images only")
     ap.add_argument("--ablate", nargs="+", default=[], metavar="NAME",
                     help="also run each ablation: no_background no_prefilter no_stuff_filter class_mean_only "
-                         "only:<extractor>")
+                         "only:<extractor>, and the issue-10 switches: no_stuff_filter_self no_stuff_presence "
+                         "no_bounded_search")
     ap.add_argument("--pamr", action="store_true")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--overlays", type=int, default=0, help="save overlays of the first N images to --out")

@@ -125,6 +125,12 @@ class SegmentationConfig:
     stuff_threshold: float = 0.85
     class_mean_only: bool = False
     retrieval_classes: int = 64  # no pre-filter over a large vocabulary: faiss class retrieval keeps this many
+    # beyond the paper (issue 10; off in paper.yaml): see ovdiff_ray/prefilter.py and ovdiff_ray/matching.py
+    subset_search: str = "exhaustive"  # exhaustive (paper, 2^n - 1 prompts) | greedy | beam
+    subset_beam: int = 4  # subsets kept per size by the beam search
+    subset_exhaustive_upto: int = 4  # bounded searches are exhaustive over at most this many candidates
+    stuff_filter_rule: str = "fixed"  # fixed (paper: cosine > stuff_threshold) | self (per stuff class, its own spread)
+    stuff_min_area: float = 0.0  # > 0: a stuff class is kept only if it wins this share of the whole-image view
     pamr_iters: int = 10
     pamr_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 24])
 
@@ -170,6 +176,8 @@ _CHOICES = {
     "extractors.normalise": {"default", "imagenet", "clip"},
     "classifier.type": {"clip", "toy"},
     "prototypes.mask_grid": {"any", "centre"},
+    "segmentation.subset_search": {"exhaustive", "greedy", "beam"},
+    "segmentation.stuff_filter_rule": {"fixed", "self"},
 }
 
 

@@ -6,14 +6,18 @@ filtering); one matmul per extractor and view batch (fp16 storage, fp32 accumula
 upsample, clamp and average over views and extractors (one shared count map); optional PAMR; upsample to the input
 size, scores <= 0 -> 0, argmax with ties to background.
 
+The pre-filter lives in prefilter.py, prototype gathering and matching in matching.py, PAMR in pamr.py.
+
 Ablations (recipe `segmentation.*` or the `ablate` argument): `no_background`, `no_prefilter`, `no_stuff_filter`,
-`class_mean_only`, `only:<extractor>`. With the pre-filter off over more than `segmentation.retrieval_classes`
-classes, a faiss class-level retrieval (pooled image features vs class prototypes) bounds the classes matched.
+`class_mean_only`, `only:<extractor>`; and for the switches beyond the paper (issue 10, off in paper.yaml):
+`no_stuff_filter_self` (`stuff_filter_rule: self`), `no_stuff_presence` (`stuff_min_area`: a stuff class is kept
+only where it wins part of the whole-image view) and `no_bounded_search` (`subset_search: greedy | beam`). With
+the pre-filter off over more than `segmentation.retrieval_classes` classes, a faiss class-level retrieval (pooled
+image features vs class prototypes) bounds the classes matched.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 import time
 from collections import OrderedDict
@@ -26,9 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from .models.base import Classifier, Extractor
+from .matching import Gathered, gather, match, segment_max  # noqa: F401 (segment_max: re-exported)
+from .pamr import pamr_affinity, pamr_refine  # noqa: F401 (re-exported)
+from .prefilter import PreFilter, Selection
 from .store.bank import Bank
 
-ABLATIONS = ("no_background", "no_prefilter", "no_stuff_filter", "class_mean_only")
+ABLATIONS = ("no_background", "no_prefilter", "no_stuff_filter", "class_mean_only",
+             # issue 10's switches (ovdiff_ray/prefilter.py, ovdiff_ray/matching.py): each turns one off
+             "no_stuff_filter_self", "no_stuff_presence", "no_bounded_search")
 TIMING_KEYS = ("features", "prefilter", "matching", "upsample", "pamr")
 
 
@@ -47,19 +56,24 @@ class SegmentationResult:
 
 @dataclass(frozen=True)
 class Switches:
-    """Which parts of the method run."""
+    """Which parts of the method run (the paper's ablations, then the issue-10 switches, each `no_<name>`)."""
 
     background: bool = True
     prefilter: bool = True
     stuff_filter: bool = True
     class_mean_only: bool = False
     only: str | None = None
+    stuff_filter_self: bool = False  # segmentation.stuff_filter_rule == "self"
+    stuff_presence: bool = False  # segmentation.stuff_min_area > 0
+    bounded_search: bool = False  # segmentation.subset_search != "exhaustive"
 
     @classmethod
     def of(cls, seg, ablate: Sequence[str], extractors: Sequence[str]) -> "Switches":
         """From the recipe's `segmentation` section plus ablation names."""
         s = dict(background=seg.background, prefilter=seg.prefilter, stuff_filter=seg.stuff_filter,
-                 class_mean_only=seg.class_mean_only, only=None)
+                 class_mean_only=seg.class_mean_only, only=None, stuff_filter_self=seg.stuff_filter_rule == "self",
+                 stuff_presence=seg.stuff_min_area > 0,
+                 bounded_search=seg.subset_search != "exhaustive")
         for a in ablate:
             if a.startswith("only:"):
                 name = a[5:]
@@ -72,18 +86,6 @@ class Switches:
             else:
                 raise SegmentError(f"unknown ablation {a!r} (known: {', '.join(ABLATIONS)}, only:<extractor>)")
         return cls(**s)
-
-
-@dataclass
-class Gathered:
-    """Kept classes' prototypes of one extractor, ready for one matmul."""
-
-    protos: torch.Tensor  # [R, D] float32 (fg rows of all kept classes, then bg rows)
-    fg_index: torch.Tensor  # [K, L] int64 fg row per (class, slot); padding points at row n_fg (-inf)
-    n_fg: int
-    n_bg: int
-    run: int = 0  # every kept class has exactly `run` fg rows (a plain reshape replaces the index gather)
-    bg_empty: float = 0.0  # background score without bg rows: -1 (the authors' padding) when background is on
 
 
 View = tuple[int, int, int, int]  # (y0, x0, vh, vw) on the image at the short side
@@ -101,6 +103,7 @@ class _Item:
     kept: list[int] = field(default_factory=list)  # bank ids after the pre-filter
     acc: torch.Tensor | None = None  # [K + 1, h, w] summed view scores
     count: torch.Tensor | None = None  # [h, w] views covering each pixel
+    whole: dict[str, torch.Tensor] = field(default_factory=dict)  # extractor -> whole-image features [1, D, h, w]
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -170,15 +173,6 @@ def make_views(h: int, w: int, windows: Sequence[Sequence[int]], whole: bool) ->
     return list(dict.fromkeys(views))
 
 
-def segment_max(sims: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`sims [R, N]`, `index [K, L]` (row R = padding) -> per-class max `[K, N]`."""
-    k, length = index.shape
-    if k == 0:
-        return sims.new_zeros(0, sims.shape[1])
-    full = torch.cat([sims, sims.new_full((1, sims.shape[1]), -torch.inf)], 0)
-    return full[index.reshape(-1)].view(k, length, -1).amax(1)
-
-
 def upsample_argmax(scores: torch.Tensor, h0: int, w0: int, rows: int = 256) -> np.ndarray:
     """`scores [C, h, w]` -> argmax over C of the bilinear upsampling to `[h0, w0]` with scores <= 0 set to 0 (ties
     to the first row, background), in chunks of output rows so that `[C, h0, w0]` is never held at once.
@@ -202,51 +196,6 @@ def upsample_argmax(scores: torch.Tensor, h0: int, w0: int, rows: int = 256) -> 
     return out
 
 
-# ------------------------------------------------------------------------------------------------------ PAMR
-
-_NEIGHBOURS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
-
-
-def _shifts(x: torch.Tensor, dilations: Sequence[int], centre: bool) -> list[torch.Tensor]:
-    """`x [C, H, W]` -> neighbours at each dilation (replicate padding), optionally with the centre per dilation."""
-    d_max = max(dilations)
-    h, w = x.shape[-2:]
-    p = F.pad(x[None], (d_max,) * 4, mode="replicate")[0]
-    out = []
-    for d in dilations:
-        for dy, dx in ([(0, 0)] if centre else []) + _NEIGHBOURS:
-            y0, x0 = d_max + dy * d, d_max + dx * d
-            out.append(p[:, y0:y0 + h, x0:x0 + w])
-    return out
-
-
-def pamr_affinity(image: torch.Tensor, dilations: Sequence[int]) -> torch.Tensor:
-    """PAMR affinities `[P, H, W]` (softmax over the 8 * len(dilations) neighbours) of `image [3, H, W]`."""
-    with_centre = torch.stack(_shifts(image, dilations, True))  # [9 * nd, 3, H, W]
-    std = with_centre.std(0)  # [3, H, W]
-    del with_centre
-    diffs = torch.stack([(n - image).abs() for n in _shifts(image, dilations, False)])  # [P, 3, H, W]
-    aff = (-diffs / (1e-8 + 0.1 * std)).mean(1)  # [P, H, W]
-    return torch.softmax(aff, 0)
-
-
-@torch.no_grad()
-def pamr_refine(image: torch.Tensor, scores: torch.Tensor, iters: int = 10,
-         dilations: Sequence[int] = (1, 2, 4, 8, 12, 24)) -> torch.Tensor:
-    """Pixel-adaptive mask refinement (Araslanov & Roth 2020): `image [3, H, W]`, `scores [K, H, W]` -> `[K, H, W]`.
-
-    Each iteration replaces a pixel's scores by the affinity-weighted mean of its neighbours' at several
-    dilations; affinities come from local colour differences scaled by the local standard deviation.
-    """
-    if iters <= 0 or not dilations:
-        return scores
-    aff = pamr_affinity(image.float(), dilations)
-    m = scores.float()
-    for _ in range(iters):
-        m = sum(a[None] * n for a, n in zip(aff, _shifts(m, dilations, False)))
-    return m
-
-
 # ------------------------------------------------------------------------------------------------- segmenter
 
 class Segmenter:
@@ -265,7 +214,8 @@ class Segmenter:
         self.classifier = classifier
         # views per extractor forward pass; 8 on a GPU, the batch the bank build already runs these extractors at
         self.view_batch = 8 if self.device.type == "cuda" else 4
-        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._prefilter = PreFilter(bank, classifier)
+        self._thresholds: dict = {}  # (extractor, stuff class) -> `self` stuff-filter threshold
         self._gather_cache: OrderedDict[tuple, Gathered] = OrderedDict()
         self._retrieval_index: dict[str, tuple] = {}
 
@@ -289,18 +239,14 @@ class Segmenter:
             raise SegmentError(e.args[0]) from None
 
     # -- pre-filter ----------------------------------------------------------------------------------------
+    @property
+    def prompts_encoded(self) -> int:
+        """Text-encoder inputs so far (pre-filter cache misses)."""
+        return self._prefilter.prompts_encoded
+
     def text_embeddings(self, prompts: list[str]) -> np.ndarray:
         """`[P, E]` text embeddings, cached per prompt (LRU, 100k prompts)."""
-        todo = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
-        for i in range(0, len(todo), 256):
-            chunk = todo[i:i + 256]
-            for p, v in zip(chunk, np.asarray(self.classifier.encode_text(chunk), np.float32)):
-                self._text_cache[p] = v
-        for p in prompts:
-            self._text_cache.move_to_end(p)
-        while len(self._text_cache) > 100_000:
-            self._text_cache.popitem(last=False)
-        return np.stack([self._text_cache[p] for p in prompts])
+        return self._prefilter.text_embeddings(prompts)
 
     def prefilter(self, image: torch.Tensor, ids: list[int]) -> list[int]:
         """OVDIFF.md 6.2: `image [3, H, W]` -> kept class ids (stuff always kept)."""
@@ -308,34 +254,7 @@ class Segmenter:
 
     def prefilter_batch(self, images: list[torch.Tensor], ids: list[int]) -> list[list[int]]:
         """`images [3, H, W]` each -> kept class ids per image; one image-encoder pass for all of them."""
-        things = [c for c in ids if self.bank.kinds[c] != "stuff"]
-        stuff = [c for c in ids if self.bank.kinds[c] == "stuff"]
-        if not things:
-            return [ids for _ in images]
-        size = self.recipe.classifier.image_size
-        x = torch.cat([F.interpolate(im[None], size=(size, size), mode="bilinear", align_corners=False,
-                                     antialias=True) for im in images])  # [B, 3, S, S]
-        emb = np.asarray(self.classifier.encode_image(x), np.float32)  # [B, E]
-        return [self._subset_search(e, things, stuff) for e in emb]
-
-    def _subset_search(self, e: np.ndarray, things: list[int], stuff: list[int]) -> list[int]:
-        cos = self.bank.text[things] @ e
-        p = np.exp(cos - cos.max())
-        p /= p.sum()
-        # candidates as the authors' CLIPClassifierThresh: p >= 1/K in class order; more than max_candidates: the
-        # most probable, in descending probability order (torch.topk). Subset prompts keep this order.
-        passed = [i for i in range(len(things)) if p[i] >= 1.0 / len(things) - 1e-12]
-        if len(passed) > self.seg.max_candidates:
-            ok = set(passed)
-            passed = [i for i in np.argsort(-p, kind="stable") if i in ok][: self.seg.max_candidates]
-        cands = [things[i] for i in passed]
-        if not cands:
-            return stuff
-        tmpl = self.recipe.classifier.text_template
-        subsets = [s for r in range(1, len(cands) + 1) for s in itertools.combinations(cands, r)]
-        prompts = [" and ".join(tmpl.format(name=self.bank.prompts[c]) for c in s) for s in subsets]
-        best = subsets[int(np.argmax(self.text_embeddings(prompts) @ e))]
-        return sorted(list(best) + stuff)
+        return [s.kept for s in self._prefilter(images, ids)]
 
     def retrieve(self, feats: dict[str, torch.Tensor], ids: list[int], n: int, grid: int = 4) -> list[int]:
         """Class-level faiss retrieval: pooled features of the whole image (`feats[ex] [D, h, w]`, a grid of cells
@@ -372,39 +291,16 @@ class Segmenter:
 
     # -- prototypes ----------------------------------------------------------------------------------------
     def gather(self, ex: str, kept: list[int], sw: Switches) -> Gathered:
-        """Kept classes' fg rows (segment layout) and background rows (kept things, stuff-filtered)."""
-        key = (ex, tuple(kept), sw.background, sw.stuff_filter, sw.class_mean_only)
+        """Kept classes' fg rows (segment layout) and background rows (the kept things', stuff-filtered), cached
+        (LRU, 64)."""
+        key = (ex, tuple(kept), sw.background, sw.stuff_filter, sw.class_mean_only, sw.stuff_filter_self)
         if key in self._gather_cache:
             self._gather_cache.move_to_end(key)
             return self._gather_cache[key]
-        a = self.bank.extractors[ex]
-        fg_rows, bg_rows, stuff_rows = [], [], []
-        for c in kept:
-            r = np.arange(*a.rows_of(c).indices(len(a.vectors)))
-            ok = a.level[r] == 0 if sw.class_mean_only else np.ones(len(r), bool)
-            fg = r[(a.kind[r] == 0) & ok]
-            fg_rows.append(fg)
-            if self.bank.kinds[c] == "stuff":
-                stuff_rows.append(fg)
-            elif sw.background:
-                bg_rows.append(r[(a.kind[r] == 1) & ok])
-        bg = np.concatenate(bg_rows) if bg_rows else np.zeros(0, np.int64)
-        vec = lambda idx: torch.from_numpy(a.vectors[idx]).to(self.device).float()  # noqa: E731
-        if sw.stuff_filter and len(bg) and stuff_rows:
-            sf = vec(np.concatenate(stuff_rows))
-            if len(sf):
-                bg = bg[((vec(bg) @ sf.T).amax(1) <= self.seg.stuff_threshold).cpu().numpy()]
-        lengths = [len(f) for f in fg_rows]
-        n_fg = sum(lengths)
-        width = max(lengths + [1])
-        index = torch.full((len(kept), width), n_fg, dtype=torch.long)  # padding: the -inf row after the fg rows
-        start = 0
-        for i, n in enumerate(lengths):
-            index[i, :n] = torch.arange(start, start + n)
-            start += n
-        rows = np.concatenate(fg_rows + [bg]).astype(np.int64)
-        run = lengths[0] if lengths and all(n == lengths[0] for n in lengths) else 0
-        g = Gathered(vec(rows), index.to(self.device), n_fg, len(bg), run, -1.0 if sw.background else 0.0)
+        g = gather(self.bank, ex, kept, background=sw.background, stuff_filter=sw.stuff_filter,
+                   class_mean_only=sw.class_mean_only, stuff_threshold=self.seg.stuff_threshold,
+                   stuff_filter_rule="self" if sw.stuff_filter_self else "fixed", device=self.device,
+                   thresholds=self._thresholds)
         self._gather_cache[key] = g
         while len(self._gather_cache) > 64:
             self._gather_cache.popitem(last=False)
@@ -412,31 +308,8 @@ class Segmenter:
 
     # -- matching ------------------------------------------------------------------------------------------
     def match(self, feats: torch.Tensor, g: Gathered, chunk: int = 16384) -> torch.Tensor:
-        """`feats [B, D, h, w]` -> scores `[B, K + 1, h, w]` (background at 0; `g.bg_empty` when there are no bg rows:
-        -1, or 0 with background prototypes switched off).
-
-        Per image one `protos [R, D] @ feats [D, N]` (fp32), a per-class max over rows, and the division by the
-        pixel norms after the max (cosine = max(p . f) / |f|), so features are never copied or normalised.
-        """
-        b, d, h, w = feats.shape
-        k = g.fg_index.shape[0]
-        out = feats.new_zeros(b, k + 1, h * w, dtype=torch.float32)
-        for j in range(b):
-            f = feats[j].reshape(d, h * w).float()
-            for i in range(0, h * w, chunk):
-                fi = f[:, i:i + chunk]
-                sims = g.protos @ fi  # [R, n]
-                o = out[j, :, i:i + chunk]
-                if g.run:
-                    o[1:] = sims[:g.n_fg].view(k, g.run, -1).amax(1)
-                else:
-                    o[1:] = segment_max(sims[:g.n_fg], g.fg_index)
-                if g.n_bg:
-                    o[0] = sims[g.n_fg:].amax(0)
-                o /= fi.norm(dim=0).clamp_min(1e-12)
-                if not g.n_bg:
-                    o[0] = g.bg_empty
-        return out.view(b, k + 1, h, w)
+        """`feats [B, D, h, w]` -> scores `[B, K + 1, h, w]` (ovdiff_ray.matching.match)."""
+        return match(feats, g, chunk)
 
     def _view_size(self, ex: str, h: int, w: int) -> tuple[int, int]:
         """Per-extractor view size: square `view_size`, or kept with the long side capped at `max_side`."""
@@ -482,24 +355,61 @@ class Segmenter:
 
     def _keep(self, items: list[_Item], ids: list[int], sw: Switches, exs: list[str]) -> None:
         """Each item's kept classes: the pre-filter (one image-encoder pass for the batch), or faiss retrieval
-        when it is off over a large vocabulary."""
+        when it is off over a large vocabulary; then the stuff presence check."""
         t0 = time.perf_counter()
-        kept = self.prefilter_batch([it.x for it in items], ids) if sw.prefilter else [ids] * len(items)
+        if sw.prefilter:
+            sel = self._prefilter([it.x for it in items], ids, search=None if sw.bounded_search else "exhaustive")
+        else:
+            sel = [Selection(list(ids), []) for _ in items]
         dt = (time.perf_counter() - t0) / len(items)
-        for it, k in zip(items, kept):
-            it.kept = k
+        for it, k in zip(items, sel):
+            it.kept = k.kept
             it.t["prefilter"] += dt
-        if sw.prefilter or len(ids) <= self.seg.retrieval_classes:
-            return
-        whole: list[dict[str, torch.Tensor]] = [{} for _ in items]
+        if not sw.prefilter and len(ids) > self.seg.retrieval_classes:
+            whole: list[dict[str, torch.Tensor]] = [{} for _ in items]
+            for ex in exs:
+                for batch, f in self._features(ex, items, lambda it: [(0, 0, *it.x.shape[-2:])]):
+                    for (i, _), fi in zip(batch, f):
+                        whole[i][ex] = fi
+            for it, wf in zip(items, whole):
+                t0 = time.perf_counter()
+                it.kept = self.retrieve(wf, ids, self.seg.retrieval_classes)
+                it.t["prefilter"] += time.perf_counter() - t0
+        if sw.prefilter and sw.stuff_presence and any(self.bank.kinds[c] == "stuff" for it in items for c in it.kept):
+            self._stuff_presence(items, sw, exs)
+
+    def _stuff_presence(self, items: list[_Item], sw: Switches, exs: list[str]) -> None:
+        """The stuff half of the pre-filter (off with it): drop the kept stuff classes that win less than
+        `segmentation.stuff_min_area` of the whole-image view (matched with every kept class, scores averaged over
+        extractors); the paper keeps every stuff class. The whole-image features are reused by `_accumulate`."""
+        for it in items:
+            it.acc = torch.zeros(len(it.kept) + 1, *it.x.shape[-2:], device=self.device)
         for ex in exs:
             for batch, f in self._features(ex, items, lambda it: [(0, 0, *it.x.shape[-2:])]):
                 for (i, _), fi in zip(batch, f):
-                    whole[i][ex] = fi
-        for it, wf in zip(items, whole):
-            t0 = time.perf_counter()
-            it.kept = self.retrieve(wf, ids, self.seg.retrieval_classes)
-            it.t["prefilter"] += time.perf_counter() - t0
+                    it = items[i]
+                    it.whole[ex] = fi[None]  # reused by `_accumulate`
+                    t0 = time.perf_counter()
+                    sv = self.match(fi[None], self.gather(ex, it.kept, sw))[0]
+                    it.acc += F.interpolate(sv[None], size=it.acc.shape[-2:], mode="bilinear",
+                                            align_corners=False)[0].clamp_(-1, 1)
+                    it.t["prefilter"] += time.perf_counter() - t0
+        for it in items:
+            win = it.acc.clamp_min(0).argmax(0)
+            share = torch.bincount(win.flatten(), minlength=len(it.kept) + 1).float() / win.numel()
+            it.kept = [c for j, c in enumerate(it.kept)
+                       if self.bank.kinds[c] != "stuff" or share[j + 1] >= self.seg.stuff_min_area]
+            it.acc = None
+
+    def _view_features(self, ex: str, items: list[_Item]):
+        """`_features` over every view of every item, reusing the whole-image features the stuff presence check
+        already computed (`item.whole[ex]`)."""
+        whole = lambda it: (0, 0, *it.x.shape[-2:])  # noqa: E731
+        reuse = lambda it: ex in it.whole and whole(it) in it.views  # noqa: E731
+        yield from self._features(ex, items, lambda it: [v for v in it.views if not (reuse(it) and v == whole(it))])
+        for i, it in enumerate(items):
+            if reuse(it):
+                yield [(i, whole(it))], it.whole.pop(ex)
 
     def _accumulate(self, items: list[_Item], sw: Switches, exs: list[str]) -> None:
         """Scores of every view of every item, upsampled, clamped and summed into `item.acc` / `item.count`."""
@@ -512,7 +422,7 @@ class Segmenter:
                 t0 = time.perf_counter()
                 gs.append(self.gather(ex, it.kept, sw))
                 it.t["matching"] += time.perf_counter() - t0
-            for batch, f in self._features(ex, items, lambda it: it.views):
+            for batch, f in self._view_features(ex, items):
                 j = 0
                 while j < len(batch):  # runs of views of one item share its gathered prototypes
                     i = batch[j][0]

@@ -92,6 +92,14 @@ def test_toy_end_to_end_with_ablations(toy_bank, tmp_path, capsys):
     for ab in ("no_background", "no_prefilter"):
         assert res["ablations"][ab]["miou"] <= res["miou"] - 0.03, (ab, res["ablations"][ab]["miou"], res["miou"])
     assert len(list((tmp_path / "ov").glob("*_pred.png"))) == 2
+    # where pixels go: the top confusions and per-class losses agree with the per-class IoU
+    conf = res["confusion"]
+    assert 0 < len(conf["top"]) <= 10 and conf["top"] == sorted(conf["top"], key=lambda p: -p["pixels"])
+    assert all(p["true"] != p["predicted"] and p["pixels"] > 0 for p in conf["top"])
+    for name, c in conf["per_class"].items():
+        lost = c["to_background"] + sum(c["to_classes"].values())
+        assert 0 <= lost <= 1 + 1e-6 and name not in c["to_classes"]
+        assert res["per_class"][name] is None or res["per_class"][name] <= 1 - lost + 1e-3
 
 
 def test_toy_table_output(toy_bank, tmp_path, capsys):
@@ -101,6 +109,7 @@ def test_toy_table_output(toy_bank, tmp_path, capsys):
                           "--ablate", "only:toy"]) == 0
     out = capsys.readouterr().out
     assert "red circle" in out and "only:toy" in out and "eval toy: mIoU" in out
+    assert "top confusions" in out
 
 
 # --------------------------------------------------------------------------------------------- VOC layout

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from ovdiff_ray.prototypes import ClassPrototypes, ProtoSet
+import dataclasses
+
 from ovdiff_ray.recipe import load_recipe
 from ovdiff_ray.segment import Segmenter
 from ovdiff_ray.store.bank import Bank
@@ -82,6 +84,9 @@ def ref_prefilter(bank, enc, image_vec, max_candidates, template="a {name}"):
 def test_prefilter_matches_reference(case):
     rng = np.random.default_rng(11 if case == "few" else 12)
     recipe = load_recipe("toy")
+    # the paper's pre-filter (exhaustive subset search); toy.yaml's bounded search has its own tests
+    recipe = dataclasses.replace(recipe, segmentation=dataclasses.replace(recipe.segmentation,
+                                                                          subset_search="exhaustive"))
     k_things = 14
     names = [f"class {i}" for i in range(k_things)] + ["stuff a", "stuff b"]
     kinds = ["thing"] * k_things + ["stuff"] * 2
