@@ -389,7 +389,7 @@ def test_deploy_configs_are_valid_and_agree():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from ovdiff_ray.serve.app import INGRESS, SEGMENTER, AppArgs
+    from ovdiff_ray.serve.app import INGRESS, SEGMENTER, AppArgs, queue_size
 
     root = Path(__file__).resolve().parents[1] / "deploy"
     local = yaml.safe_load((root / "serve.yaml").read_text())
@@ -404,7 +404,10 @@ def test_deploy_configs_are_valid_and_agree():
         deps = {d["name"]: d for d in app["deployments"]}
         assert set(deps) == {SEGMENTER, INGRESS}
         seg = deps[SEGMENTER]
-        assert seg["max_ongoing_requests"] > a.max_batch_size and seg["max_queued_requests"] > 0
+        assert seg["max_ongoing_requests"] > a.max_batch_size and "max_queued_requests" not in seg
+        # the queue comes from the latency budget: what one replica drains in latency_budget_s beyond what it holds
+        q = queue_size(a, seg["max_ongoing_requests"])
+        assert 0 < q and (q + seg["max_ongoing_requests"]) * a.request_cost_s <= a.latency_budget_s + 1e-9
         assert seg["ray_actor_options"]["num_gpus"] == (0 if cfg is local else 1)
     assert set(local["applications"][0]["args"]) == set(cluster["applications"][0]["args"])
     gpu = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]

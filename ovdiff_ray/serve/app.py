@@ -52,6 +52,7 @@ from ray.serve.handle import DeploymentHandle
 from .backends import MAX_BANKS_PER_REPLICA, SEGMENTER, Backend, LocalBackend, ServeBackend, _Worker
 from .engine import BankSpec, Engine, Job, ServiceConfig, bank_entry
 from .errors import Overloaded, document_errors, install_error_handlers
+from .http_guard import HOOK as HTTP_GUARD
 from .limits import Limits, RequestError
 from .middleware import BodyDeadline, BodyLimit, Guard
 from .routes import router
@@ -315,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="segmenter queue (default: sized from --latency-budget)")
     ap.add_argument("--latency-budget", type=float, default=4.0, metavar="S",
                     help="seconds a request may wait in the queue before it is refused up front (default 4)")
+    ap.add_argument("--header-timeout", type=float, default=15.0, metavar="S",
+                    help="408 and close when a request's headers take longer than this (default 15)")
     ap.add_argument("--shutdown-timeout", type=float, default=20.0, metavar="S",
                     help="on Ctrl-C / SIGTERM, seconds in-flight requests get before Ray is stopped (default 20)")
     ap.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
@@ -342,8 +345,10 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     own_ray = not ray.is_initialized() and a.address is None
-    if not ray.is_initialized():
-        ray.init(address=a.address, include_dashboard=False, logging_level="WARNING")
+    if not ray.is_initialized():  # the hook gives Serve's proxy a header read timeout (serve/http_guard.py)
+        ray.init(address=a.address, include_dashboard=False, logging_level="WARNING",
+                 runtime_env={"worker_process_setup_hook": HTTP_GUARD,
+                              "env_vars": {"OVDIFF_HEADER_TIMEOUT_S": str(a.header_timeout)}})
     t0 = time.perf_counter()
     try:
         serve.start(http_options={"host": a.host, "port": a.port, "keep_alive_timeout_s": 15})

@@ -44,7 +44,7 @@ class BodyLimit:
         too_large = RequestError(413, f"upload too large: more than {limit:,} bytes", {"max_upload_bytes": limit},
                                  "too_large")
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and len(length) < 20 and int(length) > limit:
+        if length is not None and length.isdigit() and (len(length) > 18 or int(length) > limit):
             return await error_response(too_large, {"Connection": "close"})(scope, receive, send)
         seen = 0
 
