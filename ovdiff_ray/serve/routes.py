@@ -190,7 +190,7 @@ def router(backend: Backend, admin_token: str | None = None) -> APIRouter:
 
 async def _health(backend: Backend) -> dict:
     try:
-        return await asyncio.wait_for(backend.health(), HEALTH_TIMEOUT_S + 0.2)
+        return await asyncio.wait_for(backend.health(), HEALTH_TIMEOUT_S + 0.1)
     except asyncio.TimeoutError:
         return {"status": "unavailable", "checks": {"segmenter": "unavailable"},
                 "reason": f"no answer within {HEALTH_TIMEOUT_S:g}s"}
