@@ -124,14 +124,6 @@ def bank_entry(spec: BankSpec, storage: dict | None = None) -> BankEntry:
                      [c["name"] for c in m["classes"]], [c["kind"] for c in m["classes"]], summarize(m))
 
 
-def is_storage_error(e: BaseException) -> bool:
-    """An I/O failure of the bank's storage (S3 down or answering 5xx, a missing file), not a bad bank."""
-    from ..store.fs import StoreError
-
-    return isinstance(e, (OSError, StoreError)) or type(e).__module__.split(".")[0] in ("botocore", "boto3",
-                                                                                         "pyarrow", "urllib3")
-
-
 @dataclass
 class Job:
     """One validated request, as the segmenter sees it: the decoded image (the ingress decodes once)."""
@@ -230,6 +222,8 @@ class Engine:
             raise RequestError(404, f"unknown bank {key[:80]!r}", {"banks": list(self.catalog.banks)},
                                "unknown_bank")
         t0 = time.perf_counter()
+        from ..store.retry import is_storage_error
+
         try:
             bank = Bank.load(e.uri, e.version, storage_options=self.config.storage)
         except Exception as err:  # noqa: BLE001 - storage down or failing: keep serving what is loaded
