@@ -280,7 +280,7 @@ class Engine:
             res = seg.segment(job.image, list(job.classes) if job.classes else None, job.pamr)
         except SegmentError as e:
             return {"status": 400, "error": str(e), "detail": None, "code": "bad_request"}
-        except Exception as e:  # noqa: BLE001 - one bad image never takes the replica down
+        except Exception:  # noqa: BLE001 - one bad image never takes the replica down
             log.error("segmentation failed: %s", traceback.format_exc())
             return {"status": 500, "error": "segmentation failed (details in the service log)", "detail": None,
                     "code": "internal"}

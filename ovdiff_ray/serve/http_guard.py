@@ -3,7 +3,8 @@
 Uvicorn arms no timer while a connection waits for (or trickles) its request line and headers, so an idle or
 slowloris connection is held for as long as the client likes. `install()` patches uvicorn's HTTP protocols so
 that the headers of each request must arrive within `OVDIFF_HEADER_TIMEOUT_S` (default 15 s) of the connection
-opening or of the previous response; otherwise the client gets `408 Request Timeout` and the connection is closed.
+opening or of the previous response; otherwise the connection is closed, after a `408 Request Timeout` when part of
+a request had arrived.
 The body has its own deadline in the app (`middleware.BodyDeadline`).
 
 It must run in the proxy's process: `ovdiff serve` (and the tests) pass it to `ray.init` as the job's
@@ -30,6 +31,7 @@ def header_timeout_s() -> float:
 
 def _arm(self) -> None:
     _disarm(self)
+    self._ovdiff_partial = False
     transport = getattr(self, "transport", None)
     if transport is None or transport.is_closing():
         return
@@ -44,17 +46,26 @@ def _disarm(self) -> None:
 
 
 def _expire(self) -> None:
+    """Part of a request arrived: 408 + close. Nothing arrived (a new or kept-alive idle connection): close quietly,
+    as uvicorn's keep-alive timeout does; a 408 there could be read as the answer to the client's next request."""
     self._ovdiff_header_timer = None
     if not self.transport.is_closing():
-        log.info("request headers not received within %gs: 408 and close", header_timeout_s())
-        self.transport.write(RESPONSE_408)
+        if getattr(self, "_ovdiff_partial", False):
+            log.info("request headers not received within %gs: 408 and close", header_timeout_s())
+            self.transport.write(RESPONSE_408)
         self.transport.close()
 
 
 def _patch(cls, headers_done: str | None) -> None:
     if getattr(cls, "_ovdiff_guarded", False):
         return
-    made, complete, lost = cls.connection_made, cls.on_response_complete, cls.connection_lost
+    made, complete, lost, received = (cls.connection_made, cls.on_response_complete, cls.connection_lost,
+                                      cls.data_received)
+
+    def data_received(self, data, *a, **k):
+        if data:
+            self._ovdiff_partial = True
+        return received(self, data, *a, **k)
 
     def connection_made(self, transport, *a, **k):
         made(self, transport, *a, **k)
@@ -70,6 +81,7 @@ def _patch(cls, headers_done: str | None) -> None:
 
     cls.connection_made, cls.on_response_complete, cls.connection_lost = (connection_made, on_response_complete,
                                                                          connection_lost)
+    cls.data_received = data_received
     if headers_done == "on_headers_complete":
         done = cls.on_headers_complete
 

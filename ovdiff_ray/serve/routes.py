@@ -203,9 +203,9 @@ async def _health(backend: Backend) -> dict:
 async def _catalog(backend: Backend) -> Catalog:
     try:
         return await backend.catalog()
-    except (RequestError, Overloaded):
+    except Overloaded:
         raise
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - a timeout or a lost replica included: the segmenter is not there
         log.warning("catalog unavailable: %s: %s", e.__class__.__name__, e)
         raise Overloaded("segmenter unavailable: no replica is ready; retry shortly", 503, 5.0,
                          "unavailable") from None
