@@ -19,7 +19,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 httpx = pytest.importorskip("httpx")
