@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ovdiff serve: stopping (in-flight requests get up to {a.shutdown_timeout:g}s)", flush=True)
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the stop short
         print(stop(own_ray, a.shutdown_timeout), flush=True)
     return 0
 
@@ -393,9 +393,13 @@ def stop(own_ray: bool, timeout_s: float) -> str:
     done, err = _bounded(lambda: serve.delete(APP_NAME), timeout_s)
     app_msg = ("application stopped" if done and not err else f"application stop failed ({err})" if done else
                f"application did not stop within {timeout_s:g}s")
-    if own_ray:
-        ray_done, ray_err = _bounded(ray.shutdown, 15.0)
-        ray_msg = "local Ray stopped" if ray_done and not ray_err else f"local Ray stop incomplete {ray_err}".strip()
+    ray_done, ray_err = True, ""
+    if own_ray:  # in the main thread: it ends the processes this Ray started (controller and proxy included)
+        try:
+            ray.shutdown()
+        except Exception as e:  # noqa: BLE001
+            ray_err = f"{e.__class__.__name__}: {e}"
+        ray_msg = "local Ray stopped" if not ray_err else f"local Ray stop incomplete ({ray_err})"
     else:
         ray_msg = "the cluster's Ray and Serve left running"
     ok = done and not err and (not own_ray or (ray_done and not ray_err))
