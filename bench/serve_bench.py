@@ -14,9 +14,15 @@ For each recipe (toy: toy scenes sent as PNG; tiny: scikit-image photos sent as 
 - (toy) dynamic batching: `max_batch_size` 1 vs 4 vs 8 at concurrency 16 (three apps side by side, alternating);
 - (toy) multiplexing: a second bank version on the same replica: the first request's cost (bank load, models
   shared), alternating banks vs one bank, and the replica's memory per extra bank vs a whole replica (what one
-  deployment per bank would cost instead).
+  deployment per bank would cost instead);
+- (toy) hardening: p50/p99 of small requests, idle and while 8 clients send 4096x4096 PNGs, "before" (no early
+  downscale, no pixel budget: `max_work_side` 8192, `max_inflight_pixels` unbounded) vs "after" (the limits of
+  deploy/serve.yaml), two apps side by side in the same run; and concurrency 32 against the shipped config (queue
+  from the latency budget, 1 replica): the share refused (503 + Retry-After), how fast refusals come back, and the
+  p99 of the accepted requests.
 
     python bench/serve_bench.py [--recipes toy,tiny] [--requests 24] [--rounds 2] [--concurrency 1,4,16]
+                                [--only hardening]
 """
 from __future__ import annotations
 
@@ -181,10 +187,137 @@ def deploy(name: str, args: dict) -> float:
     return time.perf_counter() - t0
 
 
+ADMIN_TOKEN = "bench-operator-token"  # /v1/status (replica memory) is for operators only
+
+
 def health(url: str) -> dict:
     import httpx
 
-    return httpx.get(url + "/healthz", timeout=60).json()
+    return httpx.get(url + "/v1/status", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=60).json()
+
+
+async def _fire_all(url: str, payload: bytes, n: int, conc: int) -> list[tuple[int, float, str | None]]:
+    """`n` posts at concurrency `conc`, errors included: (status, seconds, Retry-After)."""
+    import httpx
+
+    sem = asyncio.Semaphore(conc)
+    out = []
+
+    async def one(c):
+        async with sem:
+            t = time.perf_counter()
+            r = await c.post(url, files=[("image", ("x.png", payload, "image/png"))])
+            out.append((r.status_code, time.perf_counter() - t, r.headers.get("retry-after")))
+
+    limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as c:
+        await asyncio.gather(*(one(c) for _ in range(n)))
+    return out
+
+
+def big_png(side: int = 4096) -> bytes:
+    """A side x side PNG of about 50 KB (flat regions): cheap to send, costly to decode, upsample and encode."""
+    from PIL import Image
+
+    a = np.zeros((side, side, 3), np.uint8)
+    a[:, side // 2:] = (200, 30, 30)
+    a[side // 4: 3 * side // 4, side // 4: 3 * side // 4] = (30, 200, 30)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG", compress_level=9)
+    return buf.getvalue()
+
+
+async def _small_beside_large(url: str, small: bytes, large: bytes, n: int, clients: int = 8):
+    """p50/p99 of `n` sequential small requests, idle, then while `clients` loop sending `large`."""
+    import httpx
+
+    async def post(c, data):
+        t = time.perf_counter()
+        r = await c.post(url, files=[("image", ("x.png", data, "image/png"))])
+        return r.status_code, time.perf_counter() - t
+
+    async with httpx.AsyncClient(timeout=600) as c:
+        await post(c, large)  # warm-up
+        idle = [(await post(c, small))[1] for _ in range(n)]
+        stop, big = asyncio.Event(), []
+
+        async def loop():
+            while not stop.is_set():
+                big.append(await post(c, large))
+
+        tasks = [asyncio.create_task(loop()) for _ in range(clients)]
+        await asyncio.sleep(2.0)
+        loaded = []
+        for _ in range(n):
+            code, dt = await post(c, small)
+            loaded.append(dt if code == 200 else float("nan"))
+        stop.set()
+        await asyncio.gather(*tasks)
+    return idle, loaded, big
+
+
+def bench_hardening(uri: str, payloads: list[bytes], base: str, n: int) -> None:
+    import yaml
+    from ray import serve
+
+    shipped = yaml.safe_load((REPO / "deploy" / "serve.yaml").read_text())["applications"][0]
+    limits = shipped["args"]["limits"]
+    large = big_png()
+    note(f"hardening: small requests beside 8 clients of 4096x4096 PNGs ({len(large) // 1024} KB each), before "
+         "vs after")
+    before = {**limits, "max_work_side": 8192, "max_inflight_pixels": 10**12}
+    for name, lim in (("hard-before", before), ("hard-after", limits)):
+        deploy(name, {"bank": uri, "max_batch_size": 4, "limits": lim, "request_timeout_s": 600})
+    for name in ("hard-before", "hard-after"):
+        idle, loaded, big = asyncio.run(_small_beside_large(f"{base}/{name}/v1/segment", payloads[0], large, n))
+        tag = name.split("-")[1]
+        emit(f"toy.large8.{tag}.small_idle_p50_ms", 1000 * float(np.percentile(idle, 50)))
+        emit(f"toy.large8.{tag}.small_p50_ms", 1000 * float(np.nanpercentile(loaded, 50)))
+        emit(f"toy.large8.{tag}.small_p99_ms", 1000 * float(np.nanpercentile(loaded, 99)))
+        emit(f"toy.large8.{tag}.small_failed", int(np.isnan(loaded).sum()))
+        emit(f"toy.large8.{tag}.large_done", len(big))
+        emit(f"toy.large8.{tag}.large_refused", sum(c != 200 for c, _ in big))
+        emit(f"toy.large8.{tag}.large_p50_ms", 1000 * float(np.median([t for c, t in big if c == 200] or [0])))
+        emit(f"toy.large8.{tag}.ingress_rss_mb", _ingress_rss_mb(name))
+    for name in ("hard-before", "hard-after"):
+        serve.delete(name)
+
+    note("hardening: concurrency 32 against the shipped config (1 replica)")
+    seg = next(d for d in shipped["deployments"] if d["name"] == "OVDiffSegmenter")
+    args = {k: v for k, v in shipped["args"].items() if k != "banks"}
+    from ovdiff_ray.serve.app import AppArgs, queue_size
+
+    queue = queue_size(AppArgs.model_validate({**args, "bank": uri, "num_replicas": 1}), seg["max_ongoing_requests"])
+    deploy("shipped", {**args, "bank": uri, "max_ongoing_requests": seg["max_ongoing_requests"],
+                       "max_queued_requests": queue})
+    url = f"{base}/shipped/v1/segment"
+    asyncio.run(_fire_all(url, payloads[0], 4, 1))
+    res = asyncio.run(_fire_all(url, payloads[0], 8 * 32, 32))
+    ok = [t for c, t, _ in res if c == 200]
+    refused = [(t, r) for c, t, r in res if c in (503, 429)]
+    other = [c for c, _, _ in res if c not in (200, 503, 429)]
+    emit("toy.shipped.c32.queue", queue)
+    emit("toy.shipped.c32.requests", len(res))
+    emit("toy.shipped.c32.refused_share", len(refused) / len(res))
+    emit("toy.shipped.c32.refused_with_retry_after", sum(1 for _, r in refused if r))
+    emit("toy.shipped.c32.refused_p99_ms", 1000 * float(np.percentile([t for t, _ in refused], 99)) if refused
+         else 0.0)
+    emit("toy.shipped.c32.accepted_p50_ms", 1000 * float(np.percentile(ok, 50)))
+    emit("toy.shipped.c32.accepted_p99_ms", 1000 * float(np.percentile(ok, 99)))
+    emit("toy.shipped.c32.other_statuses", len(other))
+    serve.delete("shipped")
+
+
+def _ingress_rss_mb(app: str) -> float:
+    import psutil
+
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if f"ServeReplica:{app}:OVDiffIngress" in " ".join(p.cmdline()):
+                return p.memory_info().rss / 2**20
+        except psutil.Error:
+            continue
+    return float("nan")
 
 
 def bench_recipe(recipe: str, work: Path, base: str, n: int, concurrency: list[int], rounds: int) -> None:
@@ -315,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per measurement")
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--keep", default=None, help="work folder to keep (default: a temp folder, removed)")
+    ap.add_argument("--only", default=None, choices=["hardening"],
+                    help="only the hardening measurements (toy bank; large images, shipped config at c32)")
     a = ap.parse_args(argv)
     import ray
     from ray import serve
@@ -322,16 +457,22 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(a.keep or tempfile.mkdtemp(prefix="serve-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"OVDIFF_ADMIN_TOKEN": ADMIN_TOKEN}})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port},
                 logging_config={"log_level": "WARNING", "enable_access_log": False})
     try:
         emit("cpus", os.cpu_count())
         emit("torch_threads_replica_and_inprocess", 1)
-        for recipe in a.recipes.split(","):
-            bench_recipe(recipe.strip(), work, f"http://127.0.0.1:{port}", a.requests,
-                         [int(c) for c in a.concurrency.split(",")], a.rounds)
+        base = f"http://127.0.0.1:{port}"
+        if a.only != "hardening":
+            for recipe in a.recipes.split(","):
+                bench_recipe(recipe.strip(), work, base, a.requests, [int(c) for c in a.concurrency.split(",")],
+                             a.rounds)
+        if "toy" in a.recipes.split(",") or a.only == "hardening":
+            uri, _, payloads = build("toy", work / "hardening")
+            bench_hardening(uri, payloads, base, 8)  # 8 small requests each way: "before" takes ~10-30 s each
     finally:
         serve.shutdown()
         ray.shutdown()

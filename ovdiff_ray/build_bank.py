@@ -29,6 +29,7 @@ from . import preflight
 from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
 from .store.fs import CommitConflict, Location, StorageConfig, StoreError
 from .store.schema import ManifestError
+from .store.retry import is_storage_error, with_retries
 from .store.shards import commit_manifest, new_manifest, read_manifest, write_shard
 from .vocab import VocabError, Vocabulary, fold
 from .vocab_import import read_vocabulary
@@ -70,7 +71,8 @@ class ClassWorker:
             t0 = time.perf_counter()
             try:
                 protos = sample_class(name, self.recipe, self.models, kind=kind, prompt=prompt)
-                info = write_shard(self.loc, protos, class_id)
+                info = with_retries(lambda: write_shard(self.loc, protos, class_id),
+                                    f"{self.loc.uri}: shard of class {name!r}")
                 secs = time.perf_counter() - t0
                 entry = {**info.to_entry(), "id": class_id, "seconds": round(secs, 3), "n_images": protos.info["kept"]}
                 return dict(status="ok", entry=json.dumps(entry), error="", seconds=secs, attempts=attempt,
@@ -81,6 +83,8 @@ class ClassWorker:
                                 f"{self.node})", seconds=0.0, attempts=attempt, worker=self.node)
                 errors.append(f"{type(e).__name__}: {e}")
                 last = traceback.format_exc(limit=3)
+                if isinstance(e, StoreError) and "storage unavailable" in str(e):
+                    break  # with_retries already waited it out: report the storage, do not sample again
         return dict(status="failed", entry="", error=f"{errors[-1]} (after {len(errors)} attempts)\n{last}",
                     seconds=0.0, attempts=len(errors), worker=self.node)
 
@@ -143,7 +147,7 @@ class BuildState:
                              recipe_sha256=self.recipe.sha256(), vocab_sha256=self.vocab.sha256,
                              models=model_hashes(self.recipe), failed=self.failed)
             try:
-                commit_manifest(self.loc, m)
+                with_retries(lambda: commit_manifest(self.loc, m), f"{self.loc.uri}: commit of v{self.version + 1}")
             except CommitConflict:
                 latest = read_manifest(self.loc)
                 if latest["recipe"] != self.recipe.to_dict():
@@ -243,6 +247,11 @@ def run_preflight(args: argparse.Namespace) -> tuple[preflight.Preflight, BuildS
     except (VocabError, RecipeError, ManifestError, StoreError) as e:
         pf.add("--out", str(e))
         return pf, None, [], False
+    except Exception as e:  # noqa: BLE001 - storage down while reading the bank: name it
+        if not is_storage_error(e):
+            raise
+        pf.add(args.out, f"storage unavailable ({type(e).__name__}: {e}); check the storage and retry")
+        return pf, None, [], False
     started = False
     if pending:
         if preflight.local_ray_would_start(args.address):
@@ -323,9 +332,13 @@ def run(args: argparse.Namespace) -> int:
     if not ray.is_initialized():
         ray.init(address=args.address, log_to_driver=True, logging_level="WARNING")
         started_ray = True
-    interrupted = False
+    interrupted, storage_error = False, None
     try:
         interrupted = execute(args, state, pending)
+    except StoreError as e:  # the commit failed after its retries: what is committed stays as it was
+        if isinstance(e, CommitConflict):
+            raise
+        storage_error = str(e)
     finally:
         if started_ray:
             ray.shutdown()
@@ -337,6 +350,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"summary: built {state.built}, skipped {skipped}, failed {len(state.failed)}, wall {wall:.1f}s, "
           f"bank {args.out} v{state.version}{' (interrupted)' if interrupted else ''}"
           f"{' (stopped: a failure no retry can fix)' if state.fatal else ''}")
+    if storage_error:
+        print(f"build_bank: error: {storage_error}; nothing past v{state.version} was committed (shards written "
+              "so far are unreferenced); rerun to resume", file=sys.stderr)
+        return 3
     if interrupted:
         return 130
     if state.fatal:

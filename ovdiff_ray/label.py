@@ -688,6 +688,19 @@ def first_and_last_line(e: BaseException) -> str:
     return lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
 
 
+def _finalize(p: Plan, args: argparse.Namespace, run: str) -> tuple[int, int, str | None]:
+    """`finalize`, with a storage failure reported (third item) instead of raised."""
+    from .store.retry import is_storage_error
+
+    try:
+        return (*finalize(p, args, run), None)
+    except Exception as e:  # noqa: BLE001
+        if not is_storage_error(e):
+            raise
+        return 0, 0, f"{args.out}: storage unavailable while writing the outputs ({first_and_last_line(e)}); " \
+                     "rerun to resume"
+
+
 def run(args: argparse.Namespace, prog: Progress | None = None) -> int:
     """The whole job; `prog` (optional) receives this run's counts and timings."""
     t_start = time.perf_counter()
@@ -721,16 +734,22 @@ def run(args: argparse.Namespace, prog: Progress | None = None) -> int:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt writing what arrived
             code = 130
         except Exception as e:  # noqa: BLE001 - e.g. every actor failed to start: keep what arrived, then report
+            from .store.retry import is_storage_error
+
             error, code = first_and_last_line(e), 1
+            if is_storage_error(e):
+                error = f"{args.out}: storage unavailable ({error}); what was stored is kept, rerun to resume"
         finally:
             if started:
                 ray.shutdown()
         try:
-            n_ok, n_bad = finalize(p, args, run_id)
+            n_ok, n_bad, late = _finalize(p, args, run_id)
         finally:
             signal.signal(signal.SIGINT, old)
     else:
-        n_ok, n_bad = finalize(p, args, run_id)
+        n_ok, n_bad, late = _finalize(p, args, run_id)
+    if late:  # the storage failed while writing the outputs: the parts written so far let a rerun resume
+        error, code = error or late, code or 1
     if error:
         print(f"label_dataset: error: the job stopped: {error}", file=sys.stderr)
     wall = time.perf_counter() - t_start

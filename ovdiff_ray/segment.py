@@ -109,9 +109,10 @@ class _Item:
 # --------------------------------------------------------------------------------------------------- helpers
 
 def to_rgb_array(image) -> np.ndarray:
-    """PIL image or array ([H, W], [H, W, 3|4], uint8 or float in [0, 1]) -> `[H, W, 3]` uint8."""
+    """PIL image or array ([H, W], [H, W, 3|4], uint8 or float in [0, 1]) -> `[H, W, 3]` uint8. A PIL image is
+    turned upright first (its EXIF orientation tag applied), so masks follow what viewers show."""
     if hasattr(image, "convert"):
-        image = np.asarray(image.convert("RGB"))
+        image = np.asarray(exif_upright(image).convert("RGB"))
     a = np.asarray(image)
     if a.ndim == 2:
         a = np.repeat(a[..., None], 3, 2)
@@ -125,8 +126,19 @@ def to_rgb_array(image) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+def exif_upright(im):
+    """A PIL image with its EXIF orientation applied (unchanged when it has none or the EXIF block is broken)."""
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(im) if int(im.getexif().get(0x0112, 1)) != 1 else im
+    except Exception:  # noqa: BLE001 - orientation is a hint; never refuse an image over it
+        return im
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """An image file -> `[H, W, 3]` uint8; anything else is a SegmentError naming the file."""
+    """An image file -> `[H, W, 3]` uint8, EXIF orientation applied; anything else is a SegmentError naming the
+    file."""
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path)

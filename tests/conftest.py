@@ -78,9 +78,11 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
+        # The header read timeout of Serve's proxy (ovdiff_ray/serve/http_guard.py), short for the slow-client tests.
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OVDIFF_CACHE": os.environ["OVDIFF_CACHE"],
-                                           "HF_HUB_OFFLINE": "1"}})
+                 runtime_env={"env_vars": {"OVDIFF_CACHE": os.environ["OVDIFF_CACHE"], "HF_HUB_OFFLINE": "1",
+                                           "OVDIFF_HEADER_TIMEOUT_S": "3"},
+                              "worker_process_setup_hook": "ovdiff_ray.serve.http_guard.install"})
     yield ray
     ray.shutdown()
 

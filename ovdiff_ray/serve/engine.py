@@ -23,7 +23,8 @@ import numpy as np
 from .limits import Limits, RequestError
 
 log = logging.getLogger("ovdiff.serve")
-BANK_REF = re.compile(r"^(?P<id>.+?)(?:@v?(?P<version>\d+))?$")
+BANK_REF = re.compile(r"^(?P<id>.+?)(?:@v?(?P<version>\d{1,18}))?$")  # longer digit runs: an id, never an int()
+STORAGE_DEGRADED_S = 60.0  # /healthz says storage "degraded" this long after a failed read (unless one succeeds)
 
 
 # ------------------------------------------------------------------------------------------------- config
@@ -198,6 +199,16 @@ class Engine:
                 raise ValueError(f"bank {e.key} is configured twice ({banks[e.key].uri} and {spec.uri})")
             banks[e.key] = e
         self.catalog = Catalog(banks, next(iter(banks)), config.limits, config.request_timeout_s)
+        self.storage_error: tuple[float, str] | None = None  # (when, what) of the last failed bank read
+
+    def health(self) -> dict:
+        """Public part: `status` ok|degraded and `checks`; the rest (banks, last storage error) is for operators."""
+        err = self.storage_error
+        degraded = err is not None and time.monotonic() - err[0] < STORAGE_DEGRADED_S
+        return {"status": "degraded" if degraded else "ok",
+                "checks": {"segmenter": "ok", "storage": "degraded" if degraded else "ok"},
+                "default": self.catalog.default, "banks": list(self.catalog.banks),
+                "storage_error": err[1] if degraded else None}
 
     # -- models ----------------------------------------------------------------------------------------------
     def load(self, key: str):
@@ -208,9 +219,23 @@ class Engine:
 
         e = self.catalog.banks.get(key)
         if e is None:
-            raise RequestError(404, f"unknown bank {key!r}", {"banks": list(self.catalog.banks)}, "unknown_bank")
+            raise RequestError(404, f"unknown bank {key[:80]!r}", {"banks": list(self.catalog.banks)},
+                               "unknown_bank")
         t0 = time.perf_counter()
-        bank = Bank.load(e.uri, e.version, storage_options=self.config.storage)
+        from ..store.retry import is_storage_error
+
+        try:
+            bank = Bank.load(e.uri, e.version, storage_options=self.config.storage)
+        except Exception as err:  # noqa: BLE001 - storage down or failing: keep serving what is loaded
+            if not is_storage_error(err):
+                raise
+            self.storage_error = (time.monotonic(), f"{e.uri} v{e.version}: {err.__class__.__name__}: "
+                                                    f"{str(err)[:300]}")
+            log.warning("bank %s: storage read failed: %s", key, self.storage_error[1])
+            raise RequestError(503, f"bank {key[:80]!r} cannot be loaded now: its storage is unavailable; "
+                                    "retry shortly", {"retry_after_s": 5.0, "bank": key[:200]},
+                               "storage_unavailable") from None
+        self.storage_error = None
         device = self.config.device or default_device()
         r = bank.recipe
         sig = json.dumps({"extractors": [x.__dict__ for x in r.extractors], "classifier": r.classifier.__dict__,
@@ -255,9 +280,9 @@ class Engine:
             res = seg.segment(job.image, list(job.classes) if job.classes else None, job.pamr)
         except SegmentError as e:
             return {"status": 400, "error": str(e), "detail": None, "code": "bad_request"}
-        except Exception as e:  # noqa: BLE001 - one bad image never takes the replica down
+        except Exception:  # noqa: BLE001 - one bad image never takes the replica down
             log.error("segmentation failed: %s", traceback.format_exc())
-            return {"status": 500, "error": f"segmentation failed: {e.__class__.__name__}: {e}", "detail": None,
+            return {"status": 500, "error": "segmentation failed (details in the service log)", "detail": None,
                     "code": "internal"}
         return self._result(seg, res, time.perf_counter() - t0, batch)
 
@@ -271,11 +296,25 @@ class Engine:
                            "stages_ms": {k: round(1000 * v, 1) for k, v in res.timings.items()}}}
 
 
-def encode(image: np.ndarray, result: dict, fmt: str) -> dict:
-    """A segmenter result -> the JSON body: mask as base64 PNG, COCO RLE per class, or overlay + legend."""
-    t0 = time.perf_counter()
-    labels, n = result["labels"], result["bank"]["num_classes"]
+def upscale_labels(labels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Nearest-neighbour resize of a label map to `[height, width]` (pixel centres; no new label values)."""
     h, w = labels.shape
+    if (h, w) == (height, width):
+        return labels
+    rows = np.minimum(((np.arange(height) + 0.5) * (h / height)).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) * (w / width)).astype(np.int64), w - 1)
+    return labels[rows][:, cols]
+
+
+def encode(image: np.ndarray, result: dict, fmt: str, size: tuple[int, int] | None = None) -> dict:
+    """A segmenter result -> the JSON body: mask as base64 PNG, COCO RLE per class, or overlay + legend.
+
+    `image` is what the model saw; `size` (width, height) the upload's size when it was downscaled: the mask and
+    RLE are upscaled to it (nearest), the overlay stays at the model's size (its cost is bounded)."""
+    t0 = time.perf_counter()
+    small, n = result["labels"], result["bank"]["num_classes"]
+    w, h = size or (small.shape[1], small.shape[0])
+    labels = upscale_labels(small, w, h) if fmt != "overlay" else small
     body: dict[str, Any] = {
         "bank": {"id": result["bank"]["id"], "version": result["bank"]["version"]},
         "width": int(w), "height": int(h), "format": fmt,
@@ -288,7 +327,7 @@ def encode(image: np.ndarray, result: dict, fmt: str) -> dict:
     else:
         from ..segment import SegmentationResult, overlay
 
-        body["overlay"] = b64png(overlay(image, SegmentationResult(labels, result["classes"], None, result["kept"])))
+        body["overlay"] = b64png(overlay(image, SegmentationResult(small, result["classes"], None, result["kept"])))
         body["legend"] = legend(result["classes"])
     body["timing"] = {**result["timing"], "encode_ms": round(1000 * (time.perf_counter() - t0), 1)}
     return body

@@ -44,6 +44,10 @@ class Limits:
     max_classes: int = 512  # names in one request's `classes`
     max_class_chars: int = 200  # characters per class name
     max_field_bytes: int = 64 * 1024  # any non-file form field
+    body_timeout_s: float = 20.0  # the whole body must arrive within this, else 408 + close
+    max_work_side: int = 1024  # larger images are downscaled on decode to this long side (the mask is upscaled back)
+    max_inflight_pixels: int = 40_000_000  # admission: decoded pixels in flight per ingress replica (2 x 4096^2 + room)
+    admission_wait_s: float = 5.0  # a request waits at most this for pixel budget, then 503 + Retry-After
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Limits":
@@ -80,9 +84,10 @@ def parse_bool(name: str, value: str | None, default: bool = False) -> bool:
 
 
 def parse_format(value: str | None) -> str:
-    if value is None or not value.strip():
+    """The documented enum, enforced: absent -> png; anything else (empty, other case) must be one of FORMATS."""
+    if value is None:
         return "png"
-    v = value.strip().lower()
+    v = value.strip()
     if v not in FORMATS:
         raise RequestError(400, f"unknown format {value[:40]!r}: use one of {', '.join(FORMATS)}",
                            {"field": "format", "value": value[:200], "allowed": list(FORMATS)}, "bad_format")
@@ -171,17 +176,67 @@ def too_many_pixels(e: Exception, limits: Limits) -> RequestError:
                              "guard: nothing was decoded)", {"max_pixels": limits.max_pixels}, "too_many_pixels")
 
 
-def decode_image(data: bytes, limits: Limits) -> np.ndarray:
-    """Validated upload -> `[H, W, 3]` uint8 (first frame; alpha dropped; EXIF orientation ignored)."""
+@dataclass
+class Decoded:
+    """An upload decoded for the model: `image` `[h, w, 3]` uint8 with its long side at most `max_work_side`, and
+    the upright size of the upload (`width` x `height`, EXIF orientation applied), which the mask is returned at."""
+
+    image: np.ndarray
+    width: int
+    height: int
+
+    @property
+    def scaled(self) -> bool:
+        return self.image.shape[:2] != (self.height, self.width)
+
+
+def upright(im):
+    """Apply the EXIF orientation tag (if any) to a loaded PIL image; a broken EXIF block leaves it as stored."""
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(im) if _orientation(im) != 1 else im
+    except Exception:  # noqa: BLE001 - orientation is a hint; never refuse an image over it
+        return im
+
+
+def _orientation(im) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001
+        return 1
+
+
+def work_size(w: int, h: int, max_side: int) -> tuple[int, int]:
+    s = min(1.0, max_side / max(w, h))
+    return max(1, round(w * s)), max(1, round(h * s))
+
+
+def decode_image(data: bytes, limits: Limits, work: bool = False) -> "np.ndarray | Decoded":
+    """Validated upload -> `[H, W, 3]` uint8 (first frame; alpha dropped; EXIF orientation applied).
+
+    `work=True` returns a `Decoded` whose image is downscaled to `limits.max_work_side` (JPEGs are decoded at a
+    reduced DCT scale, so a 4096^2 JPEG never exists at full size here)."""
     from PIL import Image
 
     fmt, w, h = check_header(data, limits)
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
             im.seek(0)
+            target = work_size(w, h, limits.max_work_side)
+            if work and fmt == "JPEG" and target != (w, h):
+                im.draft("RGB", target)  # decode at 1/2, 1/4 or 1/8 scale, at least the target size
+            expect = im.size
             im.load()  # raises on truncated or corrupt data (LOAD_TRUNCATED_IMAGES stays False)
-            if im.size != (w, h):
+            if im.size != expect:
                 raise OSError(f"frame size {im.size} differs from the header's {w}x{h}")
+            swapped = _orientation(im) in (5, 6, 7, 8)  # a quarter turn: the upright size is h x w
+            im = upright(im)
+            ow, oh = (h, w) if swapped and im.size == expect[::-1] else (w, h)
+            if work:
+                tw, th = work_size(ow, oh, limits.max_work_side)
+                if im.size != (tw, th):
+                    im = im.convert("RGB").resize((tw, th), Image.BILINEAR, reducing_gap=2.0)
             rgb = np.array(im.convert("RGB"))  # a writable copy
     except Image.DecompressionBombError as e:
         raise too_many_pixels(e, limits) from None
@@ -191,4 +246,4 @@ def decode_image(data: bytes, limits: Limits) -> np.ndarray:
         raise RequestError(400, f"{'truncated' if truncated else 'corrupt'} {fmt} image: {msg}",
                            {"field": "image", "format": fmt, "width": w, "height": h},
                            "truncated_image" if truncated else "bad_image") from None
-    return rgb
+    return Decoded(rgb, ow, oh) if work else rgb
