@@ -4,14 +4,18 @@ The driver lists the images (local folder, file:// or s3://bucket/prefix; nested
 skips those the output already holds and sends the rest through Ray Data (`from_items` -> `map_batches(Labeller)`
 under an actor pool). Each Labeller loads the models and only the requested classes' prototypes once, reads and
 decodes its images itself (an unreadable file becomes an error row, never a stopped job) and returns compact rows:
-per-class COCO RLE, plus Label Studio brush RLE or a class-index PNG when those formats are asked; no dense maps.
+per-class COCO RLE and scores (mean class score over its pixels, per class and per connected component), plus
+Label Studio brush RLE or a class-index PNG when those formats are asked; no dense maps.
 The driver writes each block as it arrives as a Parquet part under `<out>/parts/` (a crash loses only the images in
 flight), then assembles the requested formats from all parts, so any format can be added later without relabelling:
 
-    coco         annotations.json: images, categories, one RLE annotation per class per image (pycocotools)
+    coco         annotations.json (pycocotools dataset; one RLE annotation with a score per class per image, or per
+                 thing instance with --instances) + results.json (the list COCO.loadRes takes); stable image ids
     png          masks/<input path>.png: class index (uint8; uint16 past 255) + classes.json
-    labelstudio  tasks.json: Label Studio pre-annotation tasks (brushlabels, Label Studio brush RLE)
-    parquet      labels.parquet: one row per image (path, width, height, classes, per-class RLE, area, bbox)
+    labelstudio  tasks.json (pre-annotated tasks: brushlabels, scores, model_version) + labelstudio.xml (the
+                 project's labeling config, Label values = the bank's names)
+    parquet      labels.parquet: one row per image (path, image_id, size, per-class RLE, area, bbox, score), with
+                 field and schema metadata (RLE encoding, images root, class table, bank id and version)
 
 and errors.jsonl (one line per unreadable or failed image, with the reason), overlays/ (--overlays N). Label values
 are the bank's: 0 background, c + 1 = class c of the bank manifest, stable across class subsets. Exit status: 0 when
@@ -73,12 +77,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--limit", type=int, default=None, help="label at most N pending images this run")
     ap.add_argument("--retry-errors", action="store_true",
                     help="try again images an earlier run found unreadable (default: skipped while unchanged)")
+    ap.add_argument("--coco-images", default=None, metavar="FILE",
+                    help="coco: take image ids from this ground-truth COCO file by file_name (path or s3:// URI; "
+                         "default: ids from a hash of the path, stable across runs)")
+    ap.add_argument("--instances", action="store_true",
+                    help="coco: split thing classes into connected components, one annotation each (default: "
+                         "semantic, one region per class per image)")
     ap.add_argument("--image-url", default=None,
-                    help="labelstudio: prefix for data.image (default: the image's own URI)")
+                    help="labelstudio: prefix for data.image: /data/local-files/?d=<folder> (Label Studio's local "
+                         "files), http(s)://host/prefix or s3://bucket/prefix (default: the image's own URI; local "
+                         "paths get a warning)")
     ap.add_argument("--from-name", default="tag", help="labelstudio: BrushLabels tag name (default tag)")
     ap.add_argument("--to-name", default="image", help="labelstudio: Image tag name (default image)")
     return ap.parse_args(argv)
-
 
 
 def finalize(p: Plan, args: argparse.Namespace, run: str) -> tuple[int, int]:
@@ -92,17 +103,17 @@ def finalize(p: Plan, args: argparse.Namespace, run: str) -> tuple[int, int]:
     p.out.write_bytes("errors.jsonl", "".join(json.dumps(e) + "\n" for e in bad).encode())
     for fmt in p.formats:
         if fmt == "coco":
-            write_coco(p, ok)
+            note = write_coco(p, ok, args.coco_images, args.instances)
         elif fmt == "png":
-            write_png(p, ok)
+            note = write_png(p, ok)
         elif fmt == "labelstudio":
-            write_labelstudio(p, ok, args.image_url, args.from_name, args.to_name)
+            note = write_labelstudio(p, ok, args.image_url, args.from_name, args.to_name)
         else:
-            write_parquet(p, ok)
+            note = write_parquet(p, ok)
+        print(f"label_dataset: {note}", flush=True)
     if args.overlays:
         write_overlays(p, {r["path"]: r for r in ok}, args.overlays, args.max_pixels)
     return len(ok), len(bad)
-
 
 
 @dataclass

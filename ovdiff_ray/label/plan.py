@@ -12,7 +12,7 @@ import pyarrow.fs as pafs
 from ..store.fs import Location, StorageConfig
 from ..store.shards import read_manifest
 from ..vocab import fold
-from .encode import OK, UNREADABLE, error_row
+from .encode import OK, UNREADABLE, error_row, image_id
 from .parts import read_parts
 
 FORMATS = ("coco", "png", "labelstudio", "parquet")
@@ -46,6 +46,7 @@ class Plan:
     known_bad: int  # unreadable before, same size: skipped (still in errors.jsonl)
     new_job: bool
     masks: dict[str, str] = field(default_factory=dict)  # image path -> masks/... key
+    gt_ids: dict[str, int] | None = None  # --coco-images: file_name -> ground-truth image id
 
     @property
     def png_dtype(self) -> str:
@@ -169,6 +170,18 @@ def plan(args: argparse.Namespace) -> Plan:
         raise LabelError(f"--out {args.out}: is a file, not a folder")
     job, classes, kinds, new_job = resolve_job(args, out, storage)
     listing, ignored = list_images(images, inside(out, images))
+    ids: dict[int, str] = {}
+    for it in listing:
+        other = ids.setdefault(image_id(it.path), it.path)
+        if other != it.path:
+            raise LabelError(f"--images: {other} and {it.path} hash to the same COCO image id; rename one")
+    gt_ids = None
+    if getattr(args, "coco_images", None):
+        if "coco" not in formats:
+            raise LabelError("--coco-images goes with --format coco")
+        from .coco import read_gt_images
+
+        gt_ids = read_gt_images(args.coco_images)
     latest = {r["path"]: r for r in read_parts(out, ["path", "size", "status"])[0].to_pylist()}
     pending, oversize, known_bad = [], [], 0
     for it in listing:
@@ -186,16 +199,15 @@ def plan(args: argparse.Namespace) -> Plan:
     if args.limit is not None:
         pending = pending[: max(0, args.limit)]
     p = Plan(images, out, formats, job, classes, kinds, listing, pending, oversize, ignored, skipped, known_bad,
-             new_job)
+             new_job, gt_ids=gt_ids)
     p.masks = mirror_names([it.path for it in listing], "masks")
     return p
-
-
 
 def info(p: Plan) -> dict:
     from .. import __version__
 
-    return {"description": f"ovdiff labels of {p.images.uri}", "bank": p.job["bank"], "bank_id": p.job["bank_id"],
+    return {"description": f"ovdiff labels of {p.images.uri}", "images_root": p.images.uri,
+            "bank": p.job["bank"], "bank_id": p.job["bank_id"],
             "bank_version": p.job["bank_version"], "pamr": p.job["pamr"], "version": __version__,
             "date_created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 

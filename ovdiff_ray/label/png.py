@@ -11,7 +11,7 @@ from .encode import ImageError, decode_image, encode_png, labels_of
 from .plan import Plan, info, mirror_names
 
 
-def write_png(p: Plan, rows: list[dict]) -> None:
+def write_png(p: Plan, rows: list[dict]) -> str:
     """classes.json, and masks that are missing (labelled by a run that did not ask for png) from the RLE."""
     doc = {**info(p), "dtype": p.png_dtype, "classes": {"0": "background", **{str(v): n for v, n in p.classes.items()}}}
     p.out.write_bytes("classes.json", json.dumps(doc, indent=1).encode())
@@ -20,8 +20,7 @@ def write_png(p: Plan, rows: list[dict]) -> None:
     for r in rows:
         if p.masks[r["path"]] not in have:
             p.out.write_bytes(p.masks[r["path"]], encode_png(labels_of(r), p.png_dtype))
-
-
+    return f"png: {len(rows)} masks ({p.png_dtype}) + classes.json"
 
 def write_overlays(p: Plan, rows: dict[str, dict], n: int, max_pixels: int) -> int:
     """Overlays of the first `n` listed images that are labelled and have none yet; returns how many written."""
