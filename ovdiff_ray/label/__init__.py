@@ -2,7 +2,8 @@
 
 One module per job: `job` (the command: plan, run on Ray Data, finalize), `plan` (validation and the diff against the
 output), `labeller` (the Ray Data UDF), `encode` (row encoders: COCO RLE, Label Studio brush RLE, PNG), `parts`
-(rows stored as they arrive), and one writer per format: `coco`, `png`, `labelstudio`, `parquet`.
+(rows stored as they arrive), one writer per format: `coco`, `png`, `labelstudio`, `parquet`; and `cvat`, a
+cvat-sdk auto-annotation function module.
 """
 from __future__ import annotations
 

@@ -120,8 +120,9 @@ def error_response(e: RequestError | Overloaded, headers: dict | None = None) ->
     return JSONResponse(e.to_dict(), status_code=e.status, headers=headers)
 
 
-def make_app(backend: Backend) -> FastAPI:
-    """The FastAPI app of the service over any `Backend` (testable with TestClient, no Ray needed)."""
+def make_app(backend: Backend, labelstudio=None) -> FastAPI:
+    """The FastAPI app of the service over any `Backend` (testable with TestClient, no Ray needed). `labelstudio`:
+    settings of the Label Studio ML backend routes (`serve/labelstudio.py`; default: from the environment)."""
     from .. import __version__
 
     app = FastAPI(title="OVDiff segmentation", version=__version__,
@@ -210,6 +211,9 @@ def make_app(backend: Backend) -> FastAPI:
                           **body["timing"]}
         return JSONResponse(body)
 
+    from .labelstudio import mount_labelstudio
+
+    mount_labelstudio(app, backend, labelstudio)  # POST /predict, POST /setup, GET /health: Label Studio's protocol
     return app
 
 
