@@ -1,9 +1,8 @@
-"""The CVAT auto-annotation function against cvat-sdk itself (no server): loaded as cvat-cli loads a function
-module, its spec validated by cvat-sdk, its shapes checked by the SDK driver's own validator and decoded with
+"""The CVAT auto-annotation function against cvat-sdk itself (no server): loaded by cvat-cli's own function loader
+from `-p NAME=TYPE:VALUE` parameters, its spec validated by cvat-sdk, its shapes checked by the SDK driver's own validator and decoded with
 `cvat_sdk.masks.decode_mask` against in-process `Segmenter.segment`."""
 from __future__ import annotations
 
-import importlib
 import logging
 from pathlib import Path
 
@@ -16,9 +15,13 @@ SUBSET = "red circle, yellow cross,blue checks"
 
 @pytest.fixture(scope="module")
 def function(toy_bank):
-    module = importlib.import_module("ovdiff_ray.label.cvat")  # as cvat-cli's --function-module does
-    assert hasattr(module, "create")
-    return module.create(bank=toy_bank, classes=SUBSET, device="cpu")
+    """Loaded by cvat-cli's own loader from `--function-module ovdiff_ray.label.cvat -p bank=str:URI ...`."""
+    from cvat_cli._internal.common import FunctionLoader
+    from cvat_cli._internal.parsers import parse_function_parameter
+
+    params = dict(parse_function_parameter(p) for p in (f"bank=str:{toy_bank}", f"classes=str:{SUBSET}",
+                                                        "device=str:cpu", "pamr=bool:false"))
+    return FunctionLoader("ovdiff_ray.label.cvat", None, params).load()
 
 
 def context(threshold=None, poly=False):

@@ -459,3 +459,25 @@ def test_labeller_segments_a_batch_and_isolates_a_failing_image(toy_bank, toy_sc
         for v, counts in zip(r["values"], r["counts"]):
             m = coco_mask.decode({"size": [r["height"], r["width"]], "counts": counts.encode()})
             assert np.array_equal(m.astype(bool), ref == v)
+
+
+def test_parts_of_an_older_version_read_with_nulls(tmp_path):
+    """Parts written before scores and image ids existed still read (the new columns null), next to new parts."""
+    import pyarrow as pa
+
+    from ovdiff_ray.label.encode import PART_SCHEMA
+    from ovdiff_ray.label.parts import read_parts, write_part
+
+    out = Location(str(tmp_path))
+    old = pa.schema([f for f in PART_SCHEMA if f.name not in ("score", "inst_score", "image_id")])
+    row = dict(path="a.png", size=3, status="ok", error="", width=2, height=1, values=[1], names=["x"],
+               counts=["02"], area=[2], bbox=[[0.0, 0.0, 2.0, 1.0]], ls_rle=[], seconds=0.1, worker="w")
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([row], schema=old), buf)
+    out.write_bytes("parts/20260101-000000.parquet", buf.getvalue())
+    write_part(out, "parts/20260102-000000.parquet",
+               pa.Table.from_pylist([{**row, "path": "b.png", "score": [0.5], "inst_score": [[0.5]], "image_id": 7}],
+                                    schema=PART_SCHEMA))
+    t, keys = read_parts(out)
+    got = {r["path"]: (r["score"], r["image_id"]) for r in t.to_pylist()}
+    assert len(keys) == 2 and got == {"a.png": (None, None), "b.png": ([0.5], 7)}

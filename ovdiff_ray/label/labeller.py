@@ -16,7 +16,10 @@ from .encode import (FAILED, MAX_BYTES, MAX_PIXELS, OK, ROW_SCHEMA, UNREADABLE, 
 
 class Labeller:
     """Ray Data callable class: models and the requested classes' prototypes loaded once per actor; a batch of
-    image paths -> a table of compact rows (ROW_SCHEMA). Decoding happens here, so a bad file is one error row."""
+    image paths -> a table of compact rows (ROW_SCHEMA). Decoding happens here, so a bad file is one error row.
+    Images are segmented with their scores (`return_scores`: `[K + 1, H, W]` float32 per image, K = classes kept by
+    the pre-filter, held while its row is encoded) for the per-class and per-component scores; the labels are the
+    same as without them."""
 
     def __init__(self, bank: str, version: int, classes: list[str] | None, images: str, storage: dict | None = None,
                  png_dtype: str | None = None, labelstudio: bool = False, pamr: bool = False,

@@ -49,7 +49,8 @@ def label_studio(tmp_path_factory):
     data = tmp_path_factory.mktemp("ls-data")
     env = {**os.environ, "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true", "ML_BLOCK_LOCAL_IP": "false",
            "SSRF_PROTECTION_ENABLED": "false", "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
-           "DJANGO_DB": "sqlite", "LOG_LEVEL": "WARNING"}
+           "DJANGO_DB": "sqlite", "LOG_LEVEL": "WARNING",
+           "LATEST_VERSION_CHECK": "false", "COLLECT_ANALYTICS": "false"}  # no traffic off 127.0.0.1
     log = open(data / "label-studio.log", "w")
     proc = subprocess.Popen([str(LS_BIN), "start", "--no-browser", "--host", "127.0.0.1", "--port", str(LS_PORT),
                              "--data-dir", str(data), "--username", "admin@example.com", "--password",
@@ -156,7 +157,7 @@ def test_ml_backend_round_trip(label_studio, served, files, reference, toy_scene
     pid = project.json()["id"]
     names = sorted(ref)
     up = s.post(f"{LS_URL}/api/projects/{pid}/import",
-                files=[("file", (n, Path(toy_scenes, "images", n).read_bytes(), "image/png")) for n in names],
+                files=[(n, (n, Path(toy_scenes, "images", n).read_bytes(), "image/png")) for n in names],
                 timeout=120)
     assert up.status_code == 201, up.text
     ml = s.post(f"{LS_URL}/api/ml", json={"url": served, "project": pid, "title": "ovdiff"}, timeout=60)
