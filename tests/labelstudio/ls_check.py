@@ -174,5 +174,5 @@ def test_ml_backend_round_trip(label_studio, served, files, reference, toy_scene
         (pred,) = t["predictions"]
         assert pred["model_version"] == f"{seg.bank.bank_id}@v{seg.bank.version}" and 0 < pred["score"] <= 1
         np.testing.assert_array_equal(stored_labels(pred, seg.bank.names), ref[name], err_msg=name)
-    print(f"label studio ML backend round trip: {len(stored)} tasks predicted in {seconds:.1f}s (one /predict "
-          "batch), every stored prediction decodes to the in-process masks")
+    print(f"label studio ML backend round trip: {len(stored)} tasks predicted in {seconds:.1f}s (retrieve action "
+          "round trip), every stored prediction decodes to the in-process masks")
