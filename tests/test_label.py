@@ -119,6 +119,27 @@ def labelled(ray_local, toy_bank, toy_scenes, tmp_path_factory) -> dict:
     return {"rc": rc, "out": out, "images": images, "text": text, "err": err}
 
 
+def path_id(path: str) -> int:
+    """The documented image id: the first 53 bits of sha256(path) (written here from the spec)."""
+    import hashlib
+
+    return max(1, int(hashlib.sha256(path.encode()).hexdigest()[:16], 16) >> 11)
+
+
+def file_modes(root: Path) -> set[int]:
+    import stat
+
+    return {stat.S_IMODE(p.stat().st_mode) for p in root.rglob("*") if p.is_file()} | {0o666 & ~_umask()}
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def name_of(path: str) -> str:
     return path.rsplit("/", 1)[-1]
 
@@ -134,6 +155,7 @@ def test_summary_errors_and_overlays(labelled):
                       for p in (labelled["out"] / "overlays").rglob("*.png"))
     assert overlays == ["0000.png", "0002.png"]  # the first two listed images (broken.png is unreadable)
     assert Image.open(labelled["out"] / "overlays" / "0000.png").size[0] == 128
+    assert len(file_modes(labelled["out"])) == 1  # every file (labels, parts, masks) has the umask's usual mode
 
 
 def test_coco_matches_segmenter(labelled, reference, toy_bank):
@@ -157,7 +179,16 @@ def test_coco_matches_segmenter(labelled, reference, toy_bank):
             ys, xs = np.nonzero(m)
             assert (x, y, w, h) == (xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1)
             labels[m] = a["category_id"]
+            assert 0 < a["score"] <= 1
         np.testing.assert_array_equal(labels, reference[name_of(img["file_name"])], err_msg=img["file_name"])
+        assert img["id"] == path_id(img["file_name"])  # stable: from the path, not the listing order
+    info = coco.dataset["info"]
+    assert info["images_root"] == str(labelled["images"]) and info["regions"].startswith("semantic: one region")
+    results = json.loads((labelled["out"] / "results.json").read_text())
+    assert isinstance(results, list) and len(results) == len(coco.dataset["annotations"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = coco.loadRes(str(labelled["out"] / "results.json"))
+    assert len(dt.getAnnIds()) == len(results) and all("score" in a for a in dt.dataset["annotations"])
 
 
 def test_png_reads_back(labelled, reference):
@@ -176,12 +207,24 @@ def test_labelstudio_decodes(labelled, reference, toy_bank):
     from ovdiff_ray.store.bank import Bank
 
     names = Bank.load(toy_bank).names
+    import xml.etree.ElementTree as ET
+
+    bank = Bank.load(toy_bank)
+    config = ET.fromstring((labelled["out"] / "labelstudio.xml").read_text())
+    (image,) = config.iter("Image")
+    (brush,) = config.iter("BrushLabels")
+    assert (image.get("name"), image.get("value"), brush.get("name"), brush.get("toName")) == ("image", "$image",
+                                                                                             "tag", "image")
+    assert [lab.get("value") for lab in brush.iter("Label")] == names
+    assert "Label Studio's editor cannot load" in labelled["err"]  # local paths, no --image-url
     tasks = json.loads((labelled["out"] / "tasks.json").read_text())
     assert len(tasks) == 11
     for task in tasks:
         assert task["data"]["image"].endswith(task["data"]["path"]) and Path(task["data"]["image"]).is_file()
         (pred,) = task["predictions"]
-        assert pred["model_version"].startswith("ovdiff ")
+        assert pred["model_version"] == f"{bank.bank_id}@v{bank.version}" and 0 < pred["score"] <= 1
+        assert all(0 < r["score"] <= 1 and r["from_name"] == "tag" and r["to_name"] == "image"
+                   for r in pred["result"])
         ref = reference[name_of(task["data"]["path"])]
         labels = np.zeros_like(ref)
         for r in pred["result"]:
@@ -195,13 +238,97 @@ def test_labelstudio_decodes(labelled, reference, toy_bank):
 def test_parquet_rows_decode(labelled, reference):
     from pycocotools import mask as mu
 
-    rows = pq.read_table(labelled["out"] / "labels.parquet").to_pylist()
-    assert len(rows) == 11 and {"path", "width", "height", "classes", "rle"} <= set(rows[0])
+    table = pq.read_table(labelled["out"] / "labels.parquet")
+    rle = table.schema.field("rle").metadata
+    assert (rle[b"encoding"], rle[b"order"]) == (b"coco-rle-compressed", b"column-major") and b"height" in rle[b"size"]
+    meta = json.loads(table.schema.metadata[b"ovdiff"])
+    assert meta["images_root"] == str(labelled["images"]) and meta["bank_version"] == 1 and meta["bank_id"]
+    assert meta["classes"][0] == {"value": 0, "name": "background", "kind": "background"} and len(meta["classes"]) == 11
+    rows = table.to_pylist()
+    assert len(rows) == 11 and {"path", "width", "height", "classes", "rle", "score", "image_id"} <= set(rows[0])
     for r in rows:
+        assert len(r["score"]) == len(r["values"]) and all(0 < x <= 1 for x in r["score"])
+        assert r["image_id"] == path_id(r["path"])
+        assert [c["name"] for c in meta["classes"] if c["value"] in r["values"]] == r["classes"]
         labels = np.zeros((r["height"], r["width"]), np.int32)
         for v, counts in zip(r["values"], r["rle"]):
             labels[mu.decode({"size": [r["height"], r["width"]], "counts": counts.encode()}).astype(bool)] = v
         np.testing.assert_array_equal(labels, reference[name_of(r["path"])], err_msg=r["path"])
+
+
+def toy_ground_truth(labelled, toy_scenes, instances: bool) -> dict:
+    """A COCO ground truth of the labelled scenes, built here from the toy world's label PNGs: semantic (one region
+    per class) or, for thing classes, one annotation per 8-connected component; ids unrelated to ours (1000 + i)."""
+    from pycocotools import mask as mu
+    from scipy import ndimage
+
+    rows = Path(toy_scenes, "classes.tsv").read_text().splitlines()[1:]
+    kinds = {i + 1: line.split("\t")[1] for i, line in enumerate(rows)}
+    names = {i + 1: line.split("\t")[0] for i, line in enumerate(rows)}
+    images, anns = [], []
+    paths = sorted(p.relative_to(labelled["images"]).as_posix() for p in labelled["images"].rglob("*.png")
+                   if p.name != "broken.png" and p.name != "new.png")
+    for i, rel in enumerate(paths):
+        gt = np.asarray(Image.open(Path(toy_scenes, "labels", name_of(rel))))
+        images.append({"id": 1000 + i, "file_name": rel, "width": gt.shape[1], "height": gt.shape[0]})
+        for v in sorted(set(np.unique(gt).tolist()) - {0, 255}):
+            lab, n = ndimage.label(gt == v, structure=np.ones((3, 3))) if instances and kinds[v] == "thing" else (
+                (gt == v).astype(int), 1)
+            for k in range(1, n + 1):
+                rle = mu.encode(np.asfortranarray((lab == k).astype(np.uint8)))
+                anns.append({"id": len(anns) + 1, "image_id": 1000 + i, "category_id": v, "iscrowd": 0,
+                             "area": float(mu.area(rle)), "bbox": mu.toBbox(rle).tolist(),
+                             "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}})
+    return {"images": images, "annotations": anns,
+            "categories": [{"id": v, "name": n, "supercategory": kinds[v]} for v, n in names.items()]}
+
+
+@pytest.mark.parametrize("instances", [False, True])
+def test_cocoeval_on_toy_ground_truth(labelled, toy_bank, toy_scenes, tmp_path, instances):
+    """COCOeval(iouType="segm") on our results.json against toy ground truth: image ids taken from the ground
+    truth file by file_name (--coco-images); finalize only (nothing is labelled again)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt_doc = toy_ground_truth(labelled, toy_scenes, instances)
+    (tmp_path / "gt.json").write_text(json.dumps(gt_doc))
+    args = ["--images", str(labelled["images"]), "--bank", toy_bank, "--out", str(labelled["out"]), "--format",
+            "coco", "--coco-images", str(tmp_path / "gt.json")] + (["--instances"] if instances else [])
+    rc, text, err = run_label(args)
+    assert rc == 0 and summary(text).startswith("summary: labelled 0, skipped 13, "), err[-2000:]
+    assert "11 of 11 images matched" in text
+    ours = json.loads((labelled["out"] / "annotations.json").read_text())
+    assert sorted(i["id"] for i in ours["images"]) == sorted(i["id"] for i in gt_doc["images"])
+    with contextlib.redirect_stdout(io.StringIO()) as log:
+        gt = COCO(str(tmp_path / "gt.json"))
+        ev = COCOeval(gt, gt.loadRes(str(labelled["out"] / "results.json")), iouType="segm")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    print(f"COCOeval segm ({'instances' if instances else 'semantic'}), {len(gt_doc['images'])} toy scenes: "
+          f"AP {ev.stats[0]:.3f} AP50 {ev.stats[1]:.3f} AP75 {ev.stats[2]:.3f} AR100 {ev.stats[8]:.3f}")
+    assert "Average Precision" in log.getvalue()
+    assert ev.stats[1] > 0.5 and ev.stats[0] > 0.3  # floors well below the measured values (see the report)
+    if instances:
+        things = {c["id"] for c in ours["categories"] if c["supercategory"] == "thing"}
+        per = {}
+        for a in ours["annotations"]:
+            per.setdefault((a["image_id"], a["category_id"]), []).append(a)
+        assert any(len(v) > 1 for (i, c), v in per.items() if c in things)  # some class split into components
+        assert all(len(v) == 1 for (i, c), v in per.items() if c not in things)  # stuff stays one region
+        assert ours["info"]["regions"].startswith("instances: thing classes split")
+
+
+def test_coco_images_bad_file_fails_before_writing(labelled, toy_bank, tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / "gt.json").write_text('{"images": [{"file_name": "a.png"}]}')
+    base = ["--images", str(labelled["images"]), "--bank", toy_bank, "--out", str(out), "--format", "coco"]
+    rc, _, err = run_label(base + ["--coco-images", str(tmp_path / "gt.json")])
+    assert rc == 2 and "gt.json: not a COCO file with images[].file_name/id" in err and not out.exists()
+    rc, _, err = run_label(base + ["--coco-images", str(tmp_path / "missing.json")])
+    assert rc == 2 and "missing.json: not found" in err and not out.exists()
+    rc, _, err = run_label(base[:-1] + ["png", "--coco-images", str(tmp_path / "gt.json")])
+    assert rc == 2 and "--coco-images goes with --format coco" in err and not out.exists()
 
 
 def test_rerun_skips_then_labels_only_a_new_image(labelled, reference, toy_bank, toy_scenes):
@@ -210,11 +337,14 @@ def test_rerun_skips_then_labels_only_a_new_image(labelled, reference, toy_bank,
             "--format", "coco,png"]
     rc, text, _ = run_label(args)
     assert rc == 0 and summary(text).startswith("summary: labelled 0, skipped 13, failed 0, ")
+    before = {i["file_name"]: i["id"] for i in json.loads((labelled["out"] / "annotations.json").read_text())["images"]}
     shutil.copy(Path(toy_scenes, "images", HELD_BACK), labelled["images"] / "sub" / "new.png")
     rc, text, err = run_label(args + ["--workers", "1"])
     assert rc == 0 and summary(text).startswith("summary: labelled 1, skipped 13, failed 0, "), err[-2000:]
     doc = json.loads((labelled["out"] / "annotations.json").read_text())
     assert len(doc["images"]) == 12 and any(i["file_name"] == "sub/new.png" for i in doc["images"])
+    after = {i["file_name"]: i["id"] for i in doc["images"]}
+    assert {k: after[k] for k in before} == before  # adding an image renumbers nothing
     with Image.open(labelled["out"] / "masks" / "sub" / "new.png") as im:
         np.testing.assert_array_equal(np.asarray(im), reference[HELD_BACK])
     assert len(list((labelled["out"] / "parts").glob("*.parquet"))) == 1  # compacted
@@ -329,3 +459,25 @@ def test_labeller_segments_a_batch_and_isolates_a_failing_image(toy_bank, toy_sc
         for v, counts in zip(r["values"], r["counts"]):
             m = coco_mask.decode({"size": [r["height"], r["width"]], "counts": counts.encode()})
             assert np.array_equal(m.astype(bool), ref == v)
+
+
+def test_parts_of_an_older_version_read_with_nulls(tmp_path):
+    """Parts written before scores and image ids existed still read (the new columns null), next to new parts."""
+    import pyarrow as pa
+
+    from ovdiff_ray.label.encode import PART_SCHEMA
+    from ovdiff_ray.label.parts import read_parts, write_part
+
+    out = Location(str(tmp_path))
+    old = pa.schema([f for f in PART_SCHEMA if f.name not in ("score", "inst_score", "image_id")])
+    row = dict(path="a.png", size=3, status="ok", error="", width=2, height=1, values=[1], names=["x"],
+               counts=["02"], area=[2], bbox=[[0.0, 0.0, 2.0, 1.0]], ls_rle=[], seconds=0.1, worker="w")
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([row], schema=old), buf)
+    out.write_bytes("parts/20260101-000000.parquet", buf.getvalue())
+    write_part(out, "parts/20260102-000000.parquet",
+               pa.Table.from_pylist([{**row, "path": "b.png", "score": [0.5], "inst_score": [[0.5]], "image_id": 7}],
+                                    schema=PART_SCHEMA))
+    t, keys = read_parts(out)
+    got = {r["path"]: (r["score"], r["image_id"]) for r in t.to_pylist()}
+    assert len(keys) == 2 and got == {"a.png": (None, None), "b.png": ([0.5], 7)}

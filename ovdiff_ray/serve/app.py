@@ -67,11 +67,13 @@ APP_NAME = "ovdiff"
 # ------------------------------------------------------------------------------------------------ the app
 
 def make_app(backend: Backend, extra_routers: tuple[APIRouter, ...] = (), docs: bool = False,
-             admin_token: str | None = None) -> FastAPI:
+             admin_token: str | None = None, labelstudio=None) -> FastAPI:
     """The FastAPI app of the service over any `Backend` (testable with TestClient, no Ray needed).
 
     `docs` turns on /docs and /redoc (they load assets from CDNs); `admin_token` (default `$OVDIFF_ADMIN_TOKEN`)
-    opens the operators' `/v1/status`. Trailing-slash redirects are off (a redirect would echo the client's Host)."""
+    opens the operators' `/v1/status`. Trailing-slash redirects are off (a redirect would echo the client's Host).
+    `labelstudio`: settings of the Label Studio ML backend routes (`serve/labelstudio.py`; default: from the
+    environment)."""
     from .. import __version__
 
     app = FastAPI(title="OVDiff segmentation", version=__version__, redirect_slashes=False,
@@ -92,6 +94,9 @@ def make_app(backend: Backend, extra_routers: tuple[APIRouter, ...] = (), docs: 
         return app.openapi_schema
 
     app.openapi = documented  # type: ignore[method-assign]
+    from .labelstudio import mount_labelstudio
+
+    mount_labelstudio(app, backend, labelstudio)  # POST /predict, POST /setup, GET /health: Label Studio's protocol
     return app
 
 

@@ -131,6 +131,7 @@ class Job:
     image: np.ndarray  # [H, W, 3] uint8
     classes: tuple[str, ...] | None = None
     pamr: bool = False
+    scores: bool = False  # also return each class's mean score over its pixels (`region_scores`)
 
 
 # ----------------------------------------------------------------------------------------------- encoders
@@ -259,11 +260,12 @@ class Engine:
         out: list[dict | None] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for i, j in enumerate(jobs):
-            groups.setdefault((j.classes, j.pamr), []).append(i)
-        for (classes, pamr), idx in groups.items():
+            groups.setdefault((j.classes, j.pamr, j.scores), []).append(i)
+        for (classes, pamr, scores), idx in groups.items():
             t0 = time.perf_counter()
             try:
-                results = seg.segment_batch([jobs[i].image for i in idx], list(classes) if classes else None, pamr)
+                results = seg.segment_batch([jobs[i].image for i in idx], list(classes) if classes else None, pamr,
+                                            return_scores=scores)
             except Exception:  # noqa: BLE001 - isolate the failing image: run the group one by one
                 results = None
             dt = (time.perf_counter() - t0) / len(idx)
@@ -277,7 +279,8 @@ class Engine:
 
         t0 = time.perf_counter()
         try:
-            res = seg.segment(job.image, list(job.classes) if job.classes else None, job.pamr)
+            res = seg.segment(job.image, list(job.classes) if job.classes else None, job.pamr,
+                              return_scores=job.scores)
         except SegmentError as e:
             return {"status": 400, "error": str(e), "detail": None, "code": "bad_request"}
         except Exception:  # noqa: BLE001 - one bad image never takes the replica down
@@ -289,7 +292,13 @@ class Engine:
     @staticmethod
     def _result(seg, res, seconds: float, batch: int) -> dict:
         n = len(seg.bank.names)
-        return {"status": 200, "labels": res.labels.astype(np.uint8 if mask_dtype(n) == "uint8" else np.uint16),
+        extra = {}
+        if res.scores is not None:  # Job.scores: per label value, the mean of its class's score over its pixels
+            from ..label.encode import own_scores
+
+            own = own_scores(res)
+            extra["region_scores"] = {int(v): float(own[res.labels == v].mean()) for v in res.classes if v}
+        return {"status": 200, **extra, "labels": res.labels.astype(np.uint8 if mask_dtype(n) == "uint8" else np.uint16),
                 "classes": {int(v): name for v, name in res.classes.items()}, "kept": list(res.kept),
                 "bank": {"id": seg.bank.bank_id, "version": seg.bank.version, "num_classes": n},
                 "timing": {"segment_ms": round(1000 * seconds, 1), "batch_size": batch,

@@ -75,11 +75,30 @@ def boto3_client(cfg: StorageConfig):
     )
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (`os.umask` alone sets it, racing other
+    threads' file creation)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _temp_copy(target: Path, data: bytes) -> Path:
-    """`data` written and fsynced to a hidden temp file beside `target` (same filesystem, so rename/link are atomic)."""
+    """`data` written and fsynced to a hidden temp file beside `target` (same filesystem, so rename/link are atomic).
+
+    `mkstemp` creates its file with mode 0600 whatever the umask; the file gets the mode `open()` would have given
+    (0666 under the umask, e.g. 0644), so labels and bank files are readable as any other file the user writes."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
