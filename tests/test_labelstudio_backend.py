@@ -86,7 +86,7 @@ def client_for(backend, **settings):
     from ovdiff_ray.serve.app import make_app
     from ovdiff_ray.serve.labelstudio import LabelStudioSettings
 
-    return TestClient(make_app(backend, LabelStudioSettings(**settings)))
+    return TestClient(make_app(backend, labelstudio=LabelStudioSettings(**settings)))
 
 
 @pytest.fixture(scope="module")
