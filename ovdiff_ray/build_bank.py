@@ -50,17 +50,28 @@ class ClassWorker:
         self.models = SamplingModels.load(self.recipe)
         self.node = socket.gethostname() + f":{os.getpid()}"
 
-    def build_one(self, class_id: int, name: str, kind: str) -> dict:
+    def build_one(self, class_id: int, name: str, kind: str, prompt: str = "") -> dict:
+        """One class -> its shard written and its manifest entry (as JSON), or `status` failed with the reason
+        after `retries` more attempts. `prompt` (optional) is the text the support set is drawn from."""
+        import dataclasses
+
         from .sample import sample_class
 
+        recipe = self.recipe
+        if prompt and prompt != name:
+            g = recipe.generation
+            recipe = dataclasses.replace(recipe, generation=dataclasses.replace(
+                g, prompt_names={**g.prompt_names, name: prompt}))
         errors = []
         for attempt in range(1, self.retries + 2):
             t0 = time.perf_counter()
             try:
-                protos = sample_class(name, self.recipe, self.models, kind=kind)
+                protos = sample_class(name, recipe, self.models, kind=kind)
                 info = write_shard(self.loc, protos, class_id)
                 secs = time.perf_counter() - t0
                 entry = {**info.to_entry(), "id": class_id, "seconds": round(secs, 3), "n_images": protos.info["kept"]}
+                if prompt and prompt != name:
+                    entry["prompt"] = prompt
                 return dict(status="ok", entry=json.dumps(entry), error="", seconds=secs, attempts=attempt,
                             worker=self.node)
             except Exception as e:  # noqa: BLE001 - any model/data error is retried, then reported
@@ -69,11 +80,16 @@ class ClassWorker:
         return dict(status="failed", entry="", error=f"{errors[-1]} (after {len(errors)} attempts)\n{last}",
                     seconds=0.0, attempts=len(errors), worker=self.node)
 
+    def worker(self) -> str:
+        """host:pid of this worker."""
+        return self.node
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {k: [] for k in ("class_id", "name", "status", "entry", "error", "seconds",
                                                 "attempts", "worker")}
-        for cid, name, kind in zip(batch["class_id"], batch["name"], batch["kind"]):
-            r = self.build_one(int(cid), str(name), str(kind))
+        prompts = batch["prompt"] if "prompt" in batch else [""] * len(batch["name"])
+        for cid, name, kind, prompt in zip(batch["class_id"], batch["name"], batch["kind"], prompts):
+            r = self.build_one(int(cid), str(name), str(kind), str(prompt or ""))
             out["class_id"].append(int(cid))
             out["name"].append(str(name))
             for k, v in r.items():
@@ -94,6 +110,12 @@ class BuildState:
     pending_entries: list[dict] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
     built: int = 0
+
+    @classmethod
+    def of(cls, loc: Location, manifest: dict, vocab: Vocabulary) -> "BuildState":
+        """The state of an existing bank at its committed `manifest` (a job adding classes to it)."""
+        return cls(loc, manifest["bank_id"], recipe_from_dict(manifest["recipe"], loc.display("manifest")), vocab,
+                   list(manifest["classes"]), int(manifest["version"]))
 
     def commit(self) -> bool:
         """Commit previous classes + new ones as v(N+1); on a conflict merge with the winner and retry."""
@@ -157,6 +179,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def pending_classes(committed: list[dict], classes, first_id: int | None = None) -> list[dict]:
+    """The classes (VocabClass) not in `committed` (manifest entries), in order, with new class ids: the rows the
+    ClassWorker takes (`class_id`, `name`, `kind`, `prompt`)."""
+    have = {fold(c["name"]) for c in committed}
+    next_id = max((c.get("id", i) for i, c in enumerate(committed)), default=-1) + 1
+    next_id = max(next_id, first_id or 0)
+    pending = []
+    for c in classes:
+        if fold(c.name) not in have:
+            pending.append({"class_id": next_id, "name": c.name, "kind": c.kind, "prompt": c.prompt})
+            have.add(fold(c.name))
+            next_id += 1
+    return pending
+
+
 def plan(args: argparse.Namespace) -> tuple[BuildState, list[dict]]:
     """Validate inputs and diff the vocabulary against the committed manifest. Nothing starts before this passes."""
     vocab = load_vocab(args.vocab)
@@ -173,13 +210,7 @@ def plan(args: argparse.Namespace) -> tuple[BuildState, list[dict]]:
                               "mixes recipes (pass --new-bank to start a new bank there, or choose another --out)")
         if not args.new_bank:
             committed, bank_id = latest["classes"], latest["bank_id"]
-    have = {fold(c["name"]) for c in committed}
-    next_id = max((c.get("id", i) for i, c in enumerate(committed)), default=-1) + 1
-    pending = []
-    for c in vocab.classes:
-        if fold(c.name) not in have:
-            pending.append({"class_id": next_id, "name": c.name, "kind": c.kind})
-            next_id += 1
+    pending = pending_classes(committed, vocab.classes)
     if args.limit is not None:
         pending = pending[: args.limit]
     return BuildState(loc, bank_id, recipe, vocab, committed, version), pending

@@ -45,7 +45,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .store.fs import Location, StorageConfig, StoreError
-from .store.schema import ManifestError
+from .store.schema import ManifestError, manifest_key
 from .store.shards import read_manifest
 from .vocab import fold
 
@@ -202,10 +202,11 @@ class Labeller:
                  png_dtype: str | None = None, labelstudio: bool = False, pamr: bool = False,
                  max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES, device: str = "cpu"):
         from .segment import Segmenter
-        from .store.bank import Bank
+        from .store.shared import load_shared
 
         self.images = Location(images, storage)
-        b = Bank.load(bank, version=version, classes=classes, storage_options=storage)
+        # the node's one read-only copy of this version's arrays (memory-mapped), shared by its actors
+        b = load_shared(bank, version=version, classes=classes, storage_options=storage)
         self.seg = Segmenter.from_bank(b, device)
         position = {c["name"]: i for i, c in enumerate(b.manifest["classes"])}
         self.lut = np.array([0] + [position[n] + 1 for n in b.names], np.int32)  # loaded index -> bank value
@@ -407,6 +408,7 @@ def resolve_job(args: argparse.Namespace, out: Location, storage: StorageConfig)
     else:
         ids = list(range(len(m["classes"])))
     job = {"tool": "label_dataset", "bank": args.bank, "bank_id": m["bank_id"], "bank_version": m["version"],
+           "bank_manifest": manifest_key(m["version"]),
            "classes": [m["classes"][i]["name"] for i in ids] if names is not None else None, "pamr": args.pamr}
     if old is not None:
         diff = [k for k in ("bank_id", "bank_version", "classes", "pamr") if old.get(k) != job[k]]

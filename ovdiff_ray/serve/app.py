@@ -46,16 +46,18 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import live
 from .engine import BankSpec, Catalog, Engine, Job, ServiceConfig, bank_entry, encode
-from .limits import (Limits, RequestError, check_classes, decode_image, parse_bool, parse_format,
-                     split_classes)
+from .jobs import JOBS, BankJobsDeployment, BuildSettings
+from .limits import Limits, RequestError, decode_image, parse_bool, parse_format
+from .reload import LiveBanks
 
 log = logging.getLogger("ovdiff.serve")
 STATIC = Path(__file__).resolve().parent / "static"
 SEGMENTER = "OVDiffSegmenter"
 INGRESS = "OVDiffIngress"
 APP_NAME = "ovdiff"
-FIELDS = ("image", "classes", "format", "pamr", "bank")
+FIELDS = ("image", "classes", "format", "pamr", "bank", "missing")
 MAX_BANKS_PER_REPLICA = int(os.environ.get("OVDIFF_MAX_BANKS_PER_REPLICA", "3"))
 
 
@@ -117,7 +119,7 @@ def error_response(e: RequestError | Overloaded, headers: dict | None = None) ->
         hdr = {"Retry-After": str(max(1, math.ceil(e.retry_after_s)))} if e.retry_after_s is not None else {}
         return JSONResponse({"error": str(e), "detail": {"retry_after_s": e.retry_after_s}, "code": "overloaded"},
                             status_code=e.status, headers=hdr)
-    return JSONResponse(e.to_dict(), status_code=e.status, headers=headers)
+    return JSONResponse(e.to_dict(), status_code=e.status, headers=headers or getattr(e, "headers", None))
 
 
 def make_app(backend: Backend) -> FastAPI:
@@ -181,15 +183,18 @@ def make_app(backend: Backend) -> FastAPI:
             "classes": {"type": "string", "description": "comma-separated subset of the bank's classes"},
             "format": {"type": "string", "enum": ["png", "rle", "overlay"], "default": "png"},
             "pamr": {"type": "boolean", "default": False},
-            "bank": {"type": "string", "description": "bank id, id@vN or configured name (default: the first)"}}}}}}})
+            "bank": {"type": "string", "description": "bank id, id@vN or configured name (default: the first)"},
+            "missing": {"type": "string", "enum": ["error", "build"], "default": "error",
+                        "description": "build: unknown classes become a job (admin token) -> 202"}}}}}}})
     async def segment(request: Request) -> JSONResponse:
         t0 = time.perf_counter()
         cat = await _catalog(backend)
         fields, data = await read_form(request, cat.limits)
         fmt = parse_format(fields.get("format"))
         pamr = parse_bool("pamr", fields.get("pamr"))
-        entry = cat.resolve(fields.get("bank"))
-        classes = check_classes(split_classes(fields.get("classes"), cat.limits), entry.names, entry.key)
+        entry, classes, accepted = await live.segment_classes(backend, request, cat, fields)  # missing=build
+        if accepted is not None:
+            return accepted
         t1 = time.perf_counter()
         image = await asyncio.to_thread(decode_image, data, cat.limits)  # header first, then a full decode
         t2 = time.perf_counter()
@@ -208,8 +213,9 @@ def make_app(backend: Backend) -> FastAPI:
         body["timing"] = {"total_ms": round(1000 * (time.perf_counter() - t0), 1),
                           "validate_ms": round(1000 * (t2 - t0), 1), "decode_ms": round(1000 * (t2 - t1), 1),
                           **body["timing"]}
-        return JSONResponse(body)
+        return JSONResponse(body, headers={"X-OVDiff-Bank": f"{body['bank']['id']}@v{body['bank']['version']}"})
 
+    live.add_live_routes(app, backend)
     return app
 
 
@@ -322,6 +328,7 @@ class ServeBackend:
     def __init__(self, deployment: str = SEGMENTER, app_name: str | None = None, ttl_s: float = 10.0):
         self.deployment, self.app_name, self.ttl_s = deployment, app_name, ttl_s
         self._handle = None
+        self._jobs = None
         self._catalog: Catalog | None = None
         self._fetched = 0.0
         self._refresh: asyncio.Task | None = None
@@ -352,6 +359,25 @@ class ServeBackend:
             await self._fetch()
         except Exception as e:  # noqa: BLE001 - keep the cached catalog
             log.warning("catalog refresh failed: %s", e)
+
+    async def refresh(self) -> Catalog:
+        """The catalog fetched now (a replica may serve a newer version of a followed bank)."""
+        return await self._call(self._fetch(), 30.0)
+
+    @property
+    def jobs(self):
+        if self._jobs is None:
+            from ray import serve
+
+            app = self.app_name or serve.get_replica_context().app_name
+            self._jobs = serve.get_deployment_handle(JOBS, app_name=app)
+        return self._jobs
+
+    async def submit_classes(self, uri: str, classes: list[dict]) -> dict:
+        return await self._call(self.jobs.submit.remote(uri, classes), 60.0)
+
+    async def job(self, job_id: str) -> dict | None:
+        return await self._call(self.jobs.get.remote(job_id), 30.0)
 
     async def segment(self, key: str, job: Job) -> dict:
         timeout = self._catalog.request_timeout_s if self._catalog else 120.0
@@ -402,6 +428,7 @@ class SegmenterDeployment:
         self.engine: Engine | None = None
         self.default = None  # the default bank's Segmenter, pinned outside the multiplexer's LRU
         self.worker: _Worker | None = None
+        self.live: LiveBanks | None = None  # followed banks (hot reload), outside the multiplexer too
 
     async def reconfigure(self, user_config: dict):
         cfg = ServiceConfig.from_dict(user_config)
@@ -410,7 +437,13 @@ class SegmenterDeployment:
             self.worker = _Worker(threads)
         engine = await self.worker(Engine, cfg)
         default = await self.worker(engine.load, engine.catalog.default)
-        self.engine, self.default = engine, default
+        live = LiveBanks(engine, cfg.reload_poll_s, self._wait_commit if cfg.admin.get("jobs") else None)
+        initial = {k: (default if k == engine.catalog.default else await self.worker(engine.load, k))
+                   for k in engine.catalog.admin.get("live", [])}
+        if self.live is not None:
+            self.live.stop()
+        self.engine, self.default, self.live = engine, default, live
+        live.start(initial)
         self._batch.set_max_batch_size(cfg.max_batch_size)
         self._batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         _check_batching(cfg.max_batch_size)
@@ -419,12 +452,28 @@ class SegmenterDeployment:
         if self.engine is None or self.default is None:
             raise RuntimeError("bank and models not loaded (no user_config applied yet)")
 
+    async def _wait_commit(self, seen: int, timeout: float) -> dict:
+        from ray import serve
+
+        handle = serve.get_deployment_handle(JOBS, app_name=serve.get_replica_context().app_name)
+        return await handle.wait_commit.remote(seen, timeout)
+
     async def health(self) -> dict:
         await self.check_health()
         import psutil
 
-        return {"default": self.engine.catalog.default, "banks": list(self.engine.catalog.banks),
-                "replica": _replica_id(), "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1)}
+        mem = psutil.Process().memory_full_info()
+        out = {"default": self.engine.catalog.default, "banks": list(self.engine.catalog.banks),
+               "replica": _replica_id(), "pid": os.getpid(), "rss_mb": round(mem.rss / 2**20, 1),
+               "uss_mb": round(mem.uss / 2**20, 1), "pss_mb": round(getattr(mem, "pss", mem.rss) / 2**20, 1)}
+        if self.live is not None and self.live.status:
+            out["live"] = self.live.health()
+            bad = {k: v["reload_error"] for k, v in out["live"].items() if v.get("reload_error")}
+            if bad:
+                out["status"] = "degraded"
+                out["reload_error"] = "; ".join(f"{k}: v{v['version']} failed to load ({v['error']}), still "
+                                                f"serving v{out['live'][k]['version']}" for k, v in bad.items())
+        return out
 
     async def describe(self) -> dict:
         await self.check_health()
@@ -444,7 +493,9 @@ class SegmenterDeployment:
     async def _batch(self, jobs: list[Job]) -> list[dict]:
         key = serve.get_multiplexed_model_id() or self.engine.catalog.default
         try:
-            seg = await self.bank(key)
+            # one Segmenter for the whole batch: a reload that switches meanwhile does not touch this batch
+            seg = self.live.get(key) if self.live is not None else None
+            seg = seg or await self.bank(key)
         except RequestError as e:
             return [{"status": e.status, **e.to_dict()} for _ in jobs]
         return await self.worker(self.engine.run, seg, jobs)
@@ -455,8 +506,9 @@ class SegmenterDeployment:
 class IngressDeployment:
     """HTTP front: validates requests (no model here) and forwards them to the segmenter."""
 
-    def __init__(self, segmenter: DeploymentHandle):
-        self.segmenter = segmenter  # bound so that the application deploys it; the routes look it up by name
+    def __init__(self, segmenter: DeploymentHandle, jobs: DeploymentHandle | None = None):
+        # bound so that the application deploys them; the routes look them up by name
+        self.segmenter, self.jobs = segmenter, jobs
 
 
 def _replica_cpus() -> int:
@@ -500,6 +552,11 @@ class AppArgs(BaseModel):
     version: int | None = None  # ... and its version (default: latest at build time)
     banks: list[str | dict] = Field(default_factory=list)  # or several: URI or {uri, version, name}; first = default
     pin_versions: bool = True  # resolve "latest" once, here, so every replica serves the same version
+    follow_latest: bool = False  # banks given without a version follow `latest` (hot reload; overrides pinning)
+    reload_poll_s: float = Field(10.0, gt=0)  # how often replicas read `latest`
+    share_bank: bool = True  # one copy of a bank's arrays per node (memory-mapped, node-local cache)
+    admin_token_file: str | None = None  # the admin token's file (else OVDIFF_ADMIN_TOKEN on the ingress)
+    build: dict = Field(default_factory=dict)  # job settings: workers, gpus_per_worker, limits (jobs.BuildSettings)
     limits: dict = Field(default_factory=dict)
     max_batch_size: int = Field(4, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
@@ -529,9 +586,14 @@ def service_config(a: AppArgs) -> ServiceConfig:
         raise ValueError("no bank: set `bank: URI` (or `banks: [...]`) in the application args")
     banks = [BankSpec(_absolute(b.uri), b.version, b.name) for b in banks]  # replicas may not share our cwd
     if a.pin_versions:
-        banks = [BankSpec(b.uri, bank_entry(b, a.storage).version, b.name) for b in banks]
+        banks = [b if a.follow_latest and b.version is None else BankSpec(b.uri, bank_entry(b, a.storage).version, b.name)
+                 for b in banks]
+    build = BuildSettings.from_dict(a.build)
+    admin = {"token_file": _absolute(a.admin_token_file) if a.admin_token_file else None,
+             "max_classes_per_request": build.max_classes_per_request, "jobs": a.follow_latest}
     return ServiceConfig(banks, Limits.from_dict(a.limits), a.max_batch_size, a.batch_wait_timeout_s, a.device,
-                         a.torch_threads, a.request_timeout_s, a.storage)
+                         a.torch_threads, a.request_timeout_s, a.storage, a.follow_latest, a.reload_poll_s,
+                         a.share_bank, admin)
 
 
 def _absolute(uri: str) -> str:
@@ -562,7 +624,12 @@ def build_app(args: dict | AppArgs):
             raise ValueError(f"max_replicas ({a.max_replicas}) < min_replicas ({a.min_replicas})")
         opts["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
                                       "target_ongoing_requests": a.target_ongoing_requests}
-    return IngressDeployment.options(num_replicas=a.ingress_replicas).bind(SegmenterDeployment.options(**opts).bind())
+    segmenter = SegmenterDeployment.options(**opts).bind()
+    if not a.follow_latest:
+        return IngressDeployment.options(num_replicas=a.ingress_replicas).bind(segmenter)
+    jobs = BankJobsDeployment.options(user_config={"build": BuildSettings.from_dict(a.build).to_dict(),
+                                                   "storage": a.storage}).bind()
+    return IngressDeployment.options(num_replicas=a.ingress_replicas).bind(segmenter, jobs)
 
 
 # -------------------------------------------------------------------------------------------------- CLI
@@ -589,6 +656,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch-size", type=int, default=4)
     ap.add_argument("--max-queued-requests", type=int, default=64)
     ap.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    ap.add_argument("--follow", action="store_true",
+                    help="follow each bank's latest version (hot reload; banks given without @N) and accept "
+                         "POST /v1/classes when an admin token is set (OVDIFF_ADMIN_TOKEN or --admin-token-file)")
+    ap.add_argument("--reload-poll-s", type=float, default=10.0, help="with --follow: seconds between reads of "
+                    "`latest` (default 10; a job of this service is picked up at once)")
+    ap.add_argument("--admin-token-file", default=None, help="file whose first line is the admin token")
+    ap.add_argument("--build-gpus-per-worker", type=float, default=0.0,
+                    help="with --follow: GPUs per class-building worker (0 on CPU machines)")
+    ap.add_argument("--build-workers", type=int, default=1, help="with --follow: class-building workers (default 1)")
     a = ap.parse_args(argv)
     if a.max_replicas is not None and a.replicas is not None:
         ap.error("--max-replicas goes with --min-replicas, not --replicas")
@@ -599,7 +675,9 @@ def main(argv: list[str] | None = None) -> int:
     lo = a.min_replicas if a.min_replicas is not None else 1
     args = dict(banks=banks, num_replicas=a.replicas, min_replicas=lo, max_replicas=max(lo, a.max_replicas or lo, 1),
                 num_cpus=a.num_cpus, num_gpus=a.num_gpus, max_batch_size=a.max_batch_size,
-                max_queued_requests=a.max_queued_requests)
+                max_queued_requests=a.max_queued_requests, follow_latest=a.follow, reload_poll_s=a.reload_poll_s,
+                admin_token_file=a.admin_token_file,
+                build={"gpus_per_worker": a.build_gpus_per_worker, "workers": a.build_workers})
     from ..store.fs import StoreError
 
     try:
