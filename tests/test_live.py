@@ -74,13 +74,23 @@ def scenes(tmp_path_factory) -> str:
 
     out = tmp_path_factory.mktemp("live-scenes")
     voc = out / "v.tsv"
-    voc.write_text("name\tkind\npurple ring\tthing\norange dots\tstuff\nred circle\tthing\nblue star\tthing\n")
-    assert scenes_main(["--vocab", str(voc), "--n", "4", "--out", str(out), "--seed", "7"]) == 0
+    voc.write_text("name\tkind\npurple ring\tthing\norange dots\tstuff\nyellow circle\tthing\nred circle\tthing\n"
+                   "blue star\tthing\n")
+    assert scenes_main(["--vocab", str(voc), "--n", "6", "--out", str(out), "--seed", "7"]) == 0
     return str(out)
 
 
 def image(scenes: str, i: int = 0) -> bytes:
     return (Path(scenes) / "images" / f"{i:04d}.png").read_bytes()
+
+
+def image_with(scenes: str, name: str) -> bytes:
+    """The scene where class `name` covers the most pixels (ground truth)."""
+    names = [l.split("\t")[0] for l in (Path(scenes) / "classes.tsv").read_text().splitlines()[1:]]
+    value = names.index(name) + 1
+    area = [(np.asarray(Image.open(p)) == value).sum() for p in sorted((Path(scenes) / "labels").glob("*.png"))]
+    assert max(area) > 0, f"no scene shows {name}"
+    return image(scenes, int(np.argmax(area)))
 
 
 def segment(client, data: bytes, headers=None, **fields):
@@ -260,7 +270,7 @@ def _references(root: str, versions: list[int], data: bytes) -> dict[int, np.nda
 def test_requests_during_a_reload_all_succeed_on_one_version_each(client, live, scenes):
     base, root = live
     v0 = read_manifest(Location(root))["version"]
-    data = image(scenes, 1)
+    data = image_with(scenes, "yellow circle")
     results: list[tuple[int, httpx.Response | Exception]] = []
     stop = asyncio.Event()
 
