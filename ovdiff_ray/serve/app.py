@@ -15,6 +15,8 @@ Run it with `ovdiff serve --bank URI`, `serve run deploy/serve.yaml` or `serve d
   name for the values present; 0 = background, c + 1 = bank class c), the mask (`mask` base64 PNG, uint8 or uint16
   per bank / `rle` COCO RLE per class / `overlay` base64 PNG + `legend`), `kept` and `timing`.
 - `GET /v1/bank[?bank=REF]` id, version, classes, recipe summary; `GET /healthz`; `GET /` the try-it page.
+- `POST /v1/classes`, `GET /v1/jobs/ID` and `missing=build` (admin token): classes added to a followed bank while it
+  is served (`live.py`, `jobs.py`); followed banks reload new versions without a restart (`reload.py`).
 
 Errors are JSON `{"error": message, "detail": ..., "code": ...}`: 400 bad field / truncated image / unknown, empty or
 too many classes, 404 unknown bank, 413 upload or pixel count over the limits, 415 not an image or not multipart,

@@ -238,6 +238,9 @@ class Engine:
             from ..store.shared import load_shared
 
             bank = load_shared(e.uri, version, storage_options=self.config.storage)
+            for a in bank.extractors.values():  # fault the shared pages in now, not in the first requests
+                flat = np.asarray(a.vectors).reshape(-1).view(np.uint8)
+                int(flat[::4096].sum()) if flat.size else 0
         else:
             bank = Bank.load(e.uri, version, storage_options=self.config.storage)
         device = self.config.device or default_device()
