@@ -39,7 +39,17 @@ def test_latest_pointer_names_the_manifest_and_old_pointers_still_read(bank_copy
         read_manifest(loc)
 
 
-def test_shared_bank_equals_the_loaded_one_and_is_mapped_once(bank_copy):
+@pytest.fixture(params=["in-process", "child-process"])
+def builder(request, monkeypatch):
+    """Cache entries built in this process (small banks) or in a child process (large ones)."""
+    from ovdiff_ray.store import shared
+
+    if request.param == "child-process":
+        monkeypatch.setattr(shared, "IN_PROCESS_MAX_BYTES", 0)
+    return request.param
+
+
+def test_shared_bank_equals_the_loaded_one_and_is_mapped_once(bank_copy, builder):
     ref = load_bank(bank_copy)
     a = load_shared(bank_copy)
     assert is_shared(a) and not is_shared(ref)
@@ -60,7 +70,7 @@ def test_shared_bank_equals_the_loaded_one_and_is_mapped_once(bank_copy):
     assert sub.names == ["red circle", "blue star"] and len(list(cache_root().rglob("meta.json"))) == 2
 
 
-def test_a_corrupt_shard_is_never_cached(bank_copy):
+def test_a_corrupt_shard_is_never_cached(bank_copy, builder):
     loc = Location(bank_copy)
     m = read_manifest(loc)
     shard = Path(bank_copy, m["classes"][3]["shard"])

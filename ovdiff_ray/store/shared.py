@@ -4,7 +4,8 @@
 its arrays are `np.memmap`s of `.npy` files in a node-local cache folder, so Serve replicas and labelling actors on
 one node share one copy in the page cache instead of holding one each. The first process on a node builds the cache
 entry under a file lock (written to a temporary folder, renamed into place whole: readers never see half an entry);
-the others map it. The cache folder is `OVDIFF_BANK_CACHE`, else `<tmp>/ovdiff-bank-cache-<uid>`; the newest
+the others map it (banks over `IN_PROCESS_MAX_BYTES` are decoded in a child process, so the decode buffers, about
+three times the bank, never stay in a replica's heap). The cache folder is `OVDIFF_BANK_CACHE`, else `<tmp>/ovdiff-bank-cache-<uid>`; the newest
 `KEEP_VERSIONS` entries per bank are kept (a process that still maps an older one keeps its pages).
 
     <cache>/<sha256(uri)[:16]>/<bank_id>-v<N>[-<subset>]/meta.json        names, kinds, manifest, array index
@@ -23,11 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from .bank import Bank, BankArrays
-from .fs import Location, StorageConfig
+from .fs import Location, StorageConfig, StoreError
 from .schema import ManifestError
-from .shards import load_bank, read_manifest
+from .shards import ShardError, load_bank, read_manifest
 
 KEEP_VERSIONS = 3
+IN_PROCESS_MAX_BYTES = 64 << 20  # larger banks are decoded in a child process (its transient copies die with it)
 FIELDS = ("vectors", "class_idx", "kind", "level", "offsets")
 CACHE_FORMAT = "ovdiff-bank-cache/1"
 
@@ -108,17 +110,64 @@ def load_shared(uri: str, version: int | None = None, classes: list[str] | None 
         with FileLock(str(d.parent / f".{d.name}.lock"), timeout=3600):
             if not (d / "meta.json").exists():
                 t0 = time.perf_counter()
-                bank = load_bank(uri, int(m["version"]), classes, storage_options)
-                _write_entry(bank, d)
-                os.utime(d)
+                size = sum(int(c.get("bytes", 0)) for c in m["classes"])
+                job = {"uri": uri, "version": int(m["version"]), "classes": classes, "dir": str(d),
+                       "storage": storage_options.to_dict() if isinstance(storage_options, StorageConfig)
+                       else storage_options}
+                if size > IN_PROCESS_MAX_BYTES:
+                    _build_in_child(job)  # the decode buffers (about 3x the bank) die with the child
+                else:
+                    _build(job)
                 _evict(d.parent, d)
                 import logging
 
                 logging.getLogger("ovdiff.store").info("cached bank %s v%s for this node in %.1fs: %s",
-                                                       bank.bank_id, bank.version, time.perf_counter() - t0, d)
+                                                       m["bank_id"], m["version"], time.perf_counter() - t0, d)
     return _map_entry(d)
+
+
+def _build(job: dict) -> None:
+    bank = load_bank(job["uri"], job["version"], job["classes"], job["storage"])
+    _write_entry(bank, Path(job["dir"]))
+    os.utime(job["dir"])
+
+
+CHILD_ERROR = "ovdiff-bank-cache-error: "
+ERRORS = {"ShardError": ShardError, "ManifestError": ManifestError, "StoreError": StoreError}
+
+
+def _build_in_child(job: dict) -> None:
+    """`_build` in a fresh Python process; the job (storage settings included) goes over stdin, never argv."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "ovdiff_ray.store.shared"], input=json.dumps(job).encode(),
+                       capture_output=True, timeout=6 * 3600)
+    if r.returncode != 0:
+        lines = r.stderr.decode(errors="replace").strip().splitlines()
+        err = next((json.loads(x[len(CHILD_ERROR):]) for x in reversed(lines) if x.startswith(CHILD_ERROR)), None)
+        if err is not None and err["type"] in ERRORS:
+            raise ERRORS[err["type"]](err["message"])
+        tail = " | ".join(lines[-3:])[-600:]
+        raise StoreError(f"building the node's bank copy failed (exit {r.returncode}): "
+                         f"{err['type'] + ': ' + err['message'] if err else tail}")
+
+
+def _child_main() -> int:
+    import sys
+
+    try:
+        _build(json.loads(sys.stdin.buffer.read()))
+    except Exception as e:  # noqa: BLE001 - reported to the parent on the last stderr line
+        print(CHILD_ERROR + json.dumps({"type": type(e).__name__, "message": str(e)}), file=sys.stderr, flush=True)
+        return 1
+    return 0
 
 
 def is_shared(bank: Bank) -> bool:
     """True when the bank's arrays are memory-mapped (shared with the other processes of the node)."""
     return all(isinstance(a.vectors, np.memmap) for a in bank.extractors.values())
+
+
+if __name__ == "__main__":
+    raise SystemExit(_child_main())
