@@ -22,7 +22,6 @@ import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
 
 from ray import serve
 
