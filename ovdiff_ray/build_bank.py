@@ -6,6 +6,7 @@ models once, writes its class's shard and returns metadata only; the driver comm
 classes + new ones, every `--commit-every` classes and at the end.
 
     build_bank --vocab bank/vocab/toy.tsv --recipe toy --out ./banks/toy
+    build_bank --vocab lvis_v1_val.json --recipe paper --out s3://bucket/banks/lvis --check
     ray job submit --address http://HEAD:8265 -- build_bank --vocab bank/vocab/lvis1203.tsv --recipe paper \\
         --out s3://bucket/banks/lvis --gpus-per-worker 1 --workers 8
 """
@@ -24,11 +25,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import preflight
 from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
 from .store.fs import CommitConflict, Location, StorageConfig, StoreError
 from .store.schema import ManifestError
 from .store.shards import commit_manifest, new_manifest, read_manifest, write_shard
-from .vocab import VocabError, Vocabulary, fold, load_vocab
+from .vocab import VocabError, Vocabulary, fold
+from .vocab_import import read_vocabulary
 
 COMMIT_SECONDS = 300.0  # also commit when this long has passed since the last commit
 
@@ -38,17 +41,24 @@ class ClassWorker:
 
     A class that raises is retried here up to `retries` times, then returned as failed with its reason; a worker
     process or node that dies is retried by Ray Data on another actor. Shard keys are content-addressed and seeds
-    derive from (bank seed, class, image), so a retry rewrites the same shard.
+    derive from (bank seed, class, image), so a retry rewrites the same shard. A failure that no retry can fix
+    (`permanent`: a model that cannot load, a recipe this worker cannot read) is not raised, so Ray does not
+    restart the actor: every row then comes back `fatal` with that one line, and the driver stops the build.
     """
 
     def __init__(self, recipe: dict, uri: str, storage: dict | None, retries: int = 2):
-        from .sample import SamplingModels
-
-        self.recipe = recipe_from_dict(recipe, "bank recipe")
-        self.loc = Location(uri, storage)
-        self.retries = retries
-        self.models = SamplingModels.load(self.recipe)
         self.node = socket.gethostname() + f":{os.getpid()}"
+        self.retries, self.fatal = retries, ""
+        try:
+            from .sample import SamplingModels
+
+            self.recipe = recipe_from_dict(recipe, "bank recipe")
+            self.loc = Location(uri, storage)
+            self.models = SamplingModels.load(self.recipe)
+        except Exception as e:  # noqa: BLE001 - transient errors are raised (Ray restarts the actor)
+            if not permanent(e):
+                raise
+            self.fatal = f"{one_line(e)} (on worker {self.node})"
 
     def build_one(self, class_id: int, name: str, kind: str, prompt: str = "") -> dict:
         """One class -> its shard written and its manifest entry (as JSON), or `status` failed with the reason
@@ -57,6 +67,8 @@ class ClassWorker:
 
         from .sample import sample_class
 
+        if self.fatal:
+            return dict(status="fatal", entry="", error=self.fatal, seconds=0.0, attempts=0, worker=self.node)
         recipe = self.recipe
         if prompt and prompt != name:
             g = recipe.generation
@@ -75,6 +87,9 @@ class ClassWorker:
                 return dict(status="ok", entry=json.dumps(entry), error="", seconds=secs, attempts=attempt,
                             worker=self.node)
             except Exception as e:  # noqa: BLE001 - any model/data error is retried, then reported
+                if permanent(e):
+                    return dict(status="fatal", entry="", error=f"{one_line(e)} (class {name!r}, on worker "
+                                f"{self.node})", seconds=0.0, attempts=attempt, worker=self.node)
                 errors.append(f"{type(e).__name__}: {e}")
                 last = traceback.format_exc(limit=3)
         return dict(status="failed", entry="", error=f"{errors[-1]} (after {len(errors)} attempts)\n{last}",
@@ -97,6 +112,22 @@ class ClassWorker:
         return out
 
 
+def permanent(e: BaseException) -> bool:
+    """A failure that will not go away on retry: a model reference that names nothing or does not load, weights
+    that fail their sha256, a recipe this worker's code cannot read, a library that is not installed."""
+    from .models.weights import ModelLoadError, ModelNotFoundError, WeightsIntegrityError
+
+    return isinstance(e, (ModelNotFoundError, ModelLoadError, WeightsIntegrityError, RecipeError, ImportError))
+
+
+def one_line(e: BaseException, limit: int = 400) -> str:
+    """`Type: first line of the message`, cut at `limit` characters (library errors can run to pages)."""
+    msg = " ".join(str(e).split())
+    if len(msg) > limit:
+        msg = msg[:limit].rstrip() + " ..."
+    return f"{type(e).__name__}: {msg}"
+
+
 @dataclass
 class BuildState:
     """What the driver holds between commits."""
@@ -110,6 +141,7 @@ class BuildState:
     pending_entries: list[dict] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
     built: int = 0
+    fatal: str = ""  # a permanent failure that stopped the build
 
     @classmethod
     def of(cls, loc: Location, manifest: dict, vocab: Vocabulary) -> "BuildState":
@@ -162,7 +194,8 @@ def model_hashes(recipe: Recipe) -> dict[str, str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="build_bank", description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vocab", required=True, help="vocabulary: .tsv (name, kind) or .txt (one name a line)")
+    ap.add_argument("--vocab", required=True,
+                    help="vocabulary: .tsv (name, kind[, prompt]), .txt (one name a line) or COCO/LVIS .json")
     ap.add_argument("--recipe", required=True, help="recipe name in bank/recipes (paper, tiny, toy) or a YAML file")
     ap.add_argument("--out", required=True, help="bank location: local folder, file:// or s3://bucket/prefix")
     ap.add_argument("--workers", type=int, default=None, help="actors in the pool (default: GPUs, or 2 on CPU)")
@@ -176,6 +209,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--commit-every", type=int, default=16, help="commit a version every N built classes (default 16)")
     ap.add_argument("--new-bank", action="store_true", help="start a new bank at --out even if its recipe differs")
     ap.add_argument("--limit", type=int, default=None, help="build at most N pending classes this run")
+    ap.add_argument("--check", action="store_true",
+                    help="run only the preflight and print what the build would do; start and write nothing")
     return ap.parse_args(argv)
 
 
@@ -196,7 +231,7 @@ def pending_classes(committed: list[dict], classes, first_id: int | None = None)
 
 def plan(args: argparse.Namespace) -> tuple[BuildState, list[dict]]:
     """Validate inputs and diff the vocabulary against the committed manifest. Nothing starts before this passes."""
-    vocab = load_vocab(args.vocab)
+    vocab = read_vocabulary(args.vocab)
     recipe = load_recipe(args.recipe)
     loc = Location(args.out)
     latest = read_manifest(loc)
@@ -216,13 +251,95 @@ def plan(args: argparse.Namespace) -> tuple[BuildState, list[dict]]:
     return BuildState(loc, bank_id, recipe, vocab, committed, version), pending
 
 
-def run(args: argparse.Namespace) -> int:
-    t_start = time.perf_counter()
+def run_preflight(args: argparse.Namespace) -> tuple[preflight.Preflight, BuildState | None, list[dict], bool]:
+    """Every check before any work: vocab, recipe, its models, the bank location, the plan; then the cluster (Ray
+    is asked only now, and only when there is a cluster to ask). Sets `args.workers` to the pool size the build
+    will use. Returns (preflight, state, pending, whether this call started Ray)."""
+    pf = preflight.Preflight()
+    preflight.check_vocab(pf, args.vocab)
+    preflight.check_recipe(pf, args.recipe)
+    if pf.recipe is not None:
+        preflight.check_models(pf, pf.recipe)
+    preflight.check_writable(pf, args.out)
+    for flag, value, low in (("--workers", args.workers, 1), ("--gpus-per-worker", args.gpus_per_worker, 0),
+                             ("--cpus-per-worker", args.cpus_per_worker, 0), ("--retries", args.retries, 0),
+                             ("--commit-every", args.commit_every, 1)):
+        if value is not None and value < low:
+            pf.add(f"{flag} {value:g}", f"must be at least {low}")
+    if not pf.ok:
+        return pf, None, [], False
     try:
         state, pending = plan(args)
     except (VocabError, RecipeError, ManifestError, StoreError) as e:
-        print(f"build_bank: error: {e}", file=sys.stderr)
-        return 2
+        pf.add("--out", str(e))
+        return pf, None, [], False
+    started = False
+    if pending:
+        if preflight.local_ray_would_start(args.address):
+            res = preflight.local_resources()
+        else:
+            import ray
+
+            try:
+                if not ray.is_initialized():
+                    ray.init(address=args.address, log_to_driver=True, logging_level="WARNING")
+                    started = True
+                res = preflight.ray_resources()
+            except Exception as e:  # noqa: BLE001 - a wrong address, a cluster that is down
+                pf.add(f"--address {args.address or 'auto'}", f"cannot connect to the Ray cluster "
+                       f"({' '.join(str(e).split())[:300]}): check the address and that it runs the same Ray version")
+                return pf, state, pending, started
+        workers = args.workers or preflight.default_workers(res, args.gpus_per_worker, args.cpus_per_worker)
+        args.workers = max(1, min(workers, len(pending)))
+        preflight.check_resources(pf, res, args.workers, args.gpus_per_worker, args.cpus_per_worker)
+    return pf, state, pending, started
+
+
+def print_check(args: argparse.Namespace, pf: preflight.Preflight, state: BuildState, pending: list[dict]) -> None:
+    """`--check`: what was found and what the build would do."""
+    for note in pf.notes:
+        print(f"build_bank --check: {note}")
+    skipped = len(state.vocab) - len(pending)
+    if not pending:
+        print(f"build_bank --check: nothing to build: all {len(state.vocab)} classes are in bank {state.bank_id} "
+              f"v{state.version} at {args.out}")
+        return
+    g = state.recipe.generation
+    per = preflight.gpu_seconds_per_class(state.recipe)
+    if per is None:
+        est = f"generator {g.generator!r}: no GPU time to estimate"
+    else:
+        total = per * len(pending)
+        est = (f"estimated GPU time {len(pending)} x ~{per:.0f} s = {preflight.human_seconds(total)} "
+               f"(the paper's {preflight.PAPER_CLASS_SECONDS:.0f} s per class on one GPU at N=64, 30 steps, 512 px, "
+               f"scaled to N={g.n_images}, {g.steps} steps, {g.resolution} px), about "
+               f"{preflight.human_seconds(total / args.workers)} on {args.workers} worker(s)")
+    head = "first " if args.limit is not None else ""
+    names = ", ".join(p["name"] for p in pending[:5]) + (", ..." if len(pending) > 5 else "")
+    print(f"build_bank --check: would build {len(pending)} classes ({head}{names}); {skipped} already in "
+          f"v{state.version}")
+    print(f"build_bank --check: would write bank {state.bank_id} v{state.version + 1} to {args.out} "
+          f"(shards/, manifests/), a version every {args.commit_every} classes; {args.workers} worker(s) x "
+          f"({args.cpus_per_worker:g} CPU, {args.gpus_per_worker:g} GPU)")
+    print(f"build_bank --check: {est}")
+
+
+def run(args: argparse.Namespace) -> int:
+    t_start = time.perf_counter()
+    pf, state, pending, started_ray = run_preflight(args)
+    if not pf.ok or args.check:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+        if not pf.ok:
+            pf.report("build_bank", sys.stderr)
+            print(f"summary: preflight found {len(pf.problems)} problem(s); nothing was started or written",
+                  file=sys.stderr)
+            return 2
+        print_check(args, pf, state, pending)
+        print(f"summary: preflight ok, {len(pending)} classes to build; nothing was started or written (--check)")
+        return 0
     skipped = len(state.vocab) - len(pending)
     print(f"build_bank: bank {state.bank_id} at {args.out}: {len(state.vocab)} classes in vocab, {skipped} already "
           f"in v{state.version}, {len(pending)} to build (recipe {state.recipe.name})", flush=True)
@@ -233,9 +350,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     import ray
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
+    if not ray.is_initialized():
         ray.init(address=args.address, log_to_driver=True, logging_level="WARNING")
+        started_ray = True
     interrupted = False
     try:
         interrupted = execute(args, state, pending)
@@ -245,10 +362,15 @@ def run(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - t_start
     for f in state.failed:
         print(f"failed: {f['name']}: {f['error'].splitlines()[0]}", file=sys.stderr)
+    if state.fatal:
+        print(f"build_bank: error: {state.fatal}", file=sys.stderr)
     print(f"summary: built {state.built}, skipped {skipped}, failed {len(state.failed)}, wall {wall:.1f}s, "
-          f"bank {args.out} v{state.version}{' (interrupted)' if interrupted else ''}")
+          f"bank {args.out} v{state.version}{' (interrupted)' if interrupted else ''}"
+          f"{' (stopped: a failure no retry can fix)' if state.fatal else ''}")
     if interrupted:
         return 130
+    if state.fatal:
+        return 2
     return 1 if state.failed else 0
 
 
@@ -280,6 +402,9 @@ def execute(args: argparse.Namespace, state: BuildState, pending: list[dict]) ->
                 state.pending_entries.append(json.loads(row["entry"]))
                 state.built += 1
                 since += 1
+            elif row["status"] == "fatal":
+                state.fatal = row["error"]
+                break
             else:
                 state.failed.append({"name": row["name"], "error": row["error"], "attempts": int(row["attempts"])})
                 tqdm.write(f"build_bank: class {row['name']!r} failed: {row['error'].splitlines()[0]}", file=sys.stderr)

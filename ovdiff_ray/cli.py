@@ -12,6 +12,8 @@ COMMANDS = {
     "eval": ("ovdiff_ray.evaluate:main", "mIoU on toy | voc21 | context60 | coco_object81"),
     "segment": ("ovdiff_ray.segment:main", "segment one image and write an overlay PNG"),
     "serve": ("ovdiff_ray.serve.app:main", "start the Serve HTTP endpoint locally"),
+    "vocab": ("ovdiff_ray.vocab_import:import_main", "vocab import FILE --out FILE.tsv (COCO/LVIS JSON or .txt)"),
+    "weights": ("ovdiff_ray.mirror:main", "weights mirror --recipe R --to DIR|s3://... (for clusters without hub)"),
 }
 
 USAGE = "usage: ovdiff COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(

@@ -743,7 +743,11 @@ def run(args: argparse.Namespace, prog: Progress | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(parse_args(argv))
+    args = parse_args(argv)
+    from .preflight import run_for_load  # issue 16: the bank, its models and the cluster, before anything starts
+
+    return run_for_load("label_dataset", [(args.bank, args.bank_version)], address=args.address, workers=args.workers,
+                        gpus=args.gpus_per_worker, cpus=args.cpus_per_worker) or run(args)
 
 
 if __name__ == "__main__":

@@ -675,6 +675,12 @@ def main(argv: list[str] | None = None) -> int:
         uri, _, ver = ref.rpartition("@") if "@" in ref and ref.rsplit("@", 1)[1].isdigit() else (ref, "", "")
         banks.append({"uri": uri, "version": int(ver) if ver else None})
     lo = a.min_replicas if a.min_replicas is not None else 1
+    from ..preflight import run_for_load  # issue 16: banks, their models and the replicas' GPUs before Ray starts
+
+    if run_for_load("ovdiff serve", [(b["uri"], b["version"]) for b in banks], address=a.address,
+                    workers=a.replicas or lo, gpus=a.num_gpus, cpus=a.num_cpus, what="replica",
+                    flags=("--replicas", "--num-gpus", "--num-cpus")):
+        return 2
     args = dict(banks=banks, num_replicas=a.replicas, min_replicas=lo, max_replicas=max(lo, a.max_replicas or lo, 1),
                 num_cpus=a.num_cpus, num_gpus=a.num_gpus, max_batch_size=a.max_batch_size,
                 max_queued_requests=a.max_queued_requests, follow_latest=a.follow, reload_poll_s=a.reload_poll_s,
