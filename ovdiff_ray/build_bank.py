@@ -62,6 +62,8 @@ class ClassWorker:
             self.fatal = f"{one_line(e)} (on worker {self.node})"
 
     def build_one(self, class_id: int, name: str, kind: str, prompt: str = "") -> dict:
+        """One class -> its shard written and its manifest entry (as JSON), or `status` failed with the reason
+        after `retries` more attempts. `prompt` (optional) is the text the support set is drawn from."""
         from .sample import sample_class
 
         if self.fatal:
@@ -75,6 +77,8 @@ class ClassWorker:
                                     f"{self.loc.uri}: shard of class {name!r}")
                 secs = time.perf_counter() - t0
                 entry = {**info.to_entry(), "id": class_id, "seconds": round(secs, 3), "n_images": protos.info["kept"]}
+                if prompt and prompt != name:
+                    entry["prompt"] = prompt
                 return dict(status="ok", entry=json.dumps(entry), error="", seconds=secs, attempts=attempt,
                             worker=self.node)
             except Exception as e:  # noqa: BLE001 - any model/data error is retried, then reported
@@ -87,6 +91,10 @@ class ClassWorker:
                     break  # with_retries already waited it out: report the storage, do not sample again
         return dict(status="failed", entry="", error=f"{errors[-1]} (after {len(errors)} attempts)\n{last}",
                     seconds=0.0, attempts=len(errors), worker=self.node)
+
+    def worker(self) -> str:
+        """host:pid of this worker."""
+        return self.node
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {k: [] for k in ("class_id", "name", "status", "entry", "error", "seconds",
@@ -131,6 +139,12 @@ class BuildState:
     failed: list[dict] = field(default_factory=list)
     built: int = 0
     fatal: str = ""  # a permanent failure that stopped the build
+
+    @classmethod
+    def of(cls, loc: Location, manifest: dict, vocab: Vocabulary) -> "BuildState":
+        """The state of an existing bank at its committed `manifest` (a job adding classes to it)."""
+        return cls(loc, manifest["bank_id"], recipe_from_dict(manifest["recipe"], loc.display("manifest")), vocab,
+                   list(manifest["classes"]), int(manifest["version"]))
 
     def commit(self) -> bool:
         """Commit previous classes + new ones as v(N+1); on a conflict merge with the winner and retry."""
@@ -197,6 +211,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def pending_classes(committed: list[dict], classes, first_id: int | None = None) -> list[dict]:
+    """The classes (VocabClass) not in `committed` (manifest entries), in order, with new class ids: the rows the
+    ClassWorker takes (`class_id`, `name`, `kind`, `prompt`)."""
+    have = {fold(c["name"]) for c in committed}
+    next_id = max((c.get("id", i) for i, c in enumerate(committed)), default=-1) + 1
+    next_id = max(next_id, first_id or 0)
+    pending = []
+    for c in classes:
+        if fold(c.name) not in have:
+            pending.append({"class_id": next_id, "name": c.name, "kind": c.kind, "prompt": c.prompt})
+            have.add(fold(c.name))
+            next_id += 1
+    return pending
+
+
 def plan(args: argparse.Namespace) -> tuple[BuildState, list[dict]]:
     """Validate inputs and diff the vocabulary against the committed manifest. Nothing starts before this passes."""
     vocab = read_vocabulary(args.vocab)
@@ -213,13 +242,7 @@ def plan(args: argparse.Namespace) -> tuple[BuildState, list[dict]]:
                               "mixes recipes (pass --new-bank to start a new bank there, or choose another --out)")
         if not args.new_bank:
             committed, bank_id = latest["classes"], latest["bank_id"]
-    have = {fold(c["name"]) for c in committed}
-    next_id = max((c.get("id", i) for i, c in enumerate(committed)), default=-1) + 1
-    pending = []
-    for c in vocab.classes:
-        if fold(c.name) not in have:
-            pending.append({"class_id": next_id, "name": c.name, "kind": c.kind, "prompt": c.prompt})
-            next_id += 1
+    pending = pending_classes(committed, vocab.classes)
     if args.limit is not None:
         pending = pending[: args.limit]
     return BuildState(loc, bank_id, recipe, vocab, committed, version), pending

@@ -144,3 +144,18 @@ def from_names(names: list[str], kinds: list[str] | None = None, source: str = "
     prompts = prompts or [""] * len(names)
     body = "name\tkind\tprompt\n" + "".join(f"{n}\t{k}\t{p}\n" for n, k, p in zip(names, kinds, prompts))
     return parse_vocab(body.encode(), source if source.endswith(".tsv") else source + ".tsv")
+
+
+def check_class(name: str, kind: str = "thing", prompt: str = "", where: str = "<class>") -> VocabClass:
+    """One class checked as a vocabulary line is (name, kind, optional prompt), e.g. a class sent over HTTP."""
+    if not isinstance(name, str) or not isinstance(kind, str) or not isinstance(prompt, str):
+        raise VocabError(f"{where}: name, kind and prompt must be strings")
+    for label, text in (("name", name), ("prompt", prompt)):
+        if "\t" in text or "\n" in text or "\r" in text:
+            raise VocabError(f"{where}: tab or line break in the class {label} {text[:60]!r}")
+    name = _check_name(name, where)
+    kind = kind.strip()
+    if kind not in KINDS:
+        raise VocabError(f"{where}: unknown kind {kind!r} (expected thing or stuff)")
+    prompt = _check_name(prompt, where + " (prompt)") if prompt.strip() else ""
+    return VocabClass(name, kind, "" if prompt == name else prompt)

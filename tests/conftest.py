@@ -36,6 +36,8 @@ def _model_cache(tmp_path_factory):
     """Tiny models are built once per session into this cache (OVDIFF_CACHE)."""
     if "OVDIFF_CACHE" not in os.environ:
         os.environ["OVDIFF_CACHE"] = str(tmp_path_factory.mktemp("ovdiff-cache"))
+    if "OVDIFF_BANK_CACHE" not in os.environ:  # node-local shared bank copies (store/shared.py)
+        os.environ["OVDIFF_BANK_CACHE"] = str(tmp_path_factory.mktemp("ovdiff-bank-cache"))
     yield os.environ["OVDIFF_CACHE"]
 
 
@@ -81,6 +83,7 @@ def ray_local():
         # The header read timeout of Serve's proxy (ovdiff_ray/serve/http_guard.py), short for the slow-client tests.
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"OVDIFF_CACHE": os.environ["OVDIFF_CACHE"], "HF_HUB_OFFLINE": "1",
+                                           "OVDIFF_BANK_CACHE": os.environ["OVDIFF_BANK_CACHE"],
                                            "OVDIFF_HEADER_TIMEOUT_S": "3"},
                               "worker_process_setup_hook": "ovdiff_ray.serve.http_guard.install"})
     yield ray

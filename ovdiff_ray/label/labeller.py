@@ -25,10 +25,11 @@ class Labeller:
                  png_dtype: str | None = None, labelstudio: bool = False, pamr: bool = False,
                  max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES, device: str = "cpu"):
         from ..segment import Segmenter
-        from ..store.bank import Bank
+        from ..store.shared import load_shared
 
         self.images = Location(images, storage)
-        b = Bank.load(bank, version=version, classes=classes, storage_options=storage)
+        # the node's one read-only copy of this version's arrays (memory-mapped), shared by its actors
+        b = load_shared(bank, version=version, classes=classes, storage_options=storage)
         self.seg = Segmenter.from_bank(b, device)
         position = {c["name"]: i for i, c in enumerate(b.manifest["classes"])}
         self.lut = np.array([0] + [position[n] + 1 for n in b.names], np.int32)  # loaded index -> bank value

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import pyarrow.fs as pafs
 
 from ..store.fs import Location, StorageConfig
+from ..store.schema import manifest_key
 from ..store.shards import read_manifest
 from ..vocab import fold
 from .encode import OK, UNREADABLE, error_row, image_id
@@ -144,6 +145,7 @@ def resolve_job(args: argparse.Namespace, out: Location, storage: StorageConfig)
     else:
         ids = list(range(len(m["classes"])))
     job = {"tool": "label_dataset", "bank": args.bank, "bank_id": m["bank_id"], "bank_version": m["version"],
+           "bank_manifest": manifest_key(m["version"]),
            "classes": [m["classes"][i]["name"] for i in ids] if names is not None else None, "pamr": args.pamr}
     if old is not None:
         diff = [k for k in ("bank_id", "bank_version", "classes", "pamr") if old.get(k) != job[k]]

@@ -21,6 +21,8 @@ Run it with `ovdiff serve --bank URI`, `serve run deploy/serve.yaml` or `serve d
 - `GET /v1/bank[?bank=REF]` id, version, classes, recipe summary; `GET /healthz` public status (ok / degraded /
   503); `GET /v1/status` operator details behind `OVDIFF_ADMIN_TOKEN`; `GET /` the try-it page. No /docs or /redoc
   unless `docs: true`; `/openapi.json` documents every route and every error status.
+- `POST /v1/classes`, `GET /v1/jobs/ID` and `missing=build` (admin token): classes added to a followed bank while it
+  is served (`live.py`, `jobs.py`); followed banks reload new versions without a restart (`reload.py`).
 
 Errors are JSON `{"error": message, "detail": ..., "code": ...}` (`errors.ErrorBody`): 400 bad field / truncated
 image / unknown, empty or too many classes, 404 unknown bank, 408 body not received within `body_timeout_s`, 413
@@ -56,6 +58,9 @@ from .http_guard import HOOK as HTTP_GUARD
 from .limits import Limits, RequestError
 from .middleware import BodyDeadline, BodyLimit, Guard
 from .routes import router
+from . import live
+from .jobs import JOBS, BankJobsDeployment, BuildSettings
+from .reload import LiveBanks
 
 __all__ = ["make_app", "build_app", "main", "LocalBackend", "ServeBackend", "Overloaded", "SegmenterDeployment",
            "IngressDeployment", "AppArgs"]
@@ -94,6 +99,7 @@ def make_app(backend: Backend, extra_routers: tuple[APIRouter, ...] = (), docs: 
         return app.openapi_schema
 
     app.openapi = documented  # type: ignore[method-assign]
+    live.add_live_routes(app, backend)  # POST /v1/classes, GET /v1/jobs/ID (admin token; off without one)
     from .labelstudio import mount_labelstudio
 
     mount_labelstudio(app, backend, labelstudio)  # POST /predict, POST /setup, GET /health: Label Studio's protocol
@@ -120,6 +126,7 @@ class SegmenterDeployment:
         self.engine: Engine | None = None
         self.default = None  # the default bank's Segmenter, pinned outside the multiplexer's LRU
         self.worker: _Worker | None = None
+        self.live: LiveBanks | None = None  # followed banks (hot reload), outside the multiplexer too
 
     async def reconfigure(self, user_config: dict):
         cfg = ServiceConfig.from_dict(user_config)
@@ -128,7 +135,13 @@ class SegmenterDeployment:
             self.worker = _Worker(threads)
         engine = await self.worker(Engine, cfg)
         default = await self.worker(engine.load, engine.catalog.default)
-        self.engine, self.default = engine, default
+        live = LiveBanks(engine, cfg.reload_poll_s, self._wait_commit if cfg.admin.get("jobs") else None)
+        initial = {k: (default if k == engine.catalog.default else await self.worker(engine.load, k))
+                   for k in engine.catalog.admin.get("live", [])}
+        if self.live is not None:
+            self.live.stop()
+        self.engine, self.default, self.live = engine, default, live
+        live.start(initial)
         self._batch.set_max_batch_size(cfg.max_batch_size)
         self._batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         _check_batching(cfg.max_batch_size)
@@ -137,13 +150,29 @@ class SegmenterDeployment:
         if self.engine is None or self.default is None:
             raise RuntimeError("bank and models not loaded (no user_config applied yet)")
 
+    async def _wait_commit(self, seen: int, timeout: float) -> dict:
+        from ray import serve
+
+        handle = serve.get_deployment_handle(JOBS, app_name=serve.get_replica_context().app_name)
+        return await handle.wait_commit.remote(seen, timeout)
+
     async def health(self) -> dict:
         """`status`/`checks` (public) plus details for operators: banks, replica, pid, memory, storage error."""
         await self.check_health()
         import psutil
 
-        return {**self.engine.health(), "replica": _replica_id(), "pid": os.getpid(),
-                "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1)}
+        mem = psutil.Process().memory_full_info()
+        out = {**self.engine.health(), "replica": _replica_id(), "pid": os.getpid(),
+               "rss_mb": round(mem.rss / 2**20, 1), "uss_mb": round(mem.uss / 2**20, 1),
+               "pss_mb": round(getattr(mem, "pss", mem.rss) / 2**20, 1)}
+        if self.live is not None and self.live.status:
+            out["live"] = self.live.health()
+            bad = {k: v["reload_error"] for k, v in out["live"].items() if v.get("reload_error")}
+            if bad:
+                out["status"] = "degraded"
+                out["reload_error"] = "; ".join(f"{k}: v{v['version']} failed to load ({v['error']}), still "
+                                                f"serving v{out['live'][k]['version']}" for k, v in bad.items())
+        return out
 
     async def describe(self) -> dict:
         await self.check_health()
@@ -163,7 +192,9 @@ class SegmenterDeployment:
     async def _batch(self, jobs: list[Job]) -> list[dict]:
         key = serve.get_multiplexed_model_id() or self.engine.catalog.default
         try:
-            seg = await self.bank(key)
+            # one Segmenter for the whole batch: a reload that switches meanwhile does not touch this batch
+            seg = self.live.get(key) if self.live is not None else None
+            seg = seg or await self.bank(key)
         except RequestError as e:
             return [{"status": e.status, **e.to_dict()} for _ in jobs]
         return await self.worker(self.engine.run, seg, jobs)
@@ -174,8 +205,9 @@ class SegmenterDeployment:
 class IngressDeployment:
     """HTTP front: validates requests (no model here) and forwards them to the segmenter."""
 
-    def __init__(self, segmenter: DeploymentHandle):
-        self.segmenter = segmenter  # bound so that the application deploys it; the routes look it up by name
+    def __init__(self, segmenter: DeploymentHandle, jobs: DeploymentHandle | None = None):
+        # bound so that the application deploys them; the routes look them up by name
+        self.segmenter, self.jobs = segmenter, jobs
 
 
 def _replica_cpus() -> int:
@@ -219,6 +251,11 @@ class AppArgs(BaseModel):
     version: int | None = None  # ... and its version (default: latest at build time)
     banks: list[str | dict] = Field(default_factory=list)  # or several: URI or {uri, version, name}; first = default
     pin_versions: bool = True  # resolve "latest" once, here, so every replica serves the same version
+    follow_latest: bool = False  # banks given without a version follow `latest` (hot reload; overrides pinning)
+    reload_poll_s: float = Field(10.0, gt=0)  # how often replicas read `latest`
+    share_bank: bool = True  # one copy of a bank's arrays per node (memory-mapped, node-local cache)
+    admin_token_file: str | None = None  # the admin token's file (else OVDIFF_ADMIN_TOKEN on the ingress)
+    build: dict = Field(default_factory=dict)  # job settings: workers, gpus_per_worker, limits (jobs.BuildSettings)
     limits: dict = Field(default_factory=dict)
     max_batch_size: int = Field(4, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
@@ -250,9 +287,14 @@ def service_config(a: AppArgs) -> ServiceConfig:
         raise ValueError("no bank: set `bank: URI` (or `banks: [...]`) in the application args")
     banks = [BankSpec(_absolute(b.uri), b.version, b.name) for b in banks]  # replicas may not share our cwd
     if a.pin_versions:
-        banks = [BankSpec(b.uri, bank_entry(b, a.storage).version, b.name) for b in banks]
+        banks = [b if a.follow_latest and b.version is None else BankSpec(b.uri, bank_entry(b, a.storage).version, b.name)
+                 for b in banks]
+    build = BuildSettings.from_dict(a.build)
+    admin = {"token_file": _absolute(a.admin_token_file) if a.admin_token_file else None,
+             "max_classes_per_request": build.max_classes_per_request, "jobs": a.follow_latest}
     return ServiceConfig(banks, Limits.from_dict(a.limits), a.max_batch_size, a.batch_wait_timeout_s, a.device,
-                         a.torch_threads, a.request_timeout_s, a.storage)
+                         a.torch_threads, a.request_timeout_s, a.storage, a.follow_latest, a.reload_poll_s,
+                         a.share_bank, admin)
 
 
 def _absolute(uri: str) -> str:
@@ -292,7 +334,12 @@ def build_app(args: dict | AppArgs):
             raise ValueError(f"max_replicas ({a.max_replicas}) < min_replicas ({a.min_replicas})")
         opts["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
                                       "target_ongoing_requests": a.target_ongoing_requests}
-    return IngressDeployment.options(num_replicas=a.ingress_replicas).bind(SegmenterDeployment.options(**opts).bind())
+    segmenter = SegmenterDeployment.options(**opts).bind()
+    if not a.follow_latest:
+        return IngressDeployment.options(num_replicas=a.ingress_replicas).bind(segmenter)
+    jobs = BankJobsDeployment.options(user_config={"build": BuildSettings.from_dict(a.build).to_dict(),
+                                                   "storage": a.storage}).bind()
+    return IngressDeployment.options(num_replicas=a.ingress_replicas).bind(segmenter, jobs)
 
 
 # -------------------------------------------------------------------------------------------------- CLI
@@ -326,6 +373,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shutdown-timeout", type=float, default=20.0, metavar="S",
                     help="on Ctrl-C / SIGTERM, seconds in-flight requests get before Ray is stopped (default 20)")
     ap.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    ap.add_argument("--follow", action="store_true",
+                    help="follow each bank's latest version (hot reload; banks given without @N) and accept "
+                         "POST /v1/classes when an admin token is set (OVDIFF_ADMIN_TOKEN or --admin-token-file)")
+    ap.add_argument("--reload-poll-s", type=float, default=10.0, help="with --follow: seconds between reads of "
+                    "`latest` (default 10; a job of this service is picked up at once)")
+    ap.add_argument("--admin-token-file", default=None, help="file whose first line is the admin token")
+    ap.add_argument("--build-gpus-per-worker", type=float, default=0.0,
+                    help="with --follow: GPUs per class-building worker (0 on CPU machines)")
+    ap.add_argument("--build-workers", type=int, default=1, help="with --follow: class-building workers (default 1)")
     a = ap.parse_args(argv)
     if a.max_replicas is not None and a.replicas is not None:
         ap.error("--max-replicas goes with --min-replicas, not --replicas")
@@ -342,7 +398,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = dict(banks=banks, num_replicas=a.replicas, min_replicas=lo, max_replicas=max(lo, a.max_replicas or lo, 1),
                 num_cpus=a.num_cpus, num_gpus=a.num_gpus, max_batch_size=a.max_batch_size,
-                max_queued_requests=a.max_queued_requests, latency_budget_s=a.latency_budget)
+                max_queued_requests=a.max_queued_requests, latency_budget_s=a.latency_budget,
+                follow_latest=a.follow, reload_poll_s=a.reload_poll_s, admin_token_file=a.admin_token_file,
+                build={"gpus_per_worker": a.build_gpus_per_worker, "workers": a.build_workers})
     from ..store.fs import StoreError
 
     try:

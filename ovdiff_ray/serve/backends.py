@@ -90,6 +90,7 @@ class ServeBackend:
     def __init__(self, deployment: str = SEGMENTER, app_name: str | None = None, ttl_s: float = 10.0):
         self.deployment, self.app_name, self.ttl_s = deployment, app_name, ttl_s
         self._handle = None
+        self._jobs = None
         self._catalog: Catalog | None = None
         self._fetched = 0.0
         self._refresh: asyncio.Task | None = None
@@ -120,6 +121,27 @@ class ServeBackend:
             await self._fetch()
         except Exception as e:  # noqa: BLE001 - keep the cached catalog
             log.warning("catalog refresh failed: %s", e)
+
+    async def refresh(self) -> Catalog:
+        """The catalog fetched now (a replica may serve a newer version of a followed bank)."""
+        return await self._call(self._fetch(), 30.0)
+
+    @property
+    def jobs(self):
+        if self._jobs is None:
+            from ray import serve
+
+            from .jobs import JOBS
+
+            app = self.app_name or serve.get_replica_context().app_name
+            self._jobs = serve.get_deployment_handle(JOBS, app_name=app)
+        return self._jobs
+
+    async def submit_classes(self, uri: str, classes: list[dict]) -> dict:
+        return await self._call(self.jobs.submit.remote(uri, classes), 60.0)
+
+    async def job(self, job_id: str) -> dict | None:
+        return await self._call(self.jobs.get.remote(job_id), 30.0)
 
     async def segment(self, key: str, job: Job) -> dict:
         timeout = self._catalog.request_timeout_s if self._catalog else 120.0

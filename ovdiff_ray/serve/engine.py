@@ -61,6 +61,10 @@ class ServiceConfig:
     torch_threads: int | None = None  # None: the replica's CPUs (at least 1)
     request_timeout_s: float = 120.0  # ingress -> segmenter call
     storage: dict | None = None  # S3 settings (StorageConfig fields); None: from the environment
+    follow_latest: bool = False  # banks without a version follow their `latest` pointer (hot reload)
+    reload_poll_s: float = 10.0  # how often a replica reads `latest` of the banks it follows
+    share_bank: bool = True  # one copy of a bank's arrays per node (memory-mapped node-local cache)
+    admin: dict = field(default_factory=dict)  # POST /v1/classes: token_file, max_classes_per_request, jobs
 
     @classmethod
     def from_dict(cls, d: dict) -> "ServiceConfig":
@@ -70,13 +74,17 @@ class ServiceConfig:
         if not banks:
             raise ValueError("config names no bank: set `bank: URI` or `banks: [URI | {uri, version, name}, ...]`")
         limits = Limits.from_dict(d.pop("limits", None))
-        known = {"max_batch_size", "batch_wait_timeout_s", "device", "torch_threads", "request_timeout_s", "storage"}
+        known = {"max_batch_size", "batch_wait_timeout_s", "device", "torch_threads", "request_timeout_s", "storage",
+                 "follow_latest", "reload_poll_s", "share_bank", "admin"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown config key(s) {', '.join(unknown)} (known: banks, limits, {', '.join(sorted(known))})")
         cfg = cls([BankSpec.of(b) for b in banks], limits, **d)
         if cfg.max_batch_size < 1 or cfg.batch_wait_timeout_s < 0:
             raise ValueError("max_batch_size must be >= 1 and batch_wait_timeout_s >= 0")
+        if cfg.reload_poll_s <= 0:
+            raise ValueError(f"reload_poll_s must be > 0, got {cfg.reload_poll_s}")
+        cfg.admin = dict(cfg.admin or {})
         return cfg
 
     def to_dict(self) -> dict:
@@ -84,7 +92,12 @@ class ServiceConfig:
                 "limits": self.limits.to_dict(), "max_batch_size": self.max_batch_size,
                 "batch_wait_timeout_s": self.batch_wait_timeout_s, "device": self.device,
                 "torch_threads": self.torch_threads, "request_timeout_s": self.request_timeout_s,
-                "storage": self.storage}
+                "storage": self.storage, "follow_latest": self.follow_latest, "reload_poll_s": self.reload_poll_s,
+                "share_bank": self.share_bank, "admin": dict(self.admin)}
+
+    def follows(self, spec: BankSpec) -> bool:
+        """A bank configured without a version is followed (hot reload) when `follow_latest` is on."""
+        return self.follow_latest and spec.version is None
 
 
 @dataclass
@@ -99,10 +112,11 @@ class BankEntry:
     names: list[str]
     kinds: list[str]
     summary: dict
+    live: bool = False  # follows `latest`: `version` is the one being served now
 
     def public(self, with_classes: bool = True) -> dict:
         d = {"key": self.key, "id": self.bank_id, "version": self.version, "name": self.name,
-             "num_classes": len(self.names), "mask_dtype": mask_dtype(len(self.names))}
+             "num_classes": len(self.names), "mask_dtype": mask_dtype(len(self.names)), "live": self.live}
         if with_classes:
             d["classes"] = [{"id": i + 1, "name": n, "kind": k} for i, (n, k) in enumerate(zip(self.names, self.kinds))]
             d["recipe"] = self.summary.get("recipe")
@@ -111,17 +125,24 @@ class BankEntry:
         return d
 
 
-def bank_entry(spec: BankSpec, storage: dict | None = None) -> BankEntry:
-    """Read a bank's committed manifest (latest or `spec.version`) into a catalog entry."""
+def bank_entry(spec: BankSpec, storage: dict | None = None, live: bool = False) -> BankEntry:
+    """Read a bank's committed manifest (latest or `spec.version`) into a catalog entry. A followed (`live`) bank
+    has the key `<bank_id>@latest`, which stays the same while the version served moves on."""
     from ..store.fs import Location
-    from ..store.inspect import summarize
     from ..store.shards import read_manifest
 
     m = read_manifest(Location(spec.uri, storage), spec.version)
     if m is None:
         raise ValueError(f"{spec.uri}: no committed bank here (no manifests/)")
-    return BankEntry(f"{m['bank_id']}@v{m['version']}", m["bank_id"], int(m["version"]), spec.uri, spec.name,
-                     [c["name"] for c in m["classes"]], [c["kind"] for c in m["classes"]], summarize(m))
+    return entry_of(m, spec.uri, spec.name, live)
+
+
+def entry_of(m: dict, uri: str, name: str | None, live: bool = False) -> BankEntry:
+    from ..store.inspect import summarize
+
+    key = f"{m['bank_id']}@latest" if live else f"{m['bank_id']}@v{m['version']}"
+    return BankEntry(key, m["bank_id"], int(m["version"]), uri, name, [c["name"] for c in m["classes"]],
+                     [c["kind"] for c in m["classes"]], summarize(m), live)
 
 
 @dataclass
@@ -195,11 +216,12 @@ class Engine:
         self._models: dict[str, tuple[list, Any, str]] = {}  # model signature -> (extractors, classifier, device)
         self._lock = threading.Lock()
         for spec in config.banks:
-            e = bank_entry(spec, config.storage)
+            e = bank_entry(spec, config.storage, config.follows(spec))
             if e.key in banks:
                 raise ValueError(f"bank {e.key} is configured twice ({banks[e.key].uri} and {spec.uri})")
             banks[e.key] = e
-        self.catalog = Catalog(banks, next(iter(banks)), config.limits, config.request_timeout_s)
+        admin = {**config.admin, "live": [k for k, e in banks.items() if e.live]}
+        self.catalog = Catalog(banks, next(iter(banks)), config.limits, config.request_timeout_s, admin)
         self.storage_error: tuple[float, str] | None = None  # (when, what) of the last failed bank read
 
     def health(self) -> dict:
@@ -212,8 +234,9 @@ class Engine:
                 "storage_error": err[1] if degraded else None}
 
     # -- models ----------------------------------------------------------------------------------------------
-    def load(self, key: str):
-        """The Segmenter of a catalogued bank: prototypes read (sha256-verified), models shared per recipe."""
+    def load(self, key: str, version: int | None = None):
+        """The Segmenter of a catalogued bank (at `version`, default the catalogued one): prototypes read
+        (sha256-verified; memory-mapped from the node's shared copy when `share_bank`), models shared per recipe."""
         from ..models import build_classifier, build_extractors, default_device
         from ..segment import Segmenter
         from ..store.bank import Bank
@@ -225,12 +248,21 @@ class Engine:
         t0 = time.perf_counter()
         from ..store.retry import is_storage_error
 
+        version = e.version if version is None else version
         try:
-            bank = Bank.load(e.uri, e.version, storage_options=self.config.storage)
+            if self.config.share_bank:
+                from ..store.shared import load_shared
+
+                bank = load_shared(e.uri, version, storage_options=self.config.storage)
+                for a in bank.extractors.values():  # fault the shared pages in now, not in the first requests
+                    flat = np.asarray(a.vectors).reshape(-1).view(np.uint8)
+                    int(flat[::4096].sum()) if flat.size else 0
+            else:
+                bank = Bank.load(e.uri, version, storage_options=self.config.storage)
         except Exception as err:  # noqa: BLE001 - storage down or failing: keep serving what is loaded
             if not is_storage_error(err):
                 raise
-            self.storage_error = (time.monotonic(), f"{e.uri} v{e.version}: {err.__class__.__name__}: "
+            self.storage_error = (time.monotonic(), f"{e.uri} v{version}: {err.__class__.__name__}: "
                                                     f"{str(err)[:300]}")
             log.warning("bank %s: storage read failed: %s", key, self.storage_error[1])
             raise RequestError(503, f"bank {key[:80]!r} cannot be loaded now: its storage is unavailable; "
@@ -246,8 +278,14 @@ class Engine:
                 self._models[sig] = (build_extractors(r, device), build_classifier(r, device), device)
             extractors, classifier, device = self._models[sig]
         seg = Segmenter(bank, extractors, classifier, device)
-        log.info("loaded bank %s (%d classes) in %.1fs", key, len(bank.names), time.perf_counter() - t0)
+        log.info("loaded bank %s v%d (%d classes) in %.1fs", key, bank.version, len(bank.names),
+                 time.perf_counter() - t0)
         return seg
+
+    def switched(self, key: str, bank) -> None:
+        """A followed bank now serves `bank` (a newer version): its catalog entry says so (one assignment)."""
+        e = self.catalog.banks[key]
+        self.catalog.banks[key] = entry_of(bank.manifest, e.uri, e.name, e.live)
 
     # -- work ------------------------------------------------------------------------------------------------
     def run(self, seg, jobs: Sequence[Job]) -> list[dict]:
@@ -353,6 +391,7 @@ class Catalog:
     default: str
     limits: Limits = field(default_factory=Limits)
     request_timeout_s: float = 120.0
+    admin: dict = field(default_factory=dict)  # token_file, max_classes_per_request, live keys (no secret here)
 
     def resolve(self, ref: str | None) -> BankEntry:
         """`None` (default), a configured name, a bank id (its newest configured version) or `id@vN` -> entry."""
@@ -374,11 +413,15 @@ class Catalog:
 
     def to_dict(self) -> dict:
         return {"default": self.default, "limits": self.limits.to_dict(), "request_timeout_s": self.request_timeout_s,
+                "admin": self.admin,
                 "banks": {k: {"id": e.bank_id, "version": e.version, "name": e.name, "uri": e.uri, "names": e.names,
-                              "kinds": e.kinds, "summary": e.summary} for k, e in self.banks.items()}}
+                              "kinds": e.kinds, "summary": e.summary, "live": e.live}
+                          for k, e in self.banks.items()}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Catalog":
         banks = {k: BankEntry(k, b["id"], int(b["version"]), b["uri"], b.get("name"), list(b["names"]),
-                              list(b["kinds"]), b["summary"]) for k, b in d["banks"].items()}
-        return cls(banks, d["default"], Limits.from_dict(d["limits"]), float(d["request_timeout_s"]))
+                              list(b["kinds"]), b["summary"], bool(b.get("live", False)))
+                 for k, b in d["banks"].items()}
+        return cls(banks, d["default"], Limits.from_dict(d["limits"]), float(d["request_timeout_s"]),
+                   dict(d.get("admin") or {}))

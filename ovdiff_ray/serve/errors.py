@@ -57,7 +57,7 @@ def error_response(e: RequestError | Overloaded, headers: dict | None = None) ->
     if isinstance(e, Overloaded):
         return JSONResponse({"error": str(e), "detail": {"retry_after_s": e.retry_after_s}, "code": e.code},
                             status_code=e.status, headers={**retry_header(e.retry_after_s), **(headers or {})})
-    hdr = dict(headers or {})
+    hdr = {**(getattr(e, "headers", None) or {}), **(headers or {})}
     if e.status == 408:
         hdr["Connection"] = "close"
     if e.status in (429, 503) and "Retry-After" not in hdr:

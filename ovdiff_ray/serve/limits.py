@@ -25,9 +25,11 @@ FALSE = {"0", "false", "no", "off", ""}
 class RequestError(ValueError):
     """A bad request: HTTP `status`, a message saying what is wrong, and a JSON-able `detail`."""
 
-    def __init__(self, status: int, error: str, detail: Any = None, code: str = "bad_request"):
+    def __init__(self, status: int, error: str, detail: Any = None, code: str = "bad_request",
+                 headers: dict | None = None):
         super().__init__(error)
         self.status, self.error, self.detail, self.code = status, error, detail, code
+        self.headers = headers  # e.g. WWW-Authenticate on a 401, Retry-After on a 429
 
     def to_dict(self) -> dict:
         return {"error": self.error, "detail": self.detail, "code": self.code}

@@ -24,12 +24,12 @@ from .admission import PixelBudget
 from .backends import HEALTH_TIMEOUT_S, Backend
 from .engine import Catalog, Job, encode
 from .errors import Overloaded, error_response, error_responses
-from .limits import (FORMATS, Limits, RequestError, check_classes, check_header, decode_image, parse_bool,
-                     parse_format, split_classes)
+from . import live
+from .limits import FORMATS, Limits, RequestError, check_header, decode_image, parse_bool, parse_format
 
 log = logging.getLogger("ovdiff.serve")
 STATIC = Path(__file__).resolve().parent / "static"
-FIELDS = ("image", "classes", "format", "pamr", "bank")
+FIELDS = ("image", "classes", "format", "pamr", "bank", "missing")
 ADMIN_TOKEN_ENV = "OVDIFF_ADMIN_TOKEN"
 
 
@@ -94,7 +94,9 @@ SEGMENT_FORM = {"requestBody": {"required": True, "content": {"multipart/form-da
         "classes": {"type": "string", "description": "comma-separated subset of the bank's classes"},
         "format": {"type": "string", "enum": list(FORMATS), "default": "png"},
         "pamr": {"type": "boolean", "default": False},
-        "bank": {"type": "string", "description": "bank id, id@vN or configured name (default: the first)"}}}}}}}
+        "bank": {"type": "string", "description": "bank id, id@vN or configured name (default: the first)"},
+        "missing": {"type": "string", "enum": ["error", "build"], "default": "error",
+                    "description": "build: unknown classes become a job (admin token) -> 202"}}}}}}}
 
 
 # ---------------------------------------------------------------------------------------------------- router
@@ -157,8 +159,9 @@ def router(backend: Backend, admin_token: str | None = None) -> APIRouter:
         fields, data = await read_form(request, lim)
         fmt = parse_format(fields.get("format"))
         pamr = parse_bool("pamr", fields.get("pamr"))
-        entry = cat.resolve(fields.get("bank"))
-        classes = check_classes(split_classes(fields.get("classes"), lim), entry.names, entry.key)
+        entry, classes, accepted = await live.segment_classes(backend, request, cat, fields)  # missing=build
+        if accepted is not None:
+            return accepted
         _, w, h = check_header(data, lim)  # cheap: the cost is known before any pixel is decoded
         t1 = time.perf_counter()
         async with budget.admit(w * h, lim.max_inflight_pixels, lim.admission_wait_s):
@@ -183,7 +186,7 @@ def router(backend: Backend, admin_token: str | None = None) -> APIRouter:
                           "decode_ms": round(1000 * (t3 - t2), 1), **body["timing"]}
         if dec.scaled:
             body["work_size"] = [int(dec.image.shape[1]), int(dec.image.shape[0])]
-        return JSONResponse(body)
+        return JSONResponse(body, headers={"X-OVDiff-Bank": f"{body['bank']['id']}@v{body['bank']['version']}"})
 
     return r
 

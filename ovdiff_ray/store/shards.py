@@ -111,14 +111,30 @@ def read_shard_bytes(loc: Location, entry: dict) -> bytes:
 
 
 # -- manifests --------------------------------------------------------------------------------------------------
+def read_pointer(loc: Location) -> dict[str, Any]:
+    """The `latest` pointer: `{"version": N, "manifest": "manifests/v<N>.json"}`. Pointers written before the
+    `manifest` key existed (`{"version": N}`) are read too; the key is then derived from the number."""
+    try:
+        d = json.loads(loc.read_bytes(LATEST_KEY, 4096))
+        v = int(d["version"])
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+        raise ManifestError(f"{loc.display(LATEST_KEY)}: pointer does not parse") from None
+    key = d.get("manifest") or manifest_key(v)
+    if key != manifest_key(v):
+        raise ManifestError(f"{loc.display(LATEST_KEY)}: names {key!r} for version {v} (expected {manifest_key(v)!r})")
+    return {"version": v, "manifest": key}
+
+
+def pointer_bytes(version: int) -> bytes:
+    """What `latest` holds: the version and the manifest's key, so readers need not know the file naming."""
+    return json.dumps({"version": int(version), "manifest": manifest_key(version)}).encode()
+
+
 def latest_version(loc: Location) -> int | None:
     """Newest committed version: the `latest` pointer, then any newer manifests a crashed writer left unpointed."""
     v = None
     if loc.exists(LATEST_KEY):
-        try:
-            v = int(json.loads(loc.read_bytes(LATEST_KEY, 4096))["version"])
-        except (ValueError, KeyError, TypeError, json.JSONDecodeError):
-            raise ManifestError(f"{loc.display(LATEST_KEY)}: pointer does not parse") from None
+        v = read_pointer(loc)["version"]
     else:
         found = [int(k.split("/v")[1].split(".")[0]) for k in loc.list("manifests")
                  if k.startswith("manifests/v") and k.endswith(".json")]
@@ -162,7 +178,7 @@ def commit_manifest(loc: Location, manifest: dict[str, Any]) -> int:
         cur = loc.read_bytes(LATEST_KEY, 4096) if loc.exists(LATEST_KEY) else None
         if cur is not None and int(json.loads(cur)["version"]) >= v:
             break
-        if loc.swap_pointer(LATEST_KEY, json.dumps({"version": v}).encode(), cur):
+        if loc.swap_pointer(LATEST_KEY, pointer_bytes(v), cur):
             break
     return v
 

@@ -1,0 +1,421 @@
+"""Jobs that add classes to a served bank while it is served: `POST /v1/classes` -> a job -> a new bank version.
+
+A job builds its classes by `build_bank`'s code path: each class goes to a `ClassWorker` (the same class, its
+retries of a class that raises, its content-addressed shard), held here as a Ray actor so its models are loaded
+once and kept warm (`num_gpus` per worker configurable, 0 on CPU machines); the job then commits the built
+classes with `BuildState.commit`, the conditional write that makes a class land in the bank exactly once, even when
+a `build_bank` run or another job commits the same bank at the same time.
+
+    ingress  --submit(uri, classes)-->  JobManager (one Serve replica)  --build_one-->  ClassWorker actors
+             <--{job, pending, present}                                 <--entry / error
+    segmenter replicas  --wait_commit(seen)-->  (returns when a job committed: they reload at once)
+
+Two jobs asking for the same class share one build (`shared_with` names the job that started it). A worker that
+dies mid-class (its process or node lost) is replaced and the class tried again, up to `worker_retries` times; the
+job lists every such event. Limits: classes per request and classes pending (queued or building) in all.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+
+from ray import serve
+
+log = logging.getLogger("ovdiff.serve")
+JOBS = "OVDiffBankJobs"
+JOB_ID_CHARS = 16
+WORKER_PREFIX = "ovdiff-class-worker-"  # named actors (in the app's namespace), so operators can find them
+
+
+@dataclass
+class BuildSettings:
+    """How jobs build (the `build:` block of the app config)."""
+
+    workers: int = 1  # ClassWorker actors kept per bank
+    gpus_per_worker: float = 0.0  # 0 on CPU machines
+    cpus_per_worker: float = 1.0
+    retries: int = 2  # ClassWorker's own retries of a class that raises (as build_bank --retries)
+    worker_retries: int = 2  # a class whose worker died, tried again on a new worker
+    max_classes_per_request: int = 16
+    max_pending_classes: int = 64  # queued or building, all jobs together
+    idle_s: float = 600.0  # workers idle this long are stopped (their GPU freed)
+    max_jobs_kept: int = 1000  # finished jobs remembered for GET /v1/jobs/ID
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "BuildSettings":
+        d = dict(d or {})
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown build setting(s) {', '.join(unknown)} (known: "
+                             f"{', '.join(f.name for f in fields(cls))})")
+        s = cls(**d)
+        if s.workers < 1 or s.max_classes_per_request < 1 or s.max_pending_classes < 1 or s.gpus_per_worker < 0:
+            raise ValueError("build: workers, max_classes_per_request, max_pending_classes must be >= 1 and "
+                             "gpus_per_worker >= 0")
+        return s
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Busy(Exception):
+    """Too much pending work: 429 with Retry-After."""
+
+
+@dataclass
+class Task:
+    """One class being built for one bank; shared by every job that asks for it while it is in flight."""
+
+    name: str
+    kind: str
+    prompt: str
+    class_id: int
+    job: str  # the job that started it
+    state: str = "queued"  # queued | running | built | failed
+    entry: dict | None = None
+    error: str = ""
+    attempts: int = 0  # attempts of the class (ClassWorker's, summed over workers)
+    workers_lost: int = 0
+    events: list[str] = field(default_factory=list)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    seconds: float = 0.0
+
+
+@dataclass
+class Job:
+    id: str
+    uri: str
+    bank_id: str
+    base_version: int
+    classes: list[dict]  # per class: name, kind, outcome (present | pending | built | failed), ...
+    tasks: dict[str, Task] = field(default_factory=dict)  # folded name -> task
+    state: str = "queued"  # queued | running | done | failed
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+    version: int | None = None  # the version that holds the job's classes
+    committed: bool = False  # this job's commit made that version
+    error: str = ""
+
+    def public(self) -> dict:
+        classes = []
+        for c in self.classes:
+            t = self.tasks.get(c["key"])
+            d = {k: v for k, v in c.items() if k != "key"}
+            if t is not None:
+                if d["outcome"] == "pending":
+                    d["status"] = t.state
+                d.update(attempts=t.attempts, workers_lost=t.workers_lost, events=list(t.events))
+                if t.job != self.id:
+                    d["shared_with"] = t.job
+                if t.error:
+                    d["reason"] = t.error
+            classes.append(d)
+        return {"job": self.id, "state": self.state, "bank": {"id": self.bank_id, "uri_hash": _uri_hash(self.uri)},
+                "base_version": self.base_version, "version": self.version, "committed": self.committed,
+                "classes": classes, "created": round(self.created, 3),
+                "finished": None if self.finished is None else round(self.finished, 3),
+                "seconds": round((self.finished or time.time()) - self.created, 3), "error": self.error}
+
+
+def _uri_hash(uri: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(uri.encode()).hexdigest()[:12]
+
+
+class _Pool:
+    """Warm ClassWorker actors of one bank (one recipe, one shard location)."""
+
+    def __init__(self, manager: "JobManager", uri: str, recipe: dict):
+        self.manager, self.uri, self.recipe = manager, uri, recipe
+        self.idle: list = []
+        self.count = 0
+        self.free = asyncio.Condition()
+        self.last_used = time.monotonic()
+
+    def _new(self):
+        import ray
+
+        from ..build_bank import ClassWorker
+
+        s = self.manager.settings
+        actor = ray.remote(ClassWorker).options(
+            name=f"{WORKER_PREFIX}{uuid.uuid4().hex[:12]}", num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker,
+            max_restarts=0, max_task_retries=0,
+        ).remote(self.recipe, self.uri, self.manager.storage, s.retries)
+        self.count += 1
+        return actor
+
+    async def acquire(self):
+        async with self.free:
+            while not self.idle and self.count >= self.manager.settings.workers:
+                await self.free.wait()
+            self.last_used = time.monotonic()
+            return self.idle.pop() if self.idle else self._new()
+
+    async def release(self, actor, dead: bool = False):
+        async with self.free:
+            if dead:
+                self.count -= 1
+                _kill(actor)
+            else:
+                self.idle.append(actor)
+            self.last_used = time.monotonic()
+            self.free.notify()
+
+    async def reap(self, idle_s: float) -> None:
+        async with self.free:
+            if self.idle and len(self.idle) == self.count and time.monotonic() - self.last_used > idle_s:
+                for a in self.idle:
+                    _kill(a)
+                self.count -= len(self.idle)
+                self.idle = []
+
+
+def _kill(actor) -> None:
+    import ray
+
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001 - already gone
+        pass
+
+
+class JobManager:
+    """Jobs by id, class builds shared between jobs, one commit lock per bank. Runs on one event loop."""
+
+    def __init__(self, settings: BuildSettings | None = None, storage: dict | None = None):
+        self.settings = settings or BuildSettings()
+        self.storage = storage
+        self.jobs: dict[str, Job] = {}
+        self.inflight: dict[tuple[str, str], Task] = {}  # (uri, folded name) -> task
+        self.pools: dict[str, _Pool] = {}
+        self.locks: dict[str, asyncio.Lock] = {}
+        self.next_id: dict[str, int] = {}
+        self.seq = 0  # commits made by jobs so far
+        self.last_commit: dict = {}
+        self.changed = asyncio.Condition()
+        self._reaper: asyncio.Task | None = None
+
+    # -- API ---------------------------------------------------------------------------------------------------
+    async def submit(self, uri: str, classes: list[dict]) -> dict:
+        """Classes (`name`, `kind`, `prompt`, already validated) for the bank at `uri` -> the job's first answer."""
+        from ..vocab import VocabClass, fold
+
+        if len(classes) > self.settings.max_classes_per_request:
+            raise ValueError(f"too many classes: {len(classes)}, at most {self.settings.max_classes_per_request} "
+                             "per request")
+        m = await asyncio.to_thread(self._manifest, uri)
+        have = {fold(c["name"]) for c in m["classes"]}
+        wanted = [VocabClass(c["name"], c.get("kind", "thing"), c.get("prompt", "")) for c in classes]
+        new = [c for c in wanted if fold(c.name) not in have and (uri, fold(c.name)) not in self.inflight]
+        pending_now = sum(t.state in ("queued", "running") for t in self.inflight.values())
+        if pending_now + len(new) > self.settings.max_pending_classes:
+            raise Busy(f"too much pending work: {pending_now} classes queued or building, {len(new)} more asked, "
+                       f"at most {self.settings.max_pending_classes}")
+        job = Job(uuid.uuid4().hex[:JOB_ID_CHARS], uri, m["bank_id"], int(m["version"]), [])
+        from ..build_bank import pending_classes
+
+        first = self.next_id.get(uri, 0)
+        rows = {fold(r["name"]): r for r in pending_classes(m["classes"], new, first)}
+        if rows:
+            self.next_id[uri] = max(r["class_id"] for r in rows.values()) + 1
+        for c in wanted:
+            k = fold(c.name)
+            entry = {"key": k, "name": c.name, "kind": c.kind}
+            if c.prompt:
+                entry["prompt"] = c.prompt
+            if k in have:
+                entry["outcome"] = "present"
+            else:
+                t = self.inflight.get((uri, k))
+                if t is None:
+                    r = rows[k]
+                    t = Task(c.name, c.kind, c.prompt, r["class_id"], job.id)
+                    self.inflight[(uri, k)] = t
+                    asyncio.create_task(self._build(uri, m["recipe"], t))
+                job.tasks[k] = t
+                entry["outcome"] = "pending"
+            job.classes.append(entry)
+        self.jobs[job.id] = job
+        self._forget_old()
+        if not job.tasks:
+            job.state, job.version, job.finished = "done", job.base_version, time.time()
+        else:
+            asyncio.create_task(self._run(job))
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap())
+        out = job.public()
+        out["pending"] = [c["name"] for c in job.classes if c["outcome"] == "pending"]
+        out["present"] = [c["name"] for c in job.classes if c["outcome"] == "present"]
+        return out
+
+    def get(self, job_id: str) -> dict | None:
+        j = self.jobs.get(job_id)
+        return None if j is None else j.public()
+
+    async def wait_commit(self, seen: int, timeout: float) -> dict:
+        """Returns when a job has committed a version after commit number `seen` (or after `timeout` s)."""
+        async with self.changed:
+            if self.seq <= seen:
+                try:
+                    await asyncio.wait_for(self.changed.wait_for(lambda: self.seq > seen), timeout)
+                except asyncio.TimeoutError:
+                    pass
+            return {"seq": self.seq, **self.last_commit}
+
+    def stats(self) -> dict:
+        return {"jobs": len(self.jobs), "pending_classes": sum(t.state in ("queued", "running")
+                                                               for t in self.inflight.values()),
+                "workers": {k[:12]: p.count for k, p in self.pools.items()}, "commits": self.seq}
+
+    # -- work --------------------------------------------------------------------------------------------------
+    def _manifest(self, uri: str) -> dict:
+        from ..store.fs import Location
+        from ..store.shards import read_manifest
+
+        m = read_manifest(Location(uri, self.storage))
+        if m is None:
+            raise ValueError(f"{uri}: no committed bank there")
+        return m
+
+    def _pool(self, uri: str, recipe: dict) -> _Pool:
+        key = json.dumps([uri, recipe], sort_keys=True)
+        if key not in self.pools:
+            self.pools[key] = _Pool(self, uri, recipe)
+        return self.pools[key]
+
+    async def _build(self, uri: str, recipe: dict, t: Task) -> None:
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        pool = self._pool(uri, recipe)
+        t0 = time.perf_counter()
+        try:
+            for attempt in range(1, self.settings.worker_retries + 2):
+                actor = await pool.acquire()
+                t.state = "running"
+                try:
+                    r = await actor.build_one.remote(t.class_id, t.name, t.kind, t.prompt)
+                except (RayActorError, ActorUnavailableError) as e:
+                    await pool.release(actor, dead=True)
+                    t.workers_lost += 1
+                    why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                    t.events.append(f"worker lost during attempt {attempt} ({type(e).__name__}: {why})"
+                                    + ("; retrying on a new worker" if attempt <= self.settings.worker_retries
+                                       else ""))
+                    log.warning("class %r: worker lost (%s), attempt %d", t.name, type(e).__name__, attempt)
+                    continue
+                await pool.release(actor)
+                t.attempts += int(r["attempts"])
+                if r["status"] == "ok":
+                    t.entry, t.state = json.loads(r["entry"]), "built"
+                else:
+                    t.error, t.state = r["error"].splitlines()[0], "failed"
+                return
+            t.state = "failed"
+            t.error = f"worker lost {t.workers_lost} times (the class was tried on {t.workers_lost} workers)"
+        except Exception as e:  # noqa: BLE001 - reported on the job, never a crash of the manager
+            t.state, t.error = "failed", f"{type(e).__name__}: {e}"[:500]
+        finally:
+            t.seconds = time.perf_counter() - t0
+            t.done.set()
+
+    async def _run(self, job: Job) -> None:
+        job.state = "running"
+        try:
+            await asyncio.gather(*(t.done.wait() for t in job.tasks.values()))
+            entries = [t.entry for t in job.tasks.values() if t.state == "built"]
+            failed = [{"name": t.name, "error": t.error, "attempts": t.attempts} for t in job.tasks.values()
+                      if t.state == "failed"]
+            lock = self.locks.setdefault(job.uri, asyncio.Lock())
+            async with lock:
+                version, committed, present = await asyncio.to_thread(self._commit, job, entries, failed)
+            job.version, job.committed = version, committed
+            for c in job.classes:
+                t = job.tasks.get(c["key"])
+                if t is None:
+                    continue
+                if t.state == "built" and c["key"] in present:
+                    c["outcome"] = "built"
+                else:
+                    c["outcome"] = "failed"
+                    if t.state == "built":
+                        t.error = "built but not in the committed version"
+            job.state = "failed" if any(c["outcome"] == "failed" for c in job.classes) else "done"
+            if committed:
+                async with self.changed:
+                    self.seq += 1
+                    self.last_commit = {"bank_id": job.bank_id, "version": version, "job": job.id}
+                    self.changed.notify_all()
+            log.info("job %s %s: bank %s v%s (%s)", job.id, job.state, job.bank_id, version,
+                     ", ".join(f"{c['name']}: {c['outcome']}" for c in job.classes))
+        except Exception as e:  # noqa: BLE001
+            job.state, job.error = "failed", f"{type(e).__name__}: {e}"[:500]
+            log.exception("job %s failed", job.id)
+        finally:
+            job.finished = time.time()
+            for k, t in job.tasks.items():
+                if self.inflight.get((job.uri, k)) is t and t.job == job.id:
+                    del self.inflight[(job.uri, k)]
+
+    def _commit(self, job: Job, entries: list[dict], failed: list[dict]) -> tuple[int, bool, set[str]]:
+        """build_bank's commit: latest + the new classes as v(N+1), merged with any writer that won a race."""
+        from ..build_bank import BuildState
+        from ..store.fs import Location
+        from ..vocab import fold, from_names
+
+        loc = Location(job.uri, self.storage)
+        m = self._manifest(job.uri)
+        names = [c["name"] for c in job.classes]
+        vocab = from_names(names, [c["kind"] for c in job.classes], f"job-{job.id}",
+                           [c.get("prompt", "") for c in job.classes])
+        state = BuildState.of(loc, m, vocab)
+        state.pending_entries, state.failed = list(entries), list(failed)
+        committed = state.commit() if entries else False
+        return state.version, committed, {fold(c["name"]) for c in state.committed}
+
+    def _forget_old(self) -> None:
+        done = [j for j in self.jobs.values() if j.finished is not None]
+        for j in sorted(done, key=lambda j: j.created)[: max(0, len(self.jobs) - self.settings.max_jobs_kept)]:
+            self.jobs.pop(j.id, None)
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(min(30.0, self.settings.idle_s))
+            for p in list(self.pools.values()):
+                await p.reap(self.settings.idle_s)
+
+
+@serve.deployment(name=JOBS, num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+class BankJobsDeployment:
+    """The job manager as a Serve deployment of the app: one replica, lives and dies with the application."""
+
+    def __init__(self):
+        self.manager: JobManager | None = None
+
+    async def reconfigure(self, user_config: dict):
+        if self.manager is None:
+            self.manager = JobManager(BuildSettings.from_dict(user_config.get("build")), user_config.get("storage"))
+        else:  # keep the jobs; new settings apply to new workers
+            self.manager.settings = BuildSettings.from_dict(user_config.get("build"))
+
+    async def submit(self, uri: str, classes: list[dict]) -> dict:
+        try:
+            return {"status": 202, **(await self.manager.submit(uri, classes))}
+        except Busy as e:
+            return {"status": 429, "error": str(e), "code": "busy", "detail": {"retry_after_s": 5}}
+        except ValueError as e:
+            return {"status": 400, "error": str(e), "code": "bad_request", "detail": None}
+
+    async def get(self, job_id: str) -> dict | None:
+        return self.manager.get(job_id)
+
+    async def wait_commit(self, seen: int, timeout: float) -> dict:
+        return await self.manager.wait_commit(seen, timeout)
+
+    async def stats(self) -> dict:
+        return self.manager.stats()
