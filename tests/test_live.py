@@ -383,8 +383,14 @@ def test_corrupt_new_version_keeps_the_old_one_serving(client, live, scenes):
     bad = dict(m["classes"][0], name="red cross", shard="shards/red-cross-0000000000000000.parquet")
     loc.write_bytes(bad["shard"], b"PAR1 not really a shard")
     commit_manifest(loc, {**m, "version": v + 1, "classes": m["classes"] + [bad]})
-    h = wait_for(lambda: (lambda b: b if b.get("reload_error") else None)(client.get("/healthz").json()), 30,
-                 "/healthz to report the failed reload")
+    pub = wait_for(lambda: (lambda b: b if b.get("status") == "degraded" else None)(client.get("/healthz").json()),
+                   30, "/healthz to report the failed reload")
+    assert pub["checks"]["bank_reload"] == "degraded" and "reload_error" not in pub  # public: status only
+    from ray import serve
+
+    from ovdiff_ray.serve.backends import SEGMENTER
+
+    h = serve.get_deployment_handle(SEGMENTER, app_name="ovdiff-live").health.remote().result()  # operators' view
     assert h["status"] == "degraded" and f"v{v + 1} failed to load" in h["reload_error"]
     assert "sha256 mismatch" in h["reload_error"] and f"still serving v{v}" in h["reload_error"]
     r = segment(client, image(scenes))
@@ -394,5 +400,5 @@ def test_corrupt_new_version_keeps_the_old_one_serving(client, live, scenes):
     commit_manifest(loc, {**m, "version": v + 2})
     wait_for(lambda: served_version(client) == v + 2, 30, f"v{v + 2} served")
     h = client.get("/healthz").json()
-    assert h["status"] == "ok" and "reload_error" not in h
+    assert h["status"] == "ok" and "bank_reload" not in h["checks"]
     assert json.loads(loc.read_bytes("manifests/latest")) == {"version": v + 2, "manifest": f"manifests/v{v + 2:06d}.json"}

@@ -170,6 +170,7 @@ class SegmenterDeployment:
             bad = {k: v["reload_error"] for k, v in out["live"].items() if v.get("reload_error")}
             if bad:
                 out["status"] = "degraded"
+                out["checks"] = {**out.get("checks", {}), "bank_reload": "degraded"}  # public; details below
                 out["reload_error"] = "; ".join(f"{k}: v{v['version']} failed to load ({v['error']}), still "
                                                 f"serving v{out['live'][k]['version']}" for k, v in bad.items())
         return out

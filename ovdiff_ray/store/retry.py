@@ -25,6 +25,8 @@ def is_storage_error(e: BaseException) -> bool:
     """An I/O failure of the storage (OSError, StoreError other than a conflict, botocore/pyarrow/urllib3 errors)."""
     if isinstance(e, CommitConflict):
         return False
+    if getattr(e, "bad_data", False):
+        return False  # a corrupt or mismatched shard (sha256, schema): bad data, not an outage
     if isinstance(e, StoreError):
         return "not found" not in str(e)
     return isinstance(e, OSError) or type(e).__module__.split(".")[0] in ("botocore", "boto3", "pyarrow", "urllib3")

@@ -29,7 +29,13 @@ ROW_GROUP_ROWS = 4096
 
 
 class ShardError(StoreError):
-    """A shard that is missing, corrupt or does not match its manifest entry."""
+    """A shard that is missing, corrupt or does not match its manifest entry.
+
+    ``bad_data`` is true for a shard that was read but is wrong (sha256, schema, values): retrying or calling it a
+    storage outage would not help. A shard that could not be read at all has ``bad_data = False``.
+    """
+
+    bad_data = True
 
 
 @dataclass
@@ -102,7 +108,9 @@ def read_shard_bytes(loc: Location, entry: dict) -> bytes:
     try:
         data = loc.read_bytes(key, max_bytes=MAX_SHARD_BYTES)
     except StoreError as e:
-        raise ShardError(f"shard of class {entry['name']!r} is missing or unreadable: {e}") from None
+        err = ShardError(f"shard of class {entry['name']!r} is missing or unreadable: {e}")
+        err.bad_data = False
+        raise err from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != entry["sha256"]:
         raise ShardError(f"{loc.display(key)}: sha256 mismatch for class {entry['name']!r} "
