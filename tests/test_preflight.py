@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import re
 import time
 from pathlib import Path
 
@@ -340,7 +341,10 @@ def test_model_that_fails_to_load_in_a_worker_ends_the_build(ray_local, tmp_path
     lines = errors(err)
     assert rc == 2 and len(lines) == 1, err
     assert "ModelLoadError: cannot load diffusion model" in lines[0] and str(sd) in lines[0]
-    assert "Traceback" not in err and "failed:" not in err
+    # Python's own "--- Logging error ---" reports (a log handler of an earlier test bound to a stream pytest has
+    # closed) are the test harness, not the build's output
+    ours = re.sub(r"--- Logging error ---\n.*?\nArguments: [^\n]*", "", err, flags=re.S)
+    assert "Traceback" not in ours and "failed:" not in ours
     assert "(stopped: a failure no retry can fix)" in text and "built 0" in text
     assert not (out / "manifests").exists()
     assert wall < 180, wall  # actor start-up and one failed load (23 s on 2 idle cores, 79 s at load average 30)
