@@ -20,7 +20,8 @@ from .limits import RequestError
 
 log = logging.getLogger("ovdiff.serve")
 
-STATUS_TEXT = {400: "bad request: a field, the form or the image is invalid", 401: "admin token missing or wrong",
+STATUS_TEXT = {400: "bad request: a field, the form or the image is invalid", 401: "admin token missing",
+               403: "wrong admin token", 409: "the bank is served at a fixed version (not live)",
                404: "unknown bank or route", 405: "method not allowed", 408: "request not received in time",
                413: "upload or image too large", 415: "not multipart or not an image",
                429: "busy: retry after Retry-After seconds", 500: "internal error (details in the service log)",

@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .errors import error_responses
 from .limits import RequestError, check_classes, split_classes
 
 log = logging.getLogger("ovdiff.serve")
@@ -95,6 +96,26 @@ class ClassesIn(BaseModel):
 
     classes: list[ClassIn] = Field(min_length=1)
     bank: str | None = None
+
+
+class JobAccepted(BaseModel):
+    """`POST /v1/classes` (and `missing=build`): the job that builds the pending classes."""
+
+    model_config = ConfigDict(extra="allow")
+
+    job: str = Field(description="job id, 16 hex digits")
+    url: str = Field(description="where to poll the job: /v1/jobs/ID")
+    pending: list[str] = Field(description="classes the job builds")
+    present: list[str] = Field(description="classes the bank already has")
+
+
+class JobBody(BaseModel):
+    """`GET /v1/jobs/ID`: state queued | running | done | failed, per-class outcomes, the version holding them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    job: str
+    state: Literal["queued", "running", "done", "failed"]
 
 
 async def read_json(request: Request) -> Any:
@@ -166,7 +187,9 @@ async def submit(backend, cat, entry, classes: list[dict]) -> JSONResponse:
 def add_live_routes(app: FastAPI, backend) -> None:
     """`POST /v1/classes` and `GET /v1/jobs/{job}` on the service's app."""
 
-    @app.post("/v1/classes", status_code=202, openapi_extra={"requestBody": {"required": True, "content": {
+    @app.post("/v1/classes", status_code=202,
+              responses={202: {"model": JobAccepted}, **error_responses(400, 401, 403, 404, 409, 413, 415, 429, 503)},
+              openapi_extra={"requestBody": {"required": True, "content": {
         "application/json": {"schema": ClassesIn.model_json_schema()}}}})
     async def add_classes(request: Request) -> JSONResponse:
         cat = await backend.catalog()
@@ -181,7 +204,7 @@ def add_live_routes(app: FastAPI, backend) -> None:
         classes = validate_classes(body.classes, int(cat.admin.get("max_classes_per_request", 16)))
         return await submit(backend, cat, live_entry(cat, body.bank), classes)
 
-    @app.get("/v1/jobs/{job}")
+    @app.get("/v1/jobs/{job}", responses={200: {"model": JobBody}, **error_responses(401, 403, 404, 503)})
     async def get_job(job: str, request: Request) -> JSONResponse:
         cat = await backend.catalog()
         authorize(request, cat.admin)

@@ -150,7 +150,8 @@ def router(backend: Backend, admin_token: str | None = None) -> APIRouter:
 
     @r.post("/v1/segment", openapi_extra=SEGMENT_FORM,
             responses={200: {"model": SegmentBody},
-                       **error_responses(400, 404, 408, 413, 415, 429, 500, 503, 504)})
+                       202: {"model": live.JobAccepted, "description": "missing=build: the unknown classes' job"},
+                       **error_responses(400, 401, 403, 404, 408, 409, 413, 415, 429, 500, 503, 504)})
     async def segment(request: Request) -> JSONResponse:
         """Segment one image (multipart `image`; optional `classes`, `format`, `pamr`, `bank`)."""
         t0 = time.perf_counter()
