@@ -3,11 +3,12 @@
 Steps: resize to the short side; views (sliding windows + whole image, resized per extractor); the classifier
 pre-filter with the subset search; gather the kept classes' prototypes (background from the kept things, stuff
 filtering); one matmul per extractor and view batch (fp16 storage, fp32 accumulation) and a segment max per class;
-upsample, clamp and average over views and extractors (one shared count map); optional PAMR; upsample to the input
-size, scores <= 0 -> 0, argmax with ties to background.
+upsample, clamp and average over views and extractors (one shared count map); optional PAMR; optional snapping to
+class-agnostic regions (regions.py, recipe `segmentation.regions`); upsample to the input size, scores <= 0 -> 0,
+argmax with ties to background.
 
 Ablations (recipe `segmentation.*` or the `ablate` argument): `no_background`, `no_prefilter`, `no_stuff_filter`,
-`class_mean_only`, `only:<extractor>`. With the pre-filter off over more than `segmentation.retrieval_classes`
+`class_mean_only`, `no_regions`, `only:<extractor>`. With the pre-filter off over more than `segmentation.retrieval_classes`
 classes, a faiss class-level retrieval (pooled image features vs class prototypes) bounds the classes matched.
 """
 from __future__ import annotations
@@ -26,10 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from .models.base import Classifier, Extractor
+from .regions import RegionsError, RegionSnapper
 from .store.bank import Bank
 
-ABLATIONS = ("no_background", "no_prefilter", "no_stuff_filter", "class_mean_only")
-TIMING_KEYS = ("features", "prefilter", "matching", "upsample", "pamr")
+ABLATIONS = ("no_background", "no_prefilter", "no_stuff_filter", "class_mean_only", "no_regions")
+TIMING_KEYS = ("features", "prefilter", "matching", "upsample", "pamr", "regions")
 
 
 class SegmentError(ValueError):
@@ -40,7 +42,8 @@ class SegmentError(ValueError):
 class SegmentationResult:
     labels: np.ndarray  # [H, W] int32 at the input size; 0 = background, c + 1 = bank class c
     classes: dict[int, str]  # label value -> name for the values present (0 -> "background")
-    scores: np.ndarray | None  # [K + 1, H, W] float32: background at 0, then `kept` in order
+    scores: np.ndarray | None  # [K + 1, H, W] float32: background at 0, then `kept` in order (vote shares when
+    #                            regions snap by vote)
     kept: list[str]  # classes kept by the pre-filter (bank order)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
@@ -54,6 +57,7 @@ class Switches:
     stuff_filter: bool = True
     class_mean_only: bool = False
     only: str | None = None
+    regions: bool = True  # snap to the recipe's (or the request's) regions; `no_regions` turns it off
 
     @classmethod
     def of(cls, seg, ablate: Sequence[str], extractors: Sequence[str]) -> "Switches":
@@ -267,6 +271,7 @@ class Segmenter:
         self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._gather_cache: OrderedDict[tuple, Gathered] = OrderedDict()
         self._retrieval_index: dict[str, tuple] = {}
+        self.snapper = RegionSnapper(self.seg, device)
 
     @classmethod
     def from_bank(cls, bank: Bank, device: str | None = None) -> "Segmenter":
@@ -520,14 +525,30 @@ class Segmenter:
                     it.t["upsample"] += time.perf_counter() - t1
                     j += n
 
-    def _finish(self, it: _Item, pamr: bool, return_scores: bool) -> SegmentationResult:
+    def _snap(self, it: _Item, scores: torch.Tensor, regions: str) -> torch.Tensor:
+        if regions == "none":
+            return scores
+        t0 = time.perf_counter()
+        try:
+            out = self.snapper.snap(it.x, scores, regions)
+        except (RegionsError, OSError, RuntimeError) as e:  # e.g. SAM weights that cannot be resolved or loaded
+            raise SegmentError(f"regions {regions!r}: {e}") from None
+        it.t["regions"] += time.perf_counter() - t0
+        return out
+
+    def _finish(self, it: _Item, pamr: bool, return_scores: bool, regions: str = "none") -> SegmentationResult:
         t = it.t
         scores = it.acc / it.count.clamp_min(1)  # [K + 1, h, w]
         it.acc = it.count = None
+        before = pamr and self.seg.regions_stage == "before_pamr"
+        if before:
+            scores = self._snap(it, scores, regions)
         if pamr:
             t0 = time.perf_counter()
             scores = pamr_refine(it.x, scores, self.seg.pamr_iters, self.seg.pamr_dilations)
             t["pamr"] += time.perf_counter() - t0
+        if not before:
+            scores = self._snap(it, scores, regions)
         t0 = time.perf_counter()
         h0, w0 = it.h0, it.w0
         if return_scores:
@@ -546,24 +567,30 @@ class Segmenter:
 
     # -- the whole thing -----------------------------------------------------------------------------------
     def segment(self, image, classes: list[str] | None = None, pamr: bool = False, ablate: Sequence[str] = (),
-                return_scores: bool = False) -> SegmentationResult:
+                return_scores: bool = False, regions: str | None = None) -> SegmentationResult:
         """One image (`[H, W, 3]` uint8 array or PIL image) -> SegmentationResult at the input size."""
-        return self.segment_batch([image], classes, pamr, ablate, return_scores)[0]
+        return self.segment_batch([image], classes, pamr, ablate, return_scores, regions)[0]
 
     @torch.no_grad()
     def segment_batch(self, images, classes: list[str] | None = None, pamr: bool = False,
-                      ablate: Sequence[str] = (), return_scores: bool = False) -> list[SegmentationResult]:
+                      ablate: Sequence[str] = (), return_scores: bool = False,
+                      regions: str | None = None) -> list[SegmentationResult]:
         """Several images (any sizes) -> one SegmentationResult each. The pre-filter's image encoder runs once for
-        the batch, and views of all images go through each extractor together (`view_batch` per forward pass)."""
+        the batch, and views of all images go through each extractor together (`view_batch` per forward pass).
+        `regions` overrides the recipe's `segmentation.regions` (none | superpixels | sam | on | off)."""
         ids = self.resolve(classes)
         sw = Switches.of(self.seg, ablate, list(self.extractors))
+        try:
+            method = self.snapper.method(regions) if sw.regions else "none"
+        except RegionsError as e:
+            raise SegmentError(str(e)) from None
         exs = [sw.only] if sw.only else list(self.extractors)
         items = [self._prepare(im) for im in images]
         if not items:
             return []
         self._keep(items, ids, sw, exs)
         self._accumulate(items, sw, exs)
-        return [self._finish(it, pamr, return_scores) for it in items]
+        return [self._finish(it, pamr, return_scores, method) for it in items]
 
 
 # ------------------------------------------------------------------------------------------------- pictures
