@@ -646,6 +646,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classes", default=None, help="comma-separated subset of the bank's classes")
     ap.add_argument("--out", required=True, help="output PNG (image + overlay + legend)")
     ap.add_argument("--pamr", action="store_true", help="refine with PAMR")
+    ap.add_argument("--regions", choices=("none", "superpixels", "sam"), default=None,
+                    help="snap labels to class-agnostic regions (default: the bank recipe's segmentation.regions)")
     ap.add_argument("--ablate", action="append", default=[], help="ablation name (repeatable)")
     ap.add_argument("--device", default=None)
     a = ap.parse_args(argv)
@@ -655,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         classes = [c.strip() for c in a.classes.split(",")] if a.classes is not None else None
         bank = Bank.load(a.bank)
         seg = Segmenter.from_bank(bank, a.device)
-        res = seg.segment(rgb, classes, pamr=a.pamr, ablate=a.ablate)
+        res = seg.segment(rgb, classes, pamr=a.pamr, ablate=a.ablate, regions=a.regions)
     except (SegmentError, ValueError, KeyError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"ovdiff segment: error: {msg}", file=sys.stderr)

@@ -11,7 +11,8 @@ model.
 Run it with `ovdiff serve --bank URI`, `serve run deploy/serve.yaml` or `serve deploy deploy/serve.yaml`. Routes:
 
 - `POST /v1/segment`  multipart `image`; optional `classes` (comma-separated), `format` (png | rle | overlay),
-  `pamr` (bool), `bank` (id, id@vN or configured name). JSON: `bank`, `width`, `height`, `classes` (label value ->
+  `pamr` (bool), `bank` (id, id@vN or configured name), `regions` (on/off or none | superpixels | sam; default:
+  the bank recipe's `segmentation.regions`). JSON: `bank`, `width`, `height`, `classes` (label value ->
   name for the values present; 0 = background, c + 1 = bank class c), the mask (`mask` base64 PNG, uint8 or uint16
   per bank / `rle` COCO RLE per class / `overlay` base64 PNG + `legend`), `kept` and `timing`.
 - `GET /v1/bank[?bank=REF]` id, version, classes, recipe summary; `GET /healthz`; `GET /` the try-it page.
@@ -48,14 +49,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import BankSpec, Catalog, Engine, Job, ServiceConfig, bank_entry, encode
 from .limits import (Limits, RequestError, check_classes, decode_image, parse_bool, parse_format,
-                     split_classes)
+                     parse_regions, split_classes)
 
 log = logging.getLogger("ovdiff.serve")
 STATIC = Path(__file__).resolve().parent / "static"
 SEGMENTER = "OVDiffSegmenter"
 INGRESS = "OVDiffIngress"
 APP_NAME = "ovdiff"
-FIELDS = ("image", "classes", "format", "pamr", "bank")
+FIELDS = ("image", "classes", "format", "pamr", "bank", "regions")
 MAX_BANKS_PER_REPLICA = int(os.environ.get("OVDIFF_MAX_BANKS_PER_REPLICA", "3"))
 
 
@@ -181,20 +182,23 @@ def make_app(backend: Backend) -> FastAPI:
             "classes": {"type": "string", "description": "comma-separated subset of the bank's classes"},
             "format": {"type": "string", "enum": ["png", "rle", "overlay"], "default": "png"},
             "pamr": {"type": "boolean", "default": False},
-            "bank": {"type": "string", "description": "bank id, id@vN or configured name (default: the first)"}}}}}}})
+            "bank": {"type": "string", "description": "bank id, id@vN or configured name (default: the first)"},
+            "regions": {"type": "string", "description": "snap labels to regions: on/off or none | superpixels | "
+                                                         "sam (default: the bank recipe's)"}}}}}}})
     async def segment(request: Request) -> JSONResponse:
         t0 = time.perf_counter()
         cat = await _catalog(backend)
         fields, data = await read_form(request, cat.limits)
         fmt = parse_format(fields.get("format"))
         pamr = parse_bool("pamr", fields.get("pamr"))
+        regions = parse_regions(fields.get("regions"))
         entry = cat.resolve(fields.get("bank"))
         classes = check_classes(split_classes(fields.get("classes"), cat.limits), entry.names, entry.key)
         t1 = time.perf_counter()
         image = await asyncio.to_thread(decode_image, data, cat.limits)  # header first, then a full decode
         t2 = time.perf_counter()
         try:
-            result = await backend.segment(entry.key, Job(image, tuple(classes) if classes else None, pamr))
+            result = await backend.segment(entry.key, Job(image, tuple(classes) if classes else None, pamr, regions))
             if result.get("status", 200) != 200:
                 return JSONResponse({k: result.get(k) for k in ("error", "detail", "code")},
                                     status_code=result["status"])

@@ -130,6 +130,7 @@ class Job:
     image: np.ndarray  # [H, W, 3] uint8
     classes: tuple[str, ...] | None = None
     pamr: bool = False
+    regions: str | None = None  # None = the bank recipe's segmentation.regions; on | off | a method name
 
 
 # ----------------------------------------------------------------------------------------------- encoders
@@ -234,11 +235,12 @@ class Engine:
         out: list[dict | None] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for i, j in enumerate(jobs):
-            groups.setdefault((j.classes, j.pamr), []).append(i)
-        for (classes, pamr), idx in groups.items():
+            groups.setdefault((j.classes, j.pamr, j.regions), []).append(i)
+        for (classes, pamr, regions), idx in groups.items():
             t0 = time.perf_counter()
             try:
-                results = seg.segment_batch([jobs[i].image for i in idx], list(classes) if classes else None, pamr)
+                results = seg.segment_batch([jobs[i].image for i in idx], list(classes) if classes else None, pamr,
+                                            regions=regions)
             except Exception:  # noqa: BLE001 - isolate the failing image: run the group one by one
                 results = None
             dt = (time.perf_counter() - t0) / len(idx)
@@ -252,7 +254,7 @@ class Engine:
 
         t0 = time.perf_counter()
         try:
-            res = seg.segment(job.image, list(job.classes) if job.classes else None, job.pamr)
+            res = seg.segment(job.image, list(job.classes) if job.classes else None, job.pamr, regions=job.regions)
         except SegmentError as e:
             return {"status": 400, "error": str(e), "detail": None, "code": "bad_request"}
         except Exception as e:  # noqa: BLE001 - one bad image never takes the replica down
