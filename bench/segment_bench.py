@@ -12,9 +12,15 @@
    `torch.mm(prototypes [R, D], pixels [D, N])` (fp32, the same operands) timed alternately with it: matmul time /
    match time, i.e. the share of the matmul's throughput the whole step keeps (goal: >= 0.5).
 
+3. Snapping to class-agnostic regions (`segmentation.regions`, issue 11) at 448 px: the region map (superpixels
+   with paper-plus.yaml's setting, FreeDA's defaults, and SAM's automatic masks from the tiny random SAM, `tiny:sam`,
+   through the same mask-generation pipeline as real weights) and the vote over a 21-class score map, on a real
+   photo (scikit-image's astronaut, 448 x 448) and a 448 x 597 toy scene. Baseline: PAMR (paper settings) on the same
+   score map in the same process (`ratio_vs_pamr` = regions time / PAMR time).
+
 Prints `name: value` lines.
 
-    python bench/segment_bench.py [--images 2] [--skip-pipeline] [--skip-matching] [--repeats 3]
+    python bench/segment_bench.py [--images 2] [--skip-pipeline] [--skip-matching] [--skip-regions] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -205,6 +211,56 @@ def bench_matching(repeats: int) -> None:
         out(f"match.{case}.ratio_vs_matmul", tot_mm / tot_match)
 
 
+# ------------------------------------------------------------------------------------------- 3. regions
+
+def regions_images() -> dict[str, np.ndarray]:
+    from PIL import Image
+    from skimage import data
+
+    names = [f"{c} {s}" for c in toy.COLOURS for s in toy.SHAPES][:20]
+    scene, _ = toy.make_scene(names, ["thing"] * 20, np.random.default_rng(1), 448)
+    photo = np.asarray(Image.fromarray(data.astronaut()).resize((448, 448), Image.BILINEAR))
+    return {"photo448": photo, "toy448x597": np.concatenate([scene, scene[:, :149]], 1)}
+
+
+def bench_regions(repeats: int) -> None:
+    import dataclasses
+
+    from ovdiff_ray.pamr import pamr_refine
+    from ovdiff_ray.regions import RegionSnapper, snap_scores
+
+    seg = load_recipe("paper-plus").segmentation
+    seg.sam = dataclasses.replace(seg.sam, model="tiny:sam", pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    freeda = copy_cfg(seg, dataclasses.replace(seg.superpixels, scale=100.0, sigma=1.0, min_size=20))
+    g = torch.Generator().manual_seed(0)
+    for tag, img in regions_images().items():
+        x = torch.from_numpy(img).permute(2, 0, 1).float() / 255
+        scores = torch.rand(21, *img.shape[:2], generator=g)
+        t_pamr = timed(lambda: pamr_refine(x, scores, seg.pamr_iters, seg.pamr_dilations), repeats)
+        out(f"regions.{tag}.baseline.pamr_s", t_pamr)
+        for name, cfg, method in (("superpixels", seg, "superpixels"), ("superpixels_freeda", freeda, "superpixels"),
+                                  ("tiny_sam", seg, "sam")):
+            snapper = RegionSnapper(cfg)
+            reg = snapper.regions(x, method)  # warm-up: SAM loads here
+            t_map = timed(lambda: snapper.regions(x, method), repeats)
+            t_vote = timed(lambda: snap_scores(scores, reg, "vote"), repeats)
+            t_mean = timed(lambda: snap_scores(scores, reg, "mean"), repeats)
+            out(f"regions.{tag}.{name}.regions", int(reg.max()) + 1)
+            out(f"regions.{tag}.{name}.map_s", t_map)
+            out(f"regions.{tag}.{name}.vote_s", t_vote)
+            out(f"regions.{tag}.{name}.mean_s", t_mean)
+            out(f"regions.{tag}.{name}.total_s", t_map + t_vote)
+            out(f"regions.{tag}.{name}.ratio_vs_pamr", (t_map + t_vote) / t_pamr)
+
+
+def copy_cfg(seg, superpixels):
+    import copy
+
+    c = copy.deepcopy(seg)
+    c.superpixels = superpixels
+    return c
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=2)
@@ -212,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipes", default="tiny,toy", help="comma-separated recipes for the per-image breakdown")
     ap.add_argument("--skip-pipeline", action="store_true")
     ap.add_argument("--skip-matching", action="store_true")
+    ap.add_argument("--skip-regions", action="store_true")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     out("torch_threads", torch.get_num_threads())
@@ -220,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_pipeline(r.strip(), a.images)
     if not a.skip_matching:
         bench_matching(a.repeats)
+    if not a.skip_regions:
+        bench_regions(a.repeats)
     out("bench_total_s", time.perf_counter() - t0)
     return 0
 

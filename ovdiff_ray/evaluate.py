@@ -248,8 +248,9 @@ def label_lut(bank, ds: Dataset) -> np.ndarray:
 
 
 def run(segmenter, ds: Dataset, limit: int | None = None, ablate: Sequence[str] = (), pamr: bool = False,
-        progress: bool = True, overlays: int = 0, out: Path | None = None, name: str = "full") -> Scores:
-    """Segment the dataset's images and accumulate one confusion matrix."""
+        progress: bool = True, overlays: int = 0, out: Path | None = None, name: str = "full",
+        regions: str | None = None) -> Scores:
+    """Segment the dataset's images and accumulate one confusion matrix (`regions` overrides the recipe's)."""
     from PIL import Image
     from tqdm import tqdm
 
@@ -268,7 +269,7 @@ def run(segmenter, ds: Dataset, limit: int | None = None, ablate: Sequence[str] 
         if gt.shape != img.shape[:2]:
             raise DatasetError(f"{lab_path}: label size {gt.shape[::-1]} differs from image size "
                                f"{img.shape[1::-1]}")
-        res = segmenter.segment(img, classes, pamr=pamr, ablate=ablate)
+        res = segmenter.segment(img, classes, pamr=pamr, ablate=ablate, regions=regions)
         conf += confusion(gt, lut[res.labels], n)
         if j < overlays and out is not None:
             out.mkdir(parents=True, exist_ok=True)
@@ -296,7 +297,7 @@ def format_table(rows: list[Scores], ds: Dataset) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`ovdiff eval --dataset toy|voc21|context60|coco_object81 --bank URI [--root DIR] [--limit N] [--ablate NAME ...]
-    [--pamr] [--json] [--overlays N --out DIR]`."""
+    [--pamr] [--regions none|superpixels|sam] [--json] [--overlays N --out DIR]`."""
     ap = argparse.ArgumentParser(prog="ovdiff eval", description="mIoU of a bank on a benchmark or the toy world.")
     ap.add_argument("--dataset", required=True, choices=DATASETS)
     ap.add_argument("--bank", required=True, help="bank URI (folder or s3://bucket/prefix)")
@@ -304,9 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="first N images only")
     ap.add_argument("--ablate", nargs="+", default=[], metavar="NAME",
                     help="also run each ablation: no_background no_prefilter no_stuff_filter class_mean_only "
-                         "only:<extractor>, and the issue-10 switches: no_stuff_filter_self no_stuff_presence "
-                         "no_bounded_search")
+                         "no_regions only:<extractor>, and the issue-10 switches: no_stuff_filter_self "
+                         "no_stuff_presence no_bounded_search")
     ap.add_argument("--pamr", action="store_true")
+    ap.add_argument("--regions", choices=("none", "superpixels", "sam"), default=None,
+                    help="snap labels to class-agnostic regions (default: the bank recipe's segmentation.regions)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--overlays", type=int, default=0, help="save overlays of the first N images to --out")
     ap.add_argument("--out", default=None)
@@ -326,20 +329,23 @@ def main(argv: list[str] | None = None) -> int:
         bank = Bank.load(a.bank)
         bank_classes(bank, ds)
         seg = Segmenter.from_bank(bank, a.device)
-        rows = [run(seg, ds, a.limit, (), a.pamr, not a.no_progress, a.overlays, Path(a.out) if a.out else None)]
+        regions = seg.snapper.method(a.regions)
+        rows = [run(seg, ds, a.limit, (), a.pamr, not a.no_progress, a.overlays, Path(a.out) if a.out else None,
+                    regions=regions)]
         for ab in a.ablate:
-            rows.append(run(seg, ds, a.limit, (ab,), a.pamr, not a.no_progress, name=ab))
+            rows.append(run(seg, ds, a.limit, (ab,), a.pamr, not a.no_progress, name=ab, regions=regions))
     except (DatasetError, SegmentError, ValueError, KeyError, OSError) as e:
         print(f"ovdiff eval: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
     full = rows[0]
     if a.json:
-        obj = {"dataset": ds.name, "bank": a.bank, "bank_version": bank.version, "pamr": a.pamr, **full.to_dict()}
+        obj = {"dataset": ds.name, "bank": a.bank, "bank_version": bank.version, "pamr": a.pamr, "regions": regions,
+               **full.to_dict()}
         if a.ablate:
             obj["ablations"] = {r.name: {**r.to_dict(), "delta": r.miou - full.miou} for r in rows[1:]}
         print(json.dumps(obj))
     else:
         print(format_table(rows, ds))
-    print(f"eval {ds.name}: mIoU {100 * full.miou:.2f} (nanmean {100 * full.miou_nanmean:.2f}) over "
+    print(f"eval {ds.name}: mIoU {100 * full.miou:.2f} (nanmean {100 * full.miou_nanmean:.2f}, regions {regions}) over "
           f"{full.images} images in {sum(r.seconds for r in rows):.1f}s", file=sys.stderr if a.json else sys.stdout)
     return 0

@@ -112,6 +112,37 @@ class ClassifierConfig:
 
 
 @dataclass
+class SuperpixelConfig:
+    """scikit-image superpixels for `segmentation.regions: superpixels` (FreeDA's defaults: felzenszwalb on the image
+    in [0, 1], scale 100, sigma 1.0, min_size 20). Each method reads only its own keys."""
+
+    method: str = "felzenszwalb"  # felzenszwalb | slic | quickshift | watershed
+    scale: float = 100.0  # felzenszwalb: higher -> larger segments
+    sigma: float = 1.0  # felzenszwalb, slic, quickshift: Gaussian pre-smoothing
+    min_size: int = 20  # felzenszwalb: smallest segment (pixels)
+    n_segments: int = 250  # slic and watershed: about how many segments
+    slic_compactness: float = 10.0  # slic: colour vs space (higher = squarer)
+    kernel_size: float = 3.0  # quickshift
+    max_dist: float = 6.0  # quickshift
+    ratio: float = 0.5  # quickshift: colour vs space
+    watershed_compactness: float = 0.001  # watershed on the Sobel gradient (compact watershed)
+
+
+@dataclass
+class SamRegionsConfig:
+    """SAM automatic masks for `segmentation.regions: sam` (CorrCLIP's settings: 8 points per side, predicted-IoU
+    and stability thresholds 0.4, one mask per point). `model`: hub id, folder, s3:// prefix or `tiny:sam`."""
+
+    model: str = "facebook/sam-vit-base"
+    points_per_side: int = 8  # a points_per_side^2 grid of point prompts
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.4
+    stability_score_thresh: float = 0.4
+    crops_nms_thresh: float = 0.7  # box IoU of the NMS between masks
+    multimask_output: bool = False  # one mask per point (CorrCLIP); true = SAM's three, all filtered
+
+
+@dataclass
 class SegmentationConfig:
     """Test-time segmentation (OVDIFF.md section 6); booleans are ablation switches."""
 
@@ -133,6 +164,12 @@ class SegmentationConfig:
     stuff_min_area: float = 0.0  # > 0: a stuff class is kept only if it wins this share of the whole-image view
     pamr_iters: int = 10
     pamr_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 24])
+    # labels snapped to class-agnostic regions (regions.py): none (the paper) | superpixels | sam
+    regions: str = "none"
+    regions_mode: str = "vote"  # vote: each region takes its pixels' majority label | mean: region mean of scores
+    regions_stage: str = "after_pamr"  # with PAMR on: snap its output (after_pamr) or its input (before_pamr)
+    superpixels: SuperpixelConfig = field(default_factory=SuperpixelConfig)
+    sam: SamRegionsConfig = field(default_factory=SamRegionsConfig)
 
 
 @dataclass
@@ -158,6 +195,8 @@ class Recipe:
         """Every model reference in the recipe, keyed by where it is used."""
         refs = {"generation": self.generation.model, "classifier": self.classifier.model}
         refs.update({f"extractor.{e.name}": e.model for e in self.extractors})
+        if self.segmentation.regions == "sam":
+            refs["segmentation.sam"] = self.segmentation.sam.model
         return {k: v for k, v in refs.items() if v}
 
     def summary(self) -> str:
@@ -178,6 +217,10 @@ _CHOICES = {
     "prototypes.mask_grid": {"any", "centre"},
     "segmentation.subset_search": {"exhaustive", "greedy", "beam"},
     "segmentation.stuff_filter_rule": {"fixed", "self"},
+    "segmentation.regions": {"none", "superpixels", "sam"},
+    "segmentation.regions_mode": {"vote", "mean"},
+    "segmentation.regions_stage": {"before_pamr", "after_pamr"},
+    "segmentation.superpixels.method": {"felzenszwalb", "slic", "quickshift", "watershed"},
 }
 
 
@@ -250,6 +293,14 @@ def _validate(r: Recipe) -> None:
         raise RecipeError("prototypes.parts: must be >= 0")
     if r.prototypes.max_pixels < 0:
         raise RecipeError("prototypes.max_pixels: must be >= 0 (0 = all pixels)")
+    sam = r.segmentation.sam
+    if r.segmentation.regions == "sam" and not sam.model:
+        raise RecipeError("segmentation.sam.model: missing model reference for regions: sam")
+    if not 1 <= sam.points_per_side <= 64 or sam.points_per_batch < 1:
+        raise RecipeError("segmentation.sam.points_per_side must be in 1..64 and points_per_batch >= 1")
+    sp = r.segmentation.superpixels
+    if sp.min_size < 1 or sp.n_segments < 1 or sp.scale <= 0:
+        raise RecipeError("segmentation.superpixels: min_size and n_segments must be >= 1 and scale > 0")
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "recipe") -> Recipe:

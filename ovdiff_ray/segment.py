@@ -3,13 +3,14 @@
 Steps: resize to the short side; views (sliding windows + whole image, resized per extractor); the classifier
 pre-filter with the subset search; gather the kept classes' prototypes (background from the kept things, stuff
 filtering); one matmul per extractor and view batch (fp16 storage, fp32 accumulation) and a segment max per class;
-upsample, clamp and average over views and extractors (one shared count map); optional PAMR; upsample to the input
-size, scores <= 0 -> 0, argmax with ties to background.
+upsample, clamp and average over views and extractors (one shared count map); optional PAMR; optional snapping to
+class-agnostic regions (regions.py, recipe `segmentation.regions`); upsample to the input size, scores <= 0 -> 0,
+argmax with ties to background.
 
 The pre-filter lives in prefilter.py, prototype gathering and matching in matching.py, PAMR in pamr.py.
 
 Ablations (recipe `segmentation.*` or the `ablate` argument): `no_background`, `no_prefilter`, `no_stuff_filter`,
-`class_mean_only`, `only:<extractor>`; and for the switches beyond the paper (issue 10, off in paper.yaml):
+`class_mean_only`, `no_regions`, `only:<extractor>`; and for the switches beyond the paper (issue 10, off in paper.yaml):
 `no_stuff_filter_self` (`stuff_filter_rule: self`), `no_stuff_presence` (`stuff_min_area`: a stuff class is kept
 only where it wins part of the whole-image view) and `no_bounded_search` (`subset_search: greedy | beam`). With
 the pre-filter off over more than `segmentation.retrieval_classes` classes, a faiss class-level retrieval (pooled
@@ -33,12 +34,13 @@ from .models.base import Classifier, Extractor
 from .matching import Gathered, gather, match, segment_max  # noqa: F401 (segment_max: re-exported)
 from .pamr import pamr_affinity, pamr_refine  # noqa: F401 (re-exported)
 from .prefilter import PreFilter, Selection
+from .regions import RegionsError, RegionSnapper
 from .store.bank import Bank
 
-ABLATIONS = ("no_background", "no_prefilter", "no_stuff_filter", "class_mean_only",
+ABLATIONS = ("no_background", "no_prefilter", "no_stuff_filter", "class_mean_only", "no_regions",
              # issue 10's switches (ovdiff_ray/prefilter.py, ovdiff_ray/matching.py): each turns one off
              "no_stuff_filter_self", "no_stuff_presence", "no_bounded_search")
-TIMING_KEYS = ("features", "prefilter", "matching", "upsample", "pamr")
+TIMING_KEYS = ("features", "prefilter", "matching", "upsample", "pamr", "regions")
 
 
 class SegmentError(ValueError):
@@ -49,7 +51,8 @@ class SegmentError(ValueError):
 class SegmentationResult:
     labels: np.ndarray  # [H, W] int32 at the input size; 0 = background, c + 1 = bank class c
     classes: dict[int, str]  # label value -> name for the values present (0 -> "background")
-    scores: np.ndarray | None  # [K + 1, H, W] float32: background at 0, then `kept` in order
+    scores: np.ndarray | None  # [K + 1, H, W] float32: background at 0, then `kept` in order (vote shares when
+    #                            regions snap by vote)
     kept: list[str]  # classes kept by the pre-filter (bank order)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
@@ -66,6 +69,7 @@ class Switches:
     stuff_filter_self: bool = False  # segmentation.stuff_filter_rule == "self"
     stuff_presence: bool = False  # segmentation.stuff_min_area > 0
     bounded_search: bool = False  # segmentation.subset_search != "exhaustive"
+    regions: bool = True  # snap to the recipe's (or the request's) regions; `no_regions` turns it off
 
     @classmethod
     def of(cls, seg, ablate: Sequence[str], extractors: Sequence[str]) -> "Switches":
@@ -230,6 +234,7 @@ class Segmenter:
         self._thresholds: dict = {}  # (extractor, stuff class) -> `self` stuff-filter threshold
         self._gather_cache: OrderedDict[tuple, Gathered] = OrderedDict()
         self._retrieval_index: dict[str, tuple] = {}
+        self.snapper = RegionSnapper(self.seg, device)
 
     @classmethod
     def from_bank(cls, bank: Bank, device: str | None = None) -> "Segmenter":
@@ -451,14 +456,30 @@ class Segmenter:
                     it.t["upsample"] += time.perf_counter() - t1
                     j += n
 
-    def _finish(self, it: _Item, pamr: bool, return_scores: bool) -> SegmentationResult:
+    def _snap(self, it: _Item, scores: torch.Tensor, regions: str) -> torch.Tensor:
+        if regions == "none":
+            return scores
+        t0 = time.perf_counter()
+        try:
+            out = self.snapper.snap(it.x, scores, regions)
+        except (RegionsError, OSError, RuntimeError) as e:  # e.g. SAM weights that cannot be resolved or loaded
+            raise SegmentError(f"regions {regions!r}: {e}") from None
+        it.t["regions"] += time.perf_counter() - t0
+        return out
+
+    def _finish(self, it: _Item, pamr: bool, return_scores: bool, regions: str = "none") -> SegmentationResult:
         t = it.t
         scores = it.acc / it.count.clamp_min(1)  # [K + 1, h, w]
         it.acc = it.count = None
+        before = pamr and self.seg.regions_stage == "before_pamr"
+        if before:
+            scores = self._snap(it, scores, regions)
         if pamr:
             t0 = time.perf_counter()
             scores = pamr_refine(it.x, scores, self.seg.pamr_iters, self.seg.pamr_dilations)
             t["pamr"] += time.perf_counter() - t0
+        if not before:
+            scores = self._snap(it, scores, regions)
         t0 = time.perf_counter()
         h0, w0 = it.h0, it.w0
         if return_scores:
@@ -477,24 +498,30 @@ class Segmenter:
 
     # -- the whole thing -----------------------------------------------------------------------------------
     def segment(self, image, classes: list[str] | None = None, pamr: bool = False, ablate: Sequence[str] = (),
-                return_scores: bool = False) -> SegmentationResult:
+                return_scores: bool = False, regions: str | None = None) -> SegmentationResult:
         """One image (`[H, W, 3]` uint8 array or PIL image) -> SegmentationResult at the input size."""
-        return self.segment_batch([image], classes, pamr, ablate, return_scores)[0]
+        return self.segment_batch([image], classes, pamr, ablate, return_scores, regions)[0]
 
     @torch.no_grad()
     def segment_batch(self, images, classes: list[str] | None = None, pamr: bool = False,
-                      ablate: Sequence[str] = (), return_scores: bool = False) -> list[SegmentationResult]:
+                      ablate: Sequence[str] = (), return_scores: bool = False,
+                      regions: str | None = None) -> list[SegmentationResult]:
         """Several images (any sizes) -> one SegmentationResult each. The pre-filter's image encoder runs once for
-        the batch, and views of all images go through each extractor together (`view_batch` per forward pass)."""
+        the batch, and views of all images go through each extractor together (`view_batch` per forward pass).
+        `regions` overrides the recipe's `segmentation.regions` (none | superpixels | sam | on | off)."""
         ids = self.resolve(classes)
         sw = Switches.of(self.seg, ablate, list(self.extractors))
+        try:
+            method = self.snapper.method(regions) if sw.regions else "none"
+        except RegionsError as e:
+            raise SegmentError(str(e)) from None
         exs = [sw.only] if sw.only else list(self.extractors)
         items = [self._prepare(im) for im in images]
         if not items:
             return []
         self._keep(items, ids, sw, exs)
         self._accumulate(items, sw, exs)
-        return [self._finish(it, pamr, return_scores) for it in items]
+        return [self._finish(it, pamr, return_scores, method) for it in items]
 
 
 # ------------------------------------------------------------------------------------------------- pictures
@@ -550,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classes", default=None, help="comma-separated subset of the bank's classes")
     ap.add_argument("--out", required=True, help="output PNG (image + overlay + legend)")
     ap.add_argument("--pamr", action="store_true", help="refine with PAMR")
+    ap.add_argument("--regions", choices=("none", "superpixels", "sam"), default=None,
+                    help="snap labels to class-agnostic regions (default: the bank recipe's segmentation.regions)")
     ap.add_argument("--ablate", action="append", default=[], help="ablation name (repeatable)")
     ap.add_argument("--device", default=None)
     a = ap.parse_args(argv)
@@ -559,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         classes = [c.strip() for c in a.classes.split(",")] if a.classes is not None else None
         bank = Bank.load(a.bank)
         seg = Segmenter.from_bank(bank, a.device)
-        res = seg.segment(rgb, classes, pamr=a.pamr, ablate=a.ablate)
+        res = seg.segment(rgb, classes, pamr=a.pamr, ablate=a.ablate, regions=a.regions)
     except (SegmentError, ValueError, KeyError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"ovdiff segment: error: {msg}", file=sys.stderr)

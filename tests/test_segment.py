@@ -102,7 +102,7 @@ def test_result_contract_and_class_restriction(seg, scenes):
     assert all(r.classes[v] == ("background" if v == 0 else seg.bank.names[v - 1]) for v in r.classes)
     assert r.scores.shape == (len(r.kept) + 1, 100, 150) and r.scores.dtype == np.float32
     assert r.scores.min() >= 0 and r.scores.max() <= 1
-    assert set(r.timings) == {"features", "prefilter", "matching", "upsample", "pamr"}
+    assert set(r.timings) == {"features", "prefilter", "matching", "upsample", "pamr", "regions"}
     paper = seg.segment(img, ablate=["no_stuff_presence"])
     assert set(paper.kept) >= {"green stripes", "blue checks"}  # the paper keeps every stuff class
     assert seg.segment(Image.fromarray(img)).labels.tolist() == r.labels.tolist()  # PIL in, same result

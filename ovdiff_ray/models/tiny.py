@@ -3,7 +3,8 @@
 Each builder writes a folder in the library's own format, so it loads back through exactly the code path real
 weights take: `tiny:sd` a diffusers `StableDiffusionPipeline` (`save_pretrained`), `tiny:dino` a timm ViT/8
 (`config.json` + `model.safetensors`, loaded with `timm.create_model("local-dir:...")`), `tiny:clip` an open_clip
-ViT/16 (`open_clip_config.json` + `open_clip_model.safetensors`, loaded with `"local-dir:..."`). Builds are seeded,
+ViT/16 (`open_clip_config.json` + `open_clip_model.safetensors`, loaded with `"local-dir:..."`), `tiny:sam` a transformers
+`SamModel` + `SamProcessor` (`save_pretrained`). Builds are seeded,
 so the same version gives the same weights on every machine. `weights.resolve_model("tiny:<name>")` caches them.
 """
 from __future__ import annotations
@@ -106,7 +107,32 @@ def build_clip(folder: Path) -> None:
     save_file(state, str(folder / "open_clip_model.safetensors"))
 
 
-BUILDERS: dict[str, Callable[[Path], None]] = {"sd": build_sd, "dino": build_dino, "clip": build_clip}
+TINY_SAM_SIZE = 24  # the image side SAM's processor resizes and pads to (patch 2 -> 12 x 12 embeddings)
+
+
+def build_sam(folder: Path) -> None:
+    """transformers `SamModel` at the size of transformers' own SAM tests (vision: image 24, patch 2, hidden 36,
+    2 layers, 4 heads; prompt encoder and mask decoder at width 32) + a `SamProcessor` that resizes to 24."""
+    from transformers import (SamConfig, SamImageProcessor, SamMaskDecoderConfig, SamModel, SamProcessor,
+                              SamPromptEncoderConfig, SamVisionConfig)
+
+    torch.manual_seed(SEED)
+    s = TINY_SAM_SIZE
+    vision = SamVisionConfig(image_size=s, patch_size=2, hidden_size=36, num_hidden_layers=2, num_attention_heads=4,
+                             output_channels=32, num_pos_feats=16, window_size=14, global_attn_indexes=[1])
+    prompt = SamPromptEncoderConfig(image_size=s, patch_size=2, hidden_size=32, mask_input_channels=4)
+    decoder = SamMaskDecoderConfig(hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                   iou_head_hidden_dim=32)
+    model = SamModel(SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder))
+    model.save_pretrained(folder, safe_serialization=True)
+    processor = SamProcessor(SamImageProcessor(size={"longest_edge": s}, pad_size={"height": s, "width": s},
+                                               mask_size={"longest_edge": s // 2},
+                                               mask_pad_size={"height": s // 2, "width": s // 2}))
+    processor.save_pretrained(folder)
+
+
+BUILDERS: dict[str, Callable[[Path], None]] = {"sd": build_sd, "dino": build_dino, "clip": build_clip,
+                                               "sam": build_sam}
 
 
 def build(name: str, folder: str | Path) -> Path:

@@ -14,7 +14,8 @@ APIRouter), `middleware` (body limit, body read deadline, last guard), `errors` 
 Run it with `ovdiff serve --bank URI`, `serve run deploy/serve.yaml` or `serve deploy deploy/serve.yaml`. Routes:
 
 - `POST /v1/segment`  multipart `image`; optional `classes` (comma-separated), `format` (png | rle | overlay),
-  `pamr` (bool), `bank` (id, id@vN or configured name). JSON: `bank`, `width`, `height` (the upload's, EXIF
+  `pamr` (bool), `bank` (id, id@vN or configured name), `regions` (on/off or none | superpixels | sam; default:
+  the bank recipe's `segmentation.regions`). JSON: `bank`, `width`, `height` (the upload's, EXIF
   orientation applied), `classes` (label value -> name for the values present; 0 = background, c + 1 = bank class
   c), the mask (`mask` base64 PNG, uint8 or uint16 per bank / `rle` COCO RLE per class / `overlay` base64 PNG +
   `legend`), `kept` and `timing`.

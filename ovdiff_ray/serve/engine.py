@@ -153,6 +153,7 @@ class Job:
     classes: tuple[str, ...] | None = None
     pamr: bool = False
     scores: bool = False  # also return each class's mean score over its pixels (`region_scores`)
+    regions: str | None = None  # None = the bank recipe's segmentation.regions; on | off | a method name
 
 
 # ----------------------------------------------------------------------------------------------- encoders
@@ -298,12 +299,12 @@ class Engine:
         out: list[dict | None] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for i, j in enumerate(jobs):
-            groups.setdefault((j.classes, j.pamr, j.scores), []).append(i)
-        for (classes, pamr, scores), idx in groups.items():
+            groups.setdefault((j.classes, j.pamr, j.scores, j.regions), []).append(i)
+        for (classes, pamr, scores, regions), idx in groups.items():
             t0 = time.perf_counter()
             try:
                 results = seg.segment_batch([jobs[i].image for i in idx], list(classes) if classes else None, pamr,
-                                            return_scores=scores)
+                                            return_scores=scores, regions=regions)
             except Exception:  # noqa: BLE001 - isolate the failing image: run the group one by one
                 results = None
             dt = (time.perf_counter() - t0) / len(idx)
@@ -318,7 +319,7 @@ class Engine:
         t0 = time.perf_counter()
         try:
             res = seg.segment(job.image, list(job.classes) if job.classes else None, job.pamr,
-                              return_scores=job.scores)
+                              return_scores=job.scores, regions=job.regions)
         except SegmentError as e:
             return {"status": 400, "error": str(e), "detail": None, "code": "bad_request"}
         except Exception:  # noqa: BLE001 - one bad image never takes the replica down

@@ -85,6 +85,23 @@ def parse_bool(name: str, value: str | None, default: bool = False) -> bool:
                        {"field": name, "value": value[:200]}, "bad_field")
 
 
+REGION_METHODS = ("none", "superpixels", "sam")
+
+
+def parse_regions(value: str | None) -> str | None:
+    """Form field `regions`: unset -> None (the bank recipe's setting); a boolean word -> `on` / `off`; or a method
+    name (none | superpixels | sam)."""
+    if value is None or not value.strip():
+        return None
+    v = value.strip().lower()
+    if v in REGION_METHODS:
+        return v
+    if v in TRUE or v in FALSE:
+        return "on" if v in TRUE else "off"
+    raise RequestError(400, f"field 'regions' must be on/off (a boolean) or one of {', '.join(REGION_METHODS)}, got "
+                            f"{value[:40]!r}", {"field": "regions", "value": value[:200]}, "bad_field")
+
+
 def parse_format(value: str | None) -> str:
     """The documented enum, enforced: absent -> png; anything else (empty, other case) must be one of FORMATS."""
     if value is None:

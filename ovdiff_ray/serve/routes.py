@@ -25,11 +25,12 @@ from .backends import HEALTH_TIMEOUT_S, Backend
 from .engine import Catalog, Job, encode
 from .errors import Overloaded, error_response, error_responses
 from . import live
-from .limits import FORMATS, Limits, RequestError, check_header, decode_image, parse_bool, parse_format
+from .limits import (FORMATS, Limits, RequestError, check_header, decode_image, parse_bool, parse_format,
+                     parse_regions)
 
 log = logging.getLogger("ovdiff.serve")
 STATIC = Path(__file__).resolve().parent / "static"
-FIELDS = ("image", "classes", "format", "pamr", "bank", "missing")
+FIELDS = ("image", "classes", "format", "pamr", "bank", "missing", "regions")
 ADMIN_TOKEN_ENV = "OVDIFF_ADMIN_TOKEN"
 
 
@@ -96,7 +97,9 @@ SEGMENT_FORM = {"requestBody": {"required": True, "content": {"multipart/form-da
         "pamr": {"type": "boolean", "default": False},
         "bank": {"type": "string", "description": "bank id, id@vN or configured name (default: the first)"},
         "missing": {"type": "string", "enum": ["error", "build"], "default": "error",
-                    "description": "build: unknown classes become a job (admin token) -> 202"}}}}}}}
+                    "description": "build: unknown classes become a job (admin token) -> 202"},
+        "regions": {"type": "string", "description": "snap labels to regions: on/off or none | superpixels | sam "
+                                                     "(default: the bank recipe's segmentation.regions)"}}}}}}}
 
 
 # ---------------------------------------------------------------------------------------------------- router
@@ -153,13 +156,15 @@ def router(backend: Backend, admin_token: str | None = None) -> APIRouter:
                        202: {"model": live.JobAccepted, "description": "missing=build: the unknown classes' job"},
                        **error_responses(400, 401, 403, 404, 408, 409, 413, 415, 429, 500, 503, 504)})
     async def segment(request: Request) -> JSONResponse:
-        """Segment one image (multipart `image`; optional `classes`, `format`, `pamr`, `bank`)."""
+        """Segment one image (multipart `image`; optional `classes`, `format`, `pamr`, `bank`, `missing`,
+        `regions`)."""
         t0 = time.perf_counter()
         cat = await _catalog(backend)
         lim = cat.limits
         fields, data = await read_form(request, lim)
         fmt = parse_format(fields.get("format"))
         pamr = parse_bool("pamr", fields.get("pamr"))
+        regions = parse_regions(fields.get("regions"))
         entry, classes, accepted = await live.segment_classes(backend, request, cat, fields)  # missing=build
         if accepted is not None:
             return accepted
@@ -171,7 +176,8 @@ def router(backend: Backend, admin_token: str | None = None) -> APIRouter:
             del data
             t3 = time.perf_counter()
             try:
-                result = await backend.segment(entry.key, Job(dec.image, tuple(classes) if classes else None, pamr))
+                result = await backend.segment(entry.key, Job(dec.image, tuple(classes) if classes else None, pamr,
+                                                                regions=regions))
             except (RequestError, Overloaded):
                 raise
             except Exception:  # noqa: BLE001 - the details go to the log, never to the client
