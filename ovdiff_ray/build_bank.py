@@ -164,7 +164,7 @@ class BuildState:
                 with_retries(lambda: commit_manifest(self.loc, m), f"{self.loc.uri}: commit of v{self.version + 1}")
             except CommitConflict:
                 latest = read_manifest(self.loc)
-                if latest["recipe"] != self.recipe.to_dict():
+                if not same_recipe(latest["recipe"], self.recipe):
                     raise
                 self.committed, self.version = latest["classes"], latest["version"]
                 continue
@@ -226,6 +226,18 @@ def pending_classes(committed: list[dict], classes, first_id: int | None = None)
     return pending
 
 
+
+def same_recipe(stored: dict, recipe) -> bool:
+    """Whether a manifest's recipe is `recipe`. A manifest written before a recipe key existed reads that key as its
+    default, which is the behaviour the bank was built with, so adding a key (a new switch, off by default) does not
+    make older banks impossible to extend; a key whose stored value differs still does."""
+    if stored == recipe.to_dict():
+        return True
+    try:
+        return recipe_from_dict(stored, "manifest").to_dict() == recipe.to_dict()
+    except RecipeError:
+        return False
+
 def plan(args: argparse.Namespace) -> tuple[BuildState, list[dict]]:
     """Validate inputs and diff the vocabulary against the committed manifest. Nothing starts before this passes."""
     vocab = read_vocabulary(args.vocab)
@@ -236,7 +248,7 @@ def plan(args: argparse.Namespace) -> tuple[BuildState, list[dict]]:
     bank_id = args.bank_id or f"{recipe.name}-{vocab.sha256[:8]}-{uuid.uuid4().hex[:6]}"
     if latest is not None:
         version = latest["version"]
-        if latest["recipe"] != recipe.to_dict() and not args.new_bank:
+        if not same_recipe(latest["recipe"], recipe) and not args.new_bank:
             raise RecipeError(f"{args.out} holds bank {latest['bank_id']} v{version} built with recipe "
                               f"{latest['recipe'].get('name')!r}, which differs from {recipe.name!r}: a bank never "
                               "mixes recipes (pass --new-bank to start a new bank there, or choose another --out)")

@@ -150,3 +150,31 @@ def test_ctrl_c_stops_with_a_committed_version(tmp_path):
     m = read_manifest(Location(str(out)))
     assert 2 <= len(m["classes"]) == built < len(names)
     assert len(load_bank(str(out)).names) == built
+
+
+def test_bank_from_before_a_recipe_key_extends_and_a_changed_value_refuses(ray_local, tmp_path, capsys):
+    """A manifest written before a key existed (here: issue 11's `segmentation.regions*`) reads that key as its
+    default; the recipe with the same default extends the bank, one with another value does not."""
+    from ovdiff_ray.store.shards import commit_manifest
+
+    out = str(tmp_path / "bank")
+    r = tmp_path / "plain.yaml"
+    toy_lines = (ROOT / "bank" / "recipes" / "toy.yaml").read_text().splitlines()
+    start = next(i for i, line in enumerate(toy_lines) if line.strip().startswith("regions:"))
+    end = next(i for i, line in enumerate(toy_lines) if line.strip().startswith("min_size:"))
+    r.write_text("\n".join(toy_lines[:start] + toy_lines[end + 1:]) + "\n")  # toy without its regions: the defaults
+    assert build_main(["--vocab", vocab_file(tmp_path, ["red circle"]), "--recipe", str(r), "--out", out]) == 0
+    old = read_manifest(Location(out))
+    for k in ("regions", "regions_mode", "regions_stage", "superpixels", "sam"):
+        del old["recipe"]["segmentation"][k]  # as an older package wrote it
+    commit_manifest(Location(out), {**old, "version": 2})
+    capsys.readouterr()
+    voc2 = vocab_file(tmp_path, ["red circle", "blue star"])
+    assert build_main(["--vocab", voc2, "--recipe", str(r), "--out", out]) == 0
+    assert "summary: built 1, skipped 1, failed 0" in capsys.readouterr().out
+    m = read_manifest(Location(out))
+    assert m["version"] == 3 and [c["name"] for c in m["classes"]] == ["red circle", "blue star"]
+    assert m["recipe"]["segmentation"]["regions"] == "none"  # written in full from now on
+    assert build_main(["--vocab", voc2, "--recipe", "toy", "--out", out]) == 2  # regions: superpixels differs
+    assert "a bank never mixes recipes" in capsys.readouterr().err
+    assert read_manifest(Location(out))["version"] == 3

@@ -105,7 +105,8 @@ def protoset(rows_fg, rows_bg):
 def world():
     recipe = load_recipe("toy")
     recipe.extractors = [ExtractorConfig(name="s1", type="toy"), ExtractorConfig(name="s2", type="toy")]
-    recipe.segmentation = dataclasses.replace(recipe.segmentation, short_side=64, windows=[[48, 32]])
+    recipe.segmentation = dataclasses.replace(recipe.segmentation, short_side=64, windows=[[48, 32]],
+                                              regions="none")  # the paper: no region snapping
     exs = [StubExtractor("s1", 6, 1), StubExtractor("s2", 5, 2)]
     rng = np.random.default_rng(3)
     protos = []
