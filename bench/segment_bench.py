@@ -13,7 +13,7 @@
    match time, i.e. the share of the matmul's throughput the whole step keeps (goal: >= 0.5).
 
 3. Snapping to class-agnostic regions (`segmentation.regions`, issue 11) at 448 px: the region map (superpixels
-   with paper-plus.yaml's setting, FreeDA's defaults, and SAM's automatic masks from the tiny random SAM, `tiny:sam`,
+   with paper-plus.yaml's setting, the same at full resolution (`max_pixels: 0`), FreeDA's defaults, and SAM's automatic masks from the tiny random SAM, `tiny:sam`,
    through the same mask-generation pipeline as real weights) and the vote over a 21-class score map, on a real
    photo (scikit-image's astronaut, 448 x 448) and a 448 x 597 toy scene. Baseline: PAMR (paper settings) on the same
    score map in the same process (`ratio_vs_pamr` = regions time / PAMR time).
@@ -232,14 +232,15 @@ def bench_regions(repeats: int) -> None:
     seg = load_recipe("paper-plus").segmentation
     seg.sam = dataclasses.replace(seg.sam, model="tiny:sam", pred_iou_thresh=0.0, stability_score_thresh=0.0)
     freeda = copy_cfg(seg, dataclasses.replace(seg.superpixels, scale=100.0, sigma=1.0, min_size=20))
+    full = copy_cfg(seg, dataclasses.replace(seg.superpixels, max_pixels=0))  # no downscaling
     g = torch.Generator().manual_seed(0)
     for tag, img in regions_images().items():
         x = torch.from_numpy(img).permute(2, 0, 1).float() / 255
         scores = torch.rand(21, *img.shape[:2], generator=g)
         t_pamr = timed(lambda: pamr_refine(x, scores, seg.pamr_iters, seg.pamr_dilations), repeats)
         out(f"regions.{tag}.baseline.pamr_s", t_pamr)
-        for name, cfg, method in (("superpixels", seg, "superpixels"), ("superpixels_freeda", freeda, "superpixels"),
-                                  ("tiny_sam", seg, "sam")):
+        for name, cfg, method in (("superpixels", seg, "superpixels"), ("superpixels_full_res", full, "superpixels"),
+                                  ("superpixels_freeda", freeda, "superpixels"), ("tiny_sam", seg, "sam")):
             snapper = RegionSnapper(cfg)
             reg = snapper.regions(x, method)  # warm-up: SAM loads here
             t_map = timed(lambda: snapper.regions(x, method), repeats)

@@ -44,12 +44,31 @@ class RegionMaker(Protocol):
 # ------------------------------------------------------------------------------------------------- region maps
 
 def superpixels(image: np.ndarray, cfg: SuperpixelConfig) -> np.ndarray:
-    """`image [H, W, 3]` uint8 -> superpixel ids `[H, W]` int64, 0..R-1, covering every pixel."""
+    """`image [H, W, 3]` uint8 -> superpixel ids `[H, W]` int64, 0..R-1, covering every pixel. Over
+    `cfg.max_pixels` (> 0) the image is segmented downscaled to that many pixels (`min_size` scaled by the same
+    area ratio) and the ids are upsampled nearest."""
+    image = np.asarray(image, np.uint8)
+    h, w = image.shape[:2]
+    if cfg.max_pixels and h * w > cfg.max_pixels:
+        from PIL import Image
+
+        s = (cfg.max_pixels / (h * w)) ** 0.5
+        small = np.asarray(Image.fromarray(image).resize((max(1, round(w * s)), max(1, round(h * s))),
+                                                         Image.BILINEAR))
+        ids = _superpixels(small, cfg, max(1, round(cfg.min_size * s * s)))
+        ids = np.asarray(Image.fromarray(ids.astype(np.int32)).resize((w, h), Image.NEAREST), np.int64)
+        present = np.zeros(int(ids.max()) + 1, bool)
+        present[ids] = True  # a thin region may vanish in the upsampling: renumber densely, O(pixels)
+        return (np.cumsum(present) - 1)[ids]
+    return _superpixels(image, cfg, cfg.min_size)
+
+
+def _superpixels(image: np.ndarray, cfg: SuperpixelConfig, min_size: int) -> np.ndarray:
     from skimage import segmentation as sks
 
-    x = np.asarray(image, np.float64) / 255.0  # FreeDA: image / 255
-    if cfg.method == "felzenszwalb":
-        seg = sks.felzenszwalb(x, scale=cfg.scale, sigma=cfg.sigma, min_size=cfg.min_size, channel_axis=-1)
+    x = image.astype(np.float64) / 255.0  # FreeDA: image / 255
+    if cfg.method == "felzenszwalb":  # uint8 in: skimage divides by 255 itself, the same values without our copy
+        seg = sks.felzenszwalb(image, scale=cfg.scale, sigma=cfg.sigma, min_size=min_size, channel_axis=-1)
     elif cfg.method == "slic":
         seg = sks.slic(x, n_segments=cfg.n_segments, compactness=cfg.slic_compactness, sigma=cfg.sigma,
                        start_label=0, channel_axis=-1)
@@ -64,8 +83,11 @@ def superpixels(image: np.ndarray, cfg: SuperpixelConfig) -> np.ndarray:
     else:
         raise RegionsError(f"unknown superpixel method {cfg.method!r} (known: felzenszwalb, slic, quickshift, "
                            "watershed)")
-    _, ids = np.unique(seg, return_inverse=True)  # dense ids 0..R-1 whatever the method's numbering
-    return ids.reshape(seg.shape).astype(np.int64)
+    seg = seg.astype(np.int64)
+    seg -= seg.min()
+    present = np.zeros(int(seg.max()) + 1, bool)
+    present[seg] = True  # dense ids 0..R-1 whatever the method's numbering (O(pixels), no sort)
+    return (np.cumsum(present) - 1)[seg]
 
 
 def paint_masks(masks: np.ndarray) -> np.ndarray:
@@ -135,6 +157,10 @@ def vote(scores: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
     r, s, n_reg = _flat(scores, regions)
     c, n = s.shape
     votes = s.clamp_min(0).argmax(0)  # [N] first maximum: ties go to background
+    if n_reg and bool((r >= 0).all()):  # every pixel in a region (superpixels): one gather, no one-hot
+        counts = torch.bincount(r * c + votes, minlength=n_reg * c).view(n_reg, c).float()
+        shares = counts / counts.sum(1, keepdim=True).clamp_min(1)  # [R, C]
+        return torch.index_select(shares.T.contiguous(), 1, r).view(scores.shape)
     out = torch.zeros(c, n, dtype=torch.float32, device=s.device)
     out[votes, torch.arange(n, device=s.device)] = 1.0
     seg = r >= 0

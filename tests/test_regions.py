@@ -98,11 +98,27 @@ def test_paint_masks_larger_overwrite_smaller_and_uncovered_is_minus_one():
 
 # ---------------------------------------------------------------------------------------------- superpixels
 
-def test_superpixels_on_a_toy_scene_do_not_cross_object_borders():
-    """With toy.yaml's settings every region lies within one ground-truth label up to a few pixels (the 255
-    anti-aliased border is free). (FreeDA's scale 100 / sigma 1.0 follow the toy textures across borders: 25 px.)"""
+def far_out_pixels(r: np.ndarray, lab: np.ndarray) -> int:
+    """The most pixels of one region on the other side of an object border, more than 2 px from that border (the
+    255 anti-aliased border is free)."""
     from scipy import ndimage
 
+    worst = 0
+    for obj in np.unique(lab):
+        if obj == 255:
+            continue
+        inside = lab == obj
+        far_out = ~ndimage.binary_dilation(inside | (lab == 255), iterations=2)
+        for rid in np.unique(r[inside]):
+            reg = r == rid
+            if (reg & inside).sum() >= (reg & (lab != 255)).sum() / 2:  # region belongs to this label
+                worst = max(worst, int((reg & far_out).sum()))
+    return worst
+
+
+def test_superpixels_on_a_toy_scene_do_not_cross_object_borders():
+    """With toy.yaml's settings every region lies within one ground-truth label up to a few pixels. (FreeDA's
+    scale 100 / sigma 1.0 follow the toy textures across borders: 25 px.)"""
     cfg = load_recipe("toy").segmentation.superpixels
     v = load_vocab(VOCAB)
     worst = 0
@@ -111,17 +127,28 @@ def test_superpixels_on_a_toy_scene_do_not_cross_object_borders():
         r = superpixels(img, cfg)
         assert r.shape == lab.shape and r.min() == 0 and len(np.unique(r)) == r.max() + 1  # dense ids, all covered
         assert 20 <= r.max() + 1 <= 2000
-        # pixels of a region on the other side of an object border, more than 2 px from that border
-        for obj in np.unique(lab):
-            if obj == 255:
-                continue
-            inside = lab == obj
-            far_out = ~ndimage.binary_dilation(inside | (lab == 255), iterations=2)
-            for rid in np.unique(r[inside]):
-                reg = r == rid
-                if (reg & inside).sum() >= (reg & (lab != 255)).sum() / 2:  # region belongs to this label
-                    worst = max(worst, int((reg & far_out).sum()))
+        worst = max(worst, far_out_pixels(r, lab))
     assert worst <= 6, worst
+
+
+def test_downscaled_superpixels_cover_the_image_and_keep_to_borders():
+    """`superpixels.max_pixels` (paper-plus.yaml: 90000) on 448 px toy scenes: ids dense over the full-size image,
+    fewer pixels segmented, and regions still within their objects up to a few pixels; under the limit, the
+    full-resolution result exactly."""
+    cfg = load_recipe("paper-plus").segmentation.superpixels
+    assert cfg.max_pixels == 90000
+    full = dataclasses.replace(cfg, max_pixels=0)
+    v = load_vocab(VOCAB)
+    for seed in (11, 12):
+        img, lab = toy.make_scene(v.names, [c.kind for c in v.classes], np.random.default_rng(seed), 448)
+        r = superpixels(img, cfg)
+        assert r.shape == (448, 448) and r.min() == 0 and len(np.unique(r)) == r.max() + 1
+        assert far_out_pixels(r, lab) <= 25, seed
+        small = img[:200, :300]  # 60000 px: under the limit
+        assert np.array_equal(superpixels(small, cfg), superpixels(small, full))
+    with pytest.raises(RecipeError, match="segmentation.superpixels.max_pixels: 0 .full resolution. or at least"):
+        recipe_from_dict({**load_recipe("toy").to_dict(), "segmentation": {
+            **load_recipe("toy").to_dict()["segmentation"], "superpixels": {"max_pixels": 100}}})
 
 
 def test_superpixel_methods_and_bad_method():
