@@ -8,11 +8,11 @@ import json
 import os
 import shutil
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -21,7 +21,8 @@ from ovdiff_ray.serve.engine import decode_png
 from ovdiff_ray.store.fs import Location
 from ovdiff_ray.store.shards import commit_manifest, read_manifest
 
-httpx = pytest.importorskip("httpx")
+from tests.conftest import free_port
+
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-admin-token-4b1d"
@@ -31,12 +32,6 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CONFIG = dict(max_batch_size=2, max_ongoing_requests=4, max_queued_requests=32, num_cpus=1, num_replicas=1,
               request_timeout_s=60, follow_latest=True, reload_poll_s=1.0,
               build={"workers": 1, "cpus_per_worker": 0.5, "max_classes_per_request": 4, "max_pending_classes": 6})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +46,7 @@ def live(ray_local, toy_bank, tmp_path_factory):
     shutil.copytree(toy_bank, root)
     token_file = tmp / "admin-token"
     token_file.write_text(TOKEN + "\n")
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app({"bank": str(root), "admin_token_file": str(token_file), **CONFIG}), name="ovdiff-live",

@@ -5,30 +5,25 @@ import asyncio
 import base64
 import io
 import shutil
-import socket
 import time
 from html.parser import HTMLParser
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
 from ovdiff_ray.serve.engine import decode_png
 
-httpx = pytest.importorskip("httpx")
+from tests.conftest import free_port
+
 
 # Small queues so that a storm of requests hits backpressure quickly; 8 concurrent clients still fit (4 + 8).
 # capacity (ongoing + queued) 20: well above the load test's 8 clients (Serve's counts lag a little), far below the
 # storm's 48
 CONFIG = dict(max_batch_size=2, max_ongoing_requests=4, max_queued_requests=16, retry_after_s=1, num_cpus=1,
               num_replicas=1, request_timeout_s=60)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +41,7 @@ def served(ray_local, toy_bank, tmp_path_factory):
     shutil.copytree(toy_bank, root)
     m = read_manifest(Location(str(root)))
     commit_manifest(Location(str(root)), {**m, "version": m["version"] + 1, "classes": m["classes"][:4]})
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app({"banks": [{"uri": str(root), "version": m["version"]},

@@ -19,9 +19,11 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
-httpx = pytest.importorskip("httpx")
+from tests.conftest import free_port
+
 
 APP = "ovdiff-faults"
 BODY_TIMEOUT_S = 2.0
@@ -30,19 +32,13 @@ CONFIG = dict(max_batch_size=2, max_ongoing_requests=4, max_queued_requests=16, 
               num_replicas=1, request_timeout_s=30, limits={"body_timeout_s": BODY_TIMEOUT_S})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Moto:
     """A moto S3 server of this module's own, which the tests stop and start again (same port, same data)."""
 
     def __init__(self):
         from moto.server import ThreadedMotoServer
 
-        self.cls, self.port = ThreadedMotoServer, _free_port()
+        self.cls, self.port = ThreadedMotoServer, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = None
         self.start()
@@ -80,7 +76,7 @@ def served(ray_local, toy_bank, tmp_path_factory):
         if f.is_file() and not f.name.startswith("."):
             s3.put_object(Bucket="faults", Key=f"bank/{f.relative_to(root)}", Body=f.read_bytes())
     storage = {"endpoint_url": moto.url, "region": "us-east-1", "access_key": "testing", "secret_key": "testing"}
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "keep_alive_timeout_s": 5})
     try:
         serve.run(build_app({"banks": [{"uri": "s3://faults/bank", "version": m["version"]},

@@ -226,23 +226,25 @@ async def segment_classes(backend, request: Request, cat, fields: dict) -> tuple
         raise RequestError(400, f"field 'missing' must be one of {', '.join(MISSING)}, got {missing[:40]!r}",
                            {"field": "missing", "allowed": list(MISSING)}, "bad_field")
     names = split_classes(fields.get("classes"), cat.limits)
-    entry = cat.resolve(fields.get("bank"))
-    try:
-        return entry, check_classes(names, entry.names, entry.key), None
-    except RequestError as e:
-        if e.code != "unknown_classes":
-            raise
-        err = e
-    if hasattr(backend, "refresh") and time.monotonic() - _refreshed["at"] > 0.2:
-        _refreshed["at"] = time.monotonic()
-        cat = await backend.refresh()
+
+    def known(cat):  # (entry, checked classes or None when some are unknown, the unknown-classes error)
         entry = cat.resolve(fields.get("bank"))
         try:
             return entry, check_classes(names, entry.names, entry.key), None
         except RequestError as e:
             if e.code != "unknown_classes":
                 raise
-            err = e
+            return entry, None, e
+
+    entry, classes, err = known(cat)
+    if err is None:
+        return entry, classes, None
+    if hasattr(backend, "refresh") and time.monotonic() - _refreshed["at"] > 0.2:
+        _refreshed["at"] = time.monotonic()
+        cat = await backend.refresh()
+        entry, classes, err = known(cat)
+        if err is None:
+            return entry, classes, None
     if missing != "build":
         raise err
     authorize(request, cat.admin)
