@@ -21,24 +21,11 @@ from PIL import Image
 from ovdiff_ray.serve.app import LocalBackend, make_app
 from ovdiff_ray.serve.engine import decode_png
 
+from tests.test_serve_app import CountingBackend
+
 LIMITS = {"max_upload_bytes": 4_000_000, "max_pixels": 4096 * 4096, "max_side": 4096, "max_classes": 6,
           "body_timeout_s": 0.5, "max_work_side": 512, "max_inflight_pixels": 2 * 4096 * 4096 + 1_000_000,
           "admission_wait_s": 20}
-
-
-class CountingBackend:
-    def __init__(self, inner):
-        self.inner, self.calls = inner, 0
-
-    async def catalog(self):
-        return await self.inner.catalog()
-
-    async def segment(self, key, job):
-        self.calls += 1
-        return await self.inner.segment(key, job)
-
-    async def health(self):
-        return await self.inner.health()
 
 
 @pytest.fixture(scope="module")
