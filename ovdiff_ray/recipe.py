@@ -99,6 +99,7 @@ class PrototypesConfig:
     seed: int = 0
     max_pixels: int = 200_000  # pixels sampled per region for k-means; 0 = all (the authors)
     mask_grid: str = "any"  # masks onto the feature grid: any (max pooling) | centre (the authors' bilinear > 0)
+    kmeans_tol: float = 0.0  # scikit-learn's tolerance stop (the authors' KMeans: 1e-4); 0 = the fixed point only
 
 
 @dataclass

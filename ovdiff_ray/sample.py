@@ -12,18 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .models import (Classifier, Extractor, Generator, InstanceMasker, build_classifier, build_extractors,
                      build_generator, build_masker, default_device)
-from .models.masks import fg_bg_masks
-from .prototypes import ClassPrototypes, masked_pixels, protoset_from_pixels
+from .pipeline.class_pipeline import ClassPipeline, EmptySupportError, SampleArtifacts
+from .prototypes import ClassPrototypes
 from .recipe import Recipe, load_recipe
 
-
-class EmptySupportError(RuntimeError):
-    """Every support image of a class had an empty foreground."""
+__all__ = ["ClassPipeline", "EmptySupportError", "SampleArtifacts", "SamplingModels", "sample_class"]
 
 
 @dataclass
@@ -33,99 +29,41 @@ class SamplingModels:
     classifier: Classifier
     masker: InstanceMasker | None
     device: str
+    recipe: Recipe | None = None
+    crf_workers: int = 0  # processes for MaskCut's dense CRF beside the device (0: inline)
+    _pipeline: ClassPipeline | None = None
 
     @classmethod
-    def load(cls, recipe: Recipe, device: str | None = None) -> "SamplingModels":
+    def load(cls, recipe: Recipe, device: str | None = None, crf_workers: int = 0) -> "SamplingModels":
         device = device or default_device()
         return cls(build_generator(recipe, device), build_extractors(recipe, device), build_classifier(recipe, device),
-                   build_masker(recipe, device), device)
+                   build_masker(recipe, device), device, recipe, crf_workers)
 
-
-@dataclass
-class SampleArtifacts:
-    """What a preview shows: support images, attributions and the fg/bg masks, per kept image."""
-
-    images: np.ndarray  # [N, H, W, 3] uint8
-    attributions: np.ndarray  # [N, H, W] float32
-    fg: np.ndarray  # [N, H, W] bool
-    bg: np.ndarray  # [N, H, W] bool
-    kept: np.ndarray  # [N] bool: images with a non-empty foreground
-
-
-def _instances(masker: InstanceMasker | None, images: np.ndarray) -> list:
-    """Instance masks per image (`[M, H, W]` bool each), batched when the masker can; None per image without one."""
-    if masker is None:
-        return [None] * len(images)
-    if hasattr(masker, "batch"):
-        return list(masker.batch(images))
-    return [masker(img) for img in images]
-
-
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)  # [N, 3, H, W]
-
-
-@torch.no_grad()
-def _features(ex: Extractor, images: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, size: int, batch: int,
-              mask_grid: str = "any"):
-    """Per image fg/bg pixel features of one extractor, batch by batch (full maps never all in memory)."""
-    fgp, bgp = [], []
-    for i in range(0, len(images), batch):
-        x = images[i:i + batch]
-        if size and x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        feats = ex(x).float().cpu()  # [b, D, h, w]
-        fgp += masked_pixels(feats, fg[i:i + batch], mask_grid)
-        bgp += masked_pixels(feats, bg[i:i + batch], mask_grid)
-    return fgp, bgp
+    def pipeline(self) -> ClassPipeline:
+        """The device class pipeline over these models (built once)."""
+        if self._pipeline is None:
+            if self.recipe is None:
+                raise ValueError("SamplingModels.pipeline: load the models with SamplingModels.load(recipe)")
+            self._pipeline = ClassPipeline.from_models(self.recipe, self, self.crf_workers)
+        return self._pipeline
 
 
 def sample_class(name: str, recipe: Recipe, models: SamplingModels | None = None, kind: str = "thing",
-                 artifacts: list | None = None, prompt: str = "") -> ClassPrototypes:
+                 artifacts: list | None = None, prompt: str = "", path: str = "device") -> ClassPrototypes:
     """Build the prototypes of one class. Deterministic for (recipe.seed, name, prompt). `prompt`: the vocabulary's
     words for the class (else the recipe's `prompt_names`, else the name), used for the support-set prompt and
-    the class text embedding. Appends SampleArtifacts to `artifacts` when given."""
+    the class text embedding. Appends SampleArtifacts to `artifacts` when given.
+
+    `path`: `device` (the class pipeline on the models' device, `pipeline/`) or `host` (the numpy reference,
+    `sample_host.py`, as before the device pipeline)."""
     models = models or SamplingModels.load(recipe)
-    t = {"generate": time.perf_counter()}
-    g = recipe.generation
-    words = g.prompt_name(name, prompt)
-    support = models.generator.generate(name, g.n_images, recipe.seed, prompt_name=words)
-    t["masks"] = time.perf_counter()
-    fgs, bgs = [], []
-    for img, attr, inst in zip(support.images, support.attributions, _instances(models.masker, support.images)):
-        fg, bg = fg_bg_masks(attr, inst, recipe.masks)
-        fgs.append(fg)
-        bgs.append(bg)
-    fg, bg = np.stack(fgs), np.stack(bgs)
-    kept = fg.reshape(len(fg), -1).any(1)
-    if artifacts is not None:
-        artifacts.append(SampleArtifacts(support.images, support.attributions, fg, bg, kept))
-    if not kept.any():
-        raise EmptySupportError(f"class {name!r}: every one of {len(fg)} support images has an empty foreground")
-    images = _to_tensor(support.images[kept])
-    fg_t, bg_t = torch.from_numpy(fg[kept]), torch.from_numpy(bg[kept])
-    t["features"] = time.perf_counter()
-    sets, kmeans_s = {}, 0.0
-    p = recipe.prototypes
-    for cfg, ex in zip(recipe.extractors, models.extractors):
-        fgp, bgp = _features(ex, images, fg_t, bg_t, cfg.input_size, g.batch_size, p.mask_grid)
-        k0 = time.perf_counter()
-        sets[cfg.name] = protoset_from_pixels(fgp, bgp, ex.dim, p.parts, p.kmeans_iters, p.seed, p.max_pixels,
-                                              models.device)
-        kmeans_s += time.perf_counter() - k0
-    t["text"] = time.perf_counter()
-    text = models.classifier.encode_text([recipe.classifier.text_template.format(name=words)])[0]
-    t["end"] = time.perf_counter()
-    marks = list(t.values())
-    seconds = {k: marks[i + 1] - marks[i] for i, k in enumerate(list(t)[:-1])}
-    seconds["features"] -= kmeans_s
-    seconds["prototypes"] = kmeans_s
-    split = getattr(models.generator, "timings", None)  # diffusers: pipeline vs attribution capture
-    if split and "attribution" in split:
-        seconds["attribution"] = split["attribution"]
-        seconds["generate"] -= split["attribution"]
-    info = {"n_images": int(len(fg)), "kept": int(kept.sum()), "seconds": seconds, "total_s": marks[-1] - marks[0]}
-    return ClassPrototypes(name, kind, sets, np.asarray(text, np.float32), info, prompt=words if words != name else "")
+    if path == "host":
+        from .sample_host import sample_class_host  # the reference path, imported only when asked for
+
+        return sample_class_host(name, recipe, models, kind=kind, artifacts=artifacts, prompt=prompt)
+    if path != "device":
+        raise ValueError(f"sample_class: unknown path {path!r} (device | host)")
+    return models.pipeline()(name, kind=kind, prompt=prompt, artifacts=artifacts)
 
 
 # -- ovdiff preview ---------------------------------------------------------------------------------------------

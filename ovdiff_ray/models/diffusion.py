@@ -264,9 +264,25 @@ class DiffusionGenerator:
         self.timings = {"generate": total - spent, "attribution": spent}
         return SupportSet(np.concatenate(images), np.concatenate(attrs), seeds)
 
+    def generate_batches(self, name: str, n: int, seed: int, prompt_name: str | None = None):
+        """The device path: yields `(seeds, images [b, 3, H, W] float in [0, 1] quantised to 8 bits, attributions
+        [b, H, W] float32)` per batch, both on the pipeline's device (nothing crosses to the host). The same images
+        and attributions as `generate`. `timings` is updated as batches are drawn."""
+        pname = prompt_name or self.cfg.prompt_names.get(name, name)
+        seeds = [image_seed(seed, name, i) for i in range(n)]
+        self.timings = {"generate": 0.0, "attribution": 0.0}
+        for i in range(0, n, self.cfg.batch_size):
+            t0 = _clock(True)
+            images, att = self._batch(pname, seeds[i:i + self.cfg.batch_size], on_device=True)
+            total = _clock(True) - t0
+            self.timings["generate"] += total - self.store.seconds
+            self.timings["attribution"] += self.store.seconds
+            yield seeds[i:i + self.cfg.batch_size], images, att
+
     @torch.no_grad()
-    def _batch(self, pname: str, seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """One pipeline call: `[b, H, W, 3]` uint8 images and `[b, H, W]` float32 attributions."""
+    def _batch(self, pname: str, seeds: list[int], on_device: bool = False):
+        """One pipeline call: `[b, H, W, 3]` uint8 images and `[b, H, W]` float32 attributions (numpy), or with
+        `on_device` the images `[b, 3, H, W]` float and attributions as tensors on the pipeline's device."""
         cfg, b, res = self.cfg, len(seeds), self.cfg.resolution
         s = self.store
         s.reset()
@@ -279,11 +295,14 @@ class DiffusionGenerator:
                 prompt=[cfg.prompt_template.format(name=pname)] * b,
                 negative_prompt=[cfg.negative_prompt] * b if cfg.negative_prompt else None,
                 height=res, width=res, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
-                latents=self.latents(seeds), output_type="np")
+                latents=self.latents(seeds), output_type="pt" if on_device else "np")
         finally:
             s.active = False
         t0 = _clock(s.profile)
-        att = finish_attribution(s.mean(), (res, res)).cpu().numpy().astype(np.float32)
+        att = finish_attribution(s.mean(), (res, res)).float()
         s.seconds += _clock(s.profile) - t0
+        if on_device:  # [b, 3, H, W] as the host path's uint8 images / 255
+            return (out.images.float().clamp(0, 1) * 255).round().div(255), att
+        att = att.cpu().numpy().astype(np.float32)
         images = (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
         return images, att
