@@ -47,7 +47,7 @@ class ClassWorker:
     restart the actor: every row then comes back `fatal` with that one line, and the driver stops the build.
     """
 
-    def __init__(self, recipe: dict, uri: str, storage: dict | None, retries: int = 2):
+    def __init__(self, recipe: dict, uri: str, storage: dict | None, retries: int = 2, crf_workers: int = 0):
         self.node = socket.gethostname() + f":{os.getpid()}"
         self.retries, self.fatal = retries, ""
         try:
@@ -55,7 +55,7 @@ class ClassWorker:
 
             self.recipe = recipe_from_dict(recipe, "bank recipe")
             self.loc = Location(uri, storage)
-            self.models = SamplingModels.load(self.recipe)
+            self.models = SamplingModels.load(self.recipe, crf_workers=crf_workers)
         except Exception as e:  # noqa: BLE001 - transient errors are raised (Ray restarts the actor)
             if not permanent(e):
                 raise
@@ -107,6 +107,14 @@ class ClassWorker:
             for k, v in r.items():
                 out[k].append(v)
         return out
+
+
+def crf_workers(recipe: Recipe, cpus_per_worker: float) -> int:
+    """Processes per actor running MaskCut's dense CRF beside the device (one per CPU of the actor), 0 when the
+    recipe has no CRF."""
+    if recipe.masks.method != "maskcut" or not recipe.masks.maskcut_crf:
+        return 0
+    return max(1, int(cpus_per_worker))
 
 
 def permanent(e: BaseException) -> bool:
@@ -411,7 +419,7 @@ def execute(args: argparse.Namespace, state: BuildState, pending: list[dict]) ->
     ds = ray.data.from_items(pending, override_num_blocks=len(pending)).map_batches(
         ClassWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
         fn_constructor_kwargs={"recipe": state.recipe.to_dict(), "uri": args.out, "storage": storage,
-                               "retries": args.retries},
+                               "retries": args.retries, "crf_workers": crf_workers(state.recipe, args.cpus_per_worker)},
         num_gpus=args.gpus_per_worker, num_cpus=args.cpus_per_worker)
     old = signal.getsignal(signal.SIGINT)
     last_commit, since = time.monotonic(), 0

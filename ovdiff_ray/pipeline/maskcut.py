@@ -77,6 +77,7 @@ def second_eigenvector(a: torch.Tensor, active: torch.Tensor, steps: int = 48, r
     v = project(_start_vector(n, a.device)[None].expand(b, n))
     y = v / v.norm(dim=1, keepdim=True).clamp_min(1e-300)
     k = max(1, min(steps, n))
+    last = None
     for _ in range(restarts):
         q = torch.zeros(b, k + 1, n, dtype=torch.float64, device=a.device)
         alpha = torch.zeros(b, k, dtype=torch.float64, device=a.device)
@@ -105,6 +106,9 @@ def second_eigenvector(a: torch.Tensor, active: torch.Tensor, steps: int = 48, r
         res = (project(_matvec(nmat, y)) - theta[:, -1, None] * y).norm(dim=1)
         if bool((res <= tol).all()):
             break
+        if last is not None and bool(((theta[:, -1] - last).abs() <= 1e-12).all()):
+            break  # the Ritz value no longer moves: a (near-)degenerate eigenspace, where any vector of it is as good
+        last = theta[:, -1]
     x = y * r
     big = x.abs().argmax(1)
     sign = torch.where(x.gather(1, big[:, None])[:, 0] >= 0, 1.0, -1.0).to(x.dtype)
