@@ -260,3 +260,17 @@ def test_class_worker_loads_the_models_on_the_device_it_is_given(tmp_path, monke
     w = ClassWorker(load_recipe("tiny").to_dict(), str(tmp_path / "bank"), None, device="cpu")
     assert w.fatal == "" and w.models.device == "cpu"
     assert {str(e.device) for e in w.models.extractors} == {"cpu"} and str(w.models.classifier.device) == "cpu"
+
+
+def test_deploy_configs_say_what_to_pass_on_a_gpu_cluster():
+    """The cluster's examples pass a GPU per worker; the RayService gives its segmenter and class workers one."""
+    import yaml
+
+    deploy = ROOT / "deploy"
+    cluster = (deploy / "cluster.yaml").read_text()
+    assert "--gpus-per-worker 1" in cluster and "--num-gpus 1" in cluster and "--device cpu" in cluster
+    rs = yaml.safe_load((deploy / "rayservice.yaml").read_text())
+    (app,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
+    seg = next(d for d in app["deployments"] if d["name"] == "OVDiffSegmenter")
+    assert seg["ray_actor_options"]["num_gpus"] >= 1 and app["args"]["build"]["gpus_per_worker"] >= 1
+    assert app["args"]["device"] in (None, "cuda")
