@@ -63,7 +63,7 @@ def paper_weights_offline(tmp_path, monkeypatch):
     """The paper recipe's three hub ids in a local Hugging Face cache, offline, holding the tiny models' files (the
     preflight checks files, not sizes): the paper recipe's models are all there."""
     cache = tmp_path / "hf"
-    for repo, tiny in (("stable-diffusion-v1-5/stable-diffusion-v1-5", "sd"), ("timm/vit_base_patch8_224.dino", "dino")):
+    for repo, tiny in zip(PAPER_REFS[:2], ("sd", "dino")):
         snap = _snapshot(cache, repo)
         shutil.copytree(resolve_model(f"tiny:{tiny}"), snap)
         (snap / RECORD).unlink()

@@ -432,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         serve.run(app, name=APP_NAME, route_prefix="/")
         url = f"http://{a.host}:{a.port}/"
         print(f"ovdiff serve: {len(banks)} bank(s), models on {resolve_device(a.device, a.num_gpus)}, ready in "
-              f"{time.perf_counter() - t0:.1f}s at {url} (try-it page), POST {url}v1/segment; Ctrl-C to stop", flush=True)
+              f"{time.perf_counter() - t0:.1f}s at {url} (try-it page), POST {url}v1/segment; Ctrl-C to stop",
+              flush=True)
         signal.signal(signal.SIGTERM, _interrupt)
         while True:
             time.sleep(3600)
