@@ -36,6 +36,13 @@ def real_models(recipe: Recipe) -> list[str]:
     return refs
 
 
+def _real(recipes: Iterable[Recipe]) -> list[str]:
+    real: list[str] = []
+    for r in recipes:
+        real += [ref for ref in real_models(r) if ref not in real]
+    return real
+
+
 def resolve_device(device: str, gpus_per_worker: float) -> str:
     """`auto` -> `cuda` when each worker has GPUs, else `cpu`; `cuda` and `cpu` as given."""
     if device == "auto":
@@ -48,8 +55,7 @@ def check_device(pf: Preflight, recipes: Iterable[Recipe], device: str, gpus_per
                  cost: str = "hours per class for the paper recipe") -> str:
     """Add a problem when the flags contradict each other or would run real models on a CPU by accident; else a
     note naming the device each `what` will use (`--check` prints it); `cost` says what the CPU would cost in the
-    refusal. Returns the device the workers get
-    (`cuda` | `cpu`), also when a problem was added."""
+    refusal. Returns the device the workers get (`cuda` | `cpu`), also when a problem was added."""
     dev = resolve_device(device, gpus_per_worker)
     gpus = f"{gpus_per_worker:g} GPU{'' if gpus_per_worker == 1 else 's'} per {what}"
     if device not in DEVICES:
@@ -64,9 +70,7 @@ def check_device(pf: Preflight, recipes: Iterable[Recipe], device: str, gpus_per
         pf.add(f"{device_flag} cpu", f"with {gpus_flag} {gpus_per_worker:g}: each {what} would hold GPUs it never "
                                      f"uses; pass {gpus_flag} 0 to run on the CPU, or {device_flag} auto")
         return dev
-    real: list[str] = []
-    for r in recipes:
-        real += [ref for ref in real_models(r) if ref not in real]
+    real = _real(recipes)
     if dev == "cpu" and device == "auto" and real:
         shown = ", ".join(real[:3]) + (f" and {len(real) - 3} more" if len(real) > 3 else "")
         pf.add(f"{gpus_flag} {gpus_per_worker:g}",
@@ -74,10 +78,8 @@ def check_device(pf: Preflight, recipes: Iterable[Recipe], device: str, gpus_per
                f"CPU ({cost}): pass {gpus_flag} {GPU_ADVICE} on a GPU cluster, or "
                f"{device_flag} cpu to run them on the CPU on purpose")
         return dev
-    why = {"auto": f"{device_flag} auto, {gpus}", "cuda": f"{device_flag} cuda, {gpus}",
-           "cpu": f"{device_flag} cpu, {gpus}"}[device]
     kind = "real models" if real else "tiny/toy models only"
-    pf.notes.append(f"device: each {what} runs the models on {dev} ({why}; {kind})")
+    pf.notes.append(f"device: each {what} runs the models on {dev} ({device_flag} {device}, {gpus}; {kind})")
     return dev
 
 
@@ -85,9 +87,7 @@ def check_cpu_builds(pf: Preflight, recipes: Iterable[Recipe], device: str, gpus
                      gpus_flag: str, what: str = "class-building worker", device_flag: str = "--device") -> None:
     """Workers that build classes beside a job whose `device` is for something else (serve's `--follow` builds):
     only the accident is refused: real models, 0 GPUs per worker, and no `device_flag cpu`."""
-    real: list[str] = []
-    for r in recipes:
-        real += [ref for ref in real_models(r) if ref not in real]
+    real = _real(recipes)
     if gpus_per_worker <= 0 and device != "cpu" and real:
         pf.add(f"{gpus_flag} {gpus_per_worker:g}",
                f"the followed banks' recipe runs real models ({', '.join(real[:3])}) and each {what} would get no "
