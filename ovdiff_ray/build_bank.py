@@ -47,7 +47,8 @@ class ClassWorker:
     restart the actor: every row then comes back `fatal` with that one line, and the driver stops the build.
     """
 
-    def __init__(self, recipe: dict, uri: str, storage: dict | None, retries: int = 2, crf_workers: int = 0):
+    def __init__(self, recipe: dict, uri: str, storage: dict | None, retries: int = 2, device: str | None = None,
+                 crf_workers: int = 0):
         self.node = socket.gethostname() + f":{os.getpid()}"
         self.retries, self.fatal = retries, ""
         try:
@@ -55,7 +56,8 @@ class ClassWorker:
 
             self.recipe = recipe_from_dict(recipe, "bank recipe")
             self.loc = Location(uri, storage)
-            self.models = SamplingModels.load(self.recipe, crf_workers=crf_workers)
+            # device None: cuda when this actor has a GPU
+            self.models = SamplingModels.load(self.recipe, device, crf_workers=crf_workers)
         except Exception as e:  # noqa: BLE001 - transient errors are raised (Ray restarts the actor)
             if not permanent(e):
                 raise
@@ -204,8 +206,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--recipe", required=True, help="recipe name in bank/recipes (paper, tiny, toy) or a YAML file")
     ap.add_argument("--out", required=True, help="bank location: local folder, file:// or s3://bucket/prefix")
     ap.add_argument("--workers", type=int, default=None, help="actors in the pool (default: GPUs, or 2 on CPU)")
-    ap.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (0 on CPU machines)")
+    ap.add_argument("--gpus-per-worker", type=float, default=0.0,
+                    help="GPUs per actor (default 0; 1 on a GPU cluster: real models with 0 need --device cpu)")
     ap.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per actor (default 1)")
+    ap.add_argument("--device", choices=preflight.DEVICES, default="auto", help=preflight.device_help())
     ap.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, a running cluster, or local)")
     ap.add_argument("--bank-id", default=None, help="id of a new bank (default: derived from the vocab and recipe)")
     ap.add_argument("--max-failures", type=int, default=None,
@@ -277,6 +281,8 @@ def run_preflight(args: argparse.Namespace) -> tuple[preflight.Preflight, BuildS
     preflight.check_recipe(pf, args.recipe)
     if pf.recipe is not None:
         preflight.check_models(pf, pf.recipe)
+    args.worker_device = preflight.check_device(pf, [pf.recipe] if pf.recipe else [], args.device,
+                                                args.gpus_per_worker)
     preflight.check_writable(pf, args.out)
     for flag, value, low in (("--workers", args.workers, 1), ("--gpus-per-worker", args.gpus_per_worker, 0),
                              ("--cpus-per-worker", args.cpus_per_worker, 0), ("--retries", args.retries, 0),
@@ -332,7 +338,8 @@ def print_check(args: argparse.Namespace, pf: preflight.Preflight, state: BuildS
         est = f"generator {g.generator!r}: no GPU time to estimate"
     else:
         total = per * len(pending)
-        est = (f"estimated GPU time {len(pending)} x ~{per:.0f} s = {preflight.human_seconds(total)} "
+        cpu = "the models run on the CPU: many times the " if args.worker_device == "cpu" else ""
+        est = (f"{cpu}estimated GPU time {len(pending)} x ~{per:.0f} s = {preflight.human_seconds(total)} "
                f"(the paper's {preflight.PAPER_CLASS_SECONDS:.0f} s per class on one GPU at N=64, 30 steps, 512 px, "
                f"scaled to N={g.n_images}, {g.steps} steps, {g.resolution} px), about "
                f"{preflight.human_seconds(total / args.workers)} on {args.workers} worker(s)")
@@ -342,7 +349,7 @@ def print_check(args: argparse.Namespace, pf: preflight.Preflight, state: BuildS
           f"v{state.version}")
     print(f"build_bank --check: would write bank {state.bank_id} v{state.version + 1} to {args.out} "
           f"(shards/, manifests/), a version every {args.commit_every} classes; {args.workers} worker(s) x "
-          f"({args.cpus_per_worker:g} CPU, {args.gpus_per_worker:g} GPU)")
+          f"({args.cpus_per_worker:g} CPU, {args.gpus_per_worker:g} GPU), models on {args.worker_device}")
     print(f"build_bank --check: {est}")
 
 
@@ -419,7 +426,8 @@ def execute(args: argparse.Namespace, state: BuildState, pending: list[dict]) ->
     ds = ray.data.from_items(pending, override_num_blocks=len(pending)).map_batches(
         ClassWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
         fn_constructor_kwargs={"recipe": state.recipe.to_dict(), "uri": args.out, "storage": storage,
-                               "retries": args.retries, "crf_workers": crf_workers(state.recipe, args.cpus_per_worker)},
+                               "retries": args.retries, "device": args.worker_device,
+                               "crf_workers": crf_workers(state.recipe, args.cpus_per_worker)},
         num_gpus=args.gpus_per_worker, num_cpus=args.cpus_per_worker)
     old = signal.getsignal(signal.SIGINT)
     last_commit, since = time.monotonic(), 0

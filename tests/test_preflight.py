@@ -74,7 +74,7 @@ def copy_without(src: str, dest: Path, *drop: str) -> Path:
 def test_missing_model_folder(tmp_path, capsys):
     out = tmp_path / "bank"
     r = tiny_with(tmp_path, dino=str(tmp_path / "no-such-dino"))
-    rc, _, err = run_build(["--vocab", TOY, "--recipe", r, "--out", str(out)], capsys)
+    rc, _, err = run_build(["--vocab", TOY, "--recipe", r, "--out", str(out), "--device", "cpu"], capsys)
     assert_one_line(rc, err, "extractors[dino].model", "no-such-dino", "does not exist")
     assert not out.exists()
 
@@ -85,7 +85,7 @@ def test_incomplete_folders_name_the_missing_files(tmp_path, capsys):
     sd = copy_without(resolve_model("tiny:sd"), tmp_path / "sd", "unet/diffusion_pytorch_model.safetensors",
                       "scheduler/scheduler_config.json")
     rc, _, err = run_build(["--vocab", TOY, "--recipe", tiny_with(tmp_path, dino=str(dino), sd=str(sd)),
-                            "--out", str(out)], capsys)
+                            "--out", str(out), "--device", "cpu"], capsys)
     lines = errors(err)
     assert rc == 2 and len(lines) == 2, err  # SD's generator and extractor share one reference: one line
     assert "generation.model" in lines[0] and "unet/ weights" in lines[0] and "scheduler/scheduler_config.json" in lines[0]
@@ -107,7 +107,7 @@ def test_hub_id_not_cached_and_offline(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     out = tmp_path / "bank"
     r = tiny_with(tmp_path, sd="someorg/not-cached-sd")
-    rc, _, err = run_build(["--vocab", TOY, "--recipe", r, "--out", str(out)], capsys)
+    rc, _, err = run_build(["--vocab", TOY, "--recipe", r, "--out", str(out), "--device", "cpu"], capsys)
     assert_one_line(rc, err, "generation.model 'someorg/not-cached-sd'", "not in the local Hugging Face cache",
                     "HF_HUB_OFFLINE=1", "hf download someorg/not-cached-sd", "ovdiff weights mirror")
     assert not out.exists()
@@ -124,7 +124,7 @@ def test_hub_id_not_cached_and_hub_unreachable(tmp_path, capsys, monkeypatch):
     out = tmp_path / "bank"
     t0 = time.perf_counter()
     rc, _, err = run_build(["--vocab", TOY, "--recipe", tiny_with(tmp_path, dino="timm/not-cached-dino"),
-                            "--out", str(out)], capsys)
+                            "--out", str(out), "--device", "cpu"], capsys)
     assert_one_line(rc, err, "extractors[dino].model 'timm/not-cached-dino'", "cannot be reached")
     assert time.perf_counter() - t0 < 60 and not out.exists()
 
@@ -186,7 +186,7 @@ def test_s3_weights_prefix(s3, tmp_path):
 def test_s3_model_ref_in_a_build(s3, tmp_path, capsys):
     out = tmp_path / "bank"
     rc, _, err = run_build(["--vocab", TOY, "--recipe", tiny_with(tmp_path, clip=f"{s3}/nothing-here"),
-                            "--out", str(out)], capsys)
+                            "--out", str(out), "--device", "cpu"], capsys)
     assert_one_line(rc, err, f"extractors[clip].model '{s3}/nothing-here'", "no objects under the prefix")
     assert not out.exists()
 
@@ -336,7 +336,7 @@ def test_model_that_fails_to_load_in_a_worker_ends_the_build(ray_local, tmp_path
     voc.write_text("name\tkind\n" + "".join(f"class {i}\tthing\n" for i in range(6)))
     t0 = time.perf_counter()
     rc, text, err = run_build(["--vocab", str(voc), "--recipe", tiny_with(tmp_path, sd=str(sd)), "--out", str(out),
-                               "--workers", "1", "--retries", "3"], capsys)
+                               "--workers", "1", "--retries", "3", "--device", "cpu"], capsys)
     wall = time.perf_counter() - t0
     lines = errors(err)
     assert rc == 2 and len(lines) == 1, err

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from ..preflight.device import DEVICES, device_help, resolve_device
 from ..store.fs import StorageConfig, StoreError
 from ..store.schema import ManifestError
 from .coco import write_coco
@@ -65,8 +66,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="bank version (default: latest, or the version the output was started with)")
     ap.add_argument("--workers", type=int, default=None,
                     help="actors in the pool (default: GPUs / --gpus-per-worker, or CPUs / --cpus-per-worker)")
-    ap.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (0 on CPU machines)")
+    ap.add_argument("--gpus-per-worker", type=float, default=0.0,
+                    help="GPUs per actor (default 0; 1 on a GPU cluster: real models with 0 need --device cpu)")
     ap.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per actor (default 1)")
+    ap.add_argument("--device", choices=DEVICES, default="auto", help=device_help())
     ap.add_argument("--batch-size", type=int, default=4, help="images per batch sent to an actor (default 4)")
     ap.add_argument("--pamr", action="store_true", help="refine the label maps with PAMR")
     ap.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, a running cluster, or local)")
@@ -167,7 +170,7 @@ def execute(args: argparse.Namespace, p: Plan, run: str, prog: Progress) -> None
                   storage=StorageConfig.from_env().to_dict() if remote else None,
                   png_dtype=p.png_dtype if "png" in p.formats else None, labelstudio="labelstudio" in p.formats,
                   pamr=args.pamr, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
-                  device="cuda" if args.gpus_per_worker else "cpu")
+                  device=resolve_device(args.device, args.gpus_per_worker))
     ds = ray.data.from_items([{"path": it.path, "size": it.size} for it in p.pending],
                              override_num_blocks=blocks).map_batches(
         Labeller, batch_size=args.batch_size, fn_constructor_kwargs=kwargs,
@@ -227,7 +230,8 @@ def run(args: argparse.Namespace, prog: Progress | None = None) -> int:
     print(f"label_dataset: {len(p.listing)} images under {args.images} ({p.ignored} other files ignored): "
           f"{p.skipped} already done{bad}, {len(p.pending)} to label; "
           f"bank {p.job['bank_id']} v{p.job['bank_version']}, {len(p.classes)} classes; "
-          f"formats {','.join(p.formats)} -> {args.out}", flush=True)
+          f"formats {','.join(p.formats)} -> {args.out}; models on "
+          f"{resolve_device(args.device, args.gpus_per_worker)}", flush=True)
     run_id = new_run_id()
     if p.new_job:
         p.out.write_bytes("job.json", json.dumps({**p.job, "created": run_id}, indent=1).encode())
@@ -278,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..preflight import run_for_load  # the bank, its models and the cluster, before anything starts
 
     return run_for_load("label_dataset", [(args.bank, args.bank_version)], address=args.address, workers=args.workers,
-                        gpus=args.gpus_per_worker, cpus=args.cpus_per_worker) or run(args)
+                        gpus=args.gpus_per_worker, cpus=args.cpus_per_worker, device=args.device) or run(args)
 
 
 if __name__ == "__main__":

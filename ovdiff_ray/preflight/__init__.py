@@ -9,6 +9,8 @@ says what to do; a job with problems exits 2 having started and written nothing.
   `HF_HUB_OFFLINE=1`), an `s3://` prefix lists and holds `weights.sha256.json` naming those files, a `tiny:` name
   exists;
 - the bank location is writable (a temp file created and removed; on S3 one PUT and DELETE of a probe key);
+- the device each worker will run the models on (`device.check_device`): a recipe with real (not `tiny:`) models
+  on workers with 0 GPUs is refused unless `--device cpu` says so;
 - the cluster has the GPUs and CPUs asked for (`Resources`): asked of Ray (and its autoscaler's limits) only when a
   cluster is there to ask, otherwise this machine's, which a local Ray would get, detected without starting Ray.
 """
@@ -24,6 +26,7 @@ from ..store.fs import Location, StoreError
 from ..vocab import VocabError
 from .cluster import (check_resources, cluster_resources, default_workers, local_ray_would_start, local_resources,
                       ray_resources)
+from .device import DEVICES, check_cpu_builds, check_device, device_help, real_models, resolve_device
 from .models import (FIRST_FILE, HUB_TIMEOUT, OPEN_CLIP_WEIGHTS, SKIPPED_COMPONENTS, ModelUse, cached_snapshot,
                      check_model, check_models, hf_cache_dir, hub_repo, loader_files, model_uses, s3_client, s3_error)
 from .result import Preflight, Problem, Resources
@@ -32,7 +35,8 @@ __all__ = ["Preflight", "Problem", "Resources", "ModelUse", "check_vocab", "chec
            "check_model", "check_writable", "check_bank", "check_resources", "cluster_resources", "default_workers",
            "local_ray_would_start", "local_resources", "ray_resources", "model_uses", "loader_files",
            "gpu_seconds_per_class", "preflight_load", "run_for_load", "FIRST_FILE", "OPEN_CLIP_WEIGHTS",
-           "SKIPPED_COMPONENTS", "cached_snapshot", "hf_cache_dir", "hub_repo"]
+           "SKIPPED_COMPONENTS", "cached_snapshot", "hf_cache_dir", "hub_repo", "DEVICES", "device_help",
+           "check_device", "check_cpu_builds", "real_models", "resolve_device"]
 
 
 def check_vocab(pf: Preflight, path: str) -> None:
@@ -140,8 +144,10 @@ def human_seconds(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
-def preflight_load(banks: list[tuple[str, int | None]], hub_timeout: float = HUB_TIMEOUT) -> Preflight:
-    """For jobs that load banks (`label_dataset`, `ovdiff serve`): each bank readable, its recipe's models."""
+def preflight_load(banks: list[tuple[str, int | None]], hub_timeout: float = HUB_TIMEOUT,
+                   recipes: list[Recipe] | None = None) -> Preflight:
+    """For jobs that load banks (`label_dataset`, `ovdiff serve`): each bank readable, its recipe's models.
+    `recipes` (optional) receives each distinct recipe of the banks."""
     pf = Preflight()
     checked: set[str] = set()
     for uri, version in banks:
@@ -150,6 +156,8 @@ def preflight_load(banks: list[tuple[str, int | None]], hub_timeout: float = HUB
         if sub.recipe is not None and sub.recipe.sha256() not in checked:
             checked.add(sub.recipe.sha256())
             check_models(sub, sub.recipe, hub_timeout)
+            if recipes is not None:
+                recipes.append(sub.recipe)
         pf.problems += sub.problems
         pf.notes += sub.notes
         pf.recipe = pf.recipe or sub.recipe
@@ -159,14 +167,20 @@ def preflight_load(banks: list[tuple[str, int | None]], hub_timeout: float = HUB
 def run_for_load(prog: str, banks: list[tuple[str, int | None]], *, address: str | None = None,
                  workers: int | None = None, gpus: float = 0.0, cpus: float = 1.0, what: str = "worker",
                  flags: tuple[str, str, str] = ("--workers", "--gpus-per-worker", "--cpus-per-worker"),
-                 file=None) -> int:
-    """The preflight of a loading job, as one call at the start of its `main`: the banks and their models, then
-    (only when those pass) the cluster for `workers` x (`cpus`, `gpus`); `workers` None = one per `gpus` GPUs, or
-    1. Prints one line per problem; returns 2 on problems, else 0."""
+                 device: str = "auto", builds: tuple[str, float] | None = None, file=None) -> int:
+    """The preflight of a loading job, as one call at the start of its `main`: the banks and their models, the
+    device (`device` against `gpus` per `what`; `builds` = (flag, GPUs per class-building worker) when the job
+    also builds classes), then (only when those pass) the cluster for `workers` x (`cpus`, `gpus`); `workers`
+    None = one per `gpus` GPUs, or 1. Prints one line per problem; returns 2 on problems, else 0."""
     import sys
 
     out = file or sys.stderr
-    pf = preflight_load(banks)
+    recipes: list[Recipe] = []
+    pf = preflight_load(banks, recipes=recipes)
+    check_device(pf, recipes, device, gpus, gpus_flag=flags[1], what=what,
+                 cost="many times a GPU's seconds per image")
+    if builds is not None:
+        check_cpu_builds(pf, recipes, device, builds[1], gpus_flag=builds[0])
     if pf.ok and (gpus > 0 or workers):
         res = cluster_resources(pf, address)
         if res is not None:

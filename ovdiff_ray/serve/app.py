@@ -56,6 +56,7 @@ from .backends import MAX_BANKS_PER_REPLICA, SEGMENTER, Backend, LocalBackend, S
 from .engine import BankSpec, Engine, Job, ServiceConfig, bank_entry
 from .errors import Overloaded, document_errors, install_error_handlers
 from .http_guard import HOOK as HTTP_GUARD
+from ..preflight.device import DEVICES, device_help, resolve_device
 from .limits import Limits, RequestError
 from .middleware import BodyDeadline, BodyLimit, Guard
 from .routes import router
@@ -364,7 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound (default 1)")
     ap.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound (default min)")
     ap.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per segmenter replica")
-    ap.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per segmenter replica (0 on CPU machines)")
+    ap.add_argument("--num-gpus", type=float, default=0.0,
+                    help="GPUs per segmenter replica (default 0; 1 on a GPU cluster: real models with 0 need --device "
+                         "cpu)")
+    ap.add_argument("--device", choices=DEVICES, default="auto", help=device_help("replica"))
     ap.add_argument("--max-batch-size", type=int, default=4)
     ap.add_argument("--max-queued-requests", type=int, default=None,
                     help="segmenter queue (default: sized from --latency-budget)")
@@ -396,12 +400,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if run_for_load("ovdiff serve", [(b["uri"], b["version"]) for b in banks], address=a.address,
                     workers=a.replicas or lo, gpus=a.num_gpus, cpus=a.num_cpus, what="replica",
-                    flags=("--replicas", "--num-gpus", "--num-cpus")):
+                    flags=("--replicas", "--num-gpus", "--num-cpus"), device=a.device,
+                    builds=("--build-gpus-per-worker", a.build_gpus_per_worker) if a.follow else None):
         return 2
     args = dict(banks=banks, num_replicas=a.replicas, min_replicas=lo, max_replicas=max(lo, a.max_replicas or lo, 1),
                 num_cpus=a.num_cpus, num_gpus=a.num_gpus, max_batch_size=a.max_batch_size,
                 max_queued_requests=a.max_queued_requests, latency_budget_s=a.latency_budget,
                 follow_latest=a.follow, reload_poll_s=a.reload_poll_s, admin_token_file=a.admin_token_file,
+                device=None if a.device == "auto" else a.device,
                 build={"gpus_per_worker": a.build_gpus_per_worker, "workers": a.build_workers})
     from ..store.fs import StoreError
 
@@ -425,8 +431,9 @@ def main(argv: list[str] | None = None) -> int:
         serve.start(http_options={"host": a.host, "port": a.port, "keep_alive_timeout_s": 15})
         serve.run(app, name=APP_NAME, route_prefix="/")
         url = f"http://{a.host}:{a.port}/"
-        print(f"ovdiff serve: {len(banks)} bank(s), ready in {time.perf_counter() - t0:.1f}s at {url} "
-              f"(try-it page), POST {url}v1/segment; Ctrl-C to stop", flush=True)
+        print(f"ovdiff serve: {len(banks)} bank(s), models on {resolve_device(a.device, a.num_gpus)}, ready in "
+              f"{time.perf_counter() - t0:.1f}s at {url} (try-it page), POST {url}v1/segment; Ctrl-C to stop",
+              flush=True)
         signal.signal(signal.SIGTERM, _interrupt)
         while True:
             time.sleep(3600)
