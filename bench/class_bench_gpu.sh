@@ -16,9 +16,11 @@ $PY -c "import pydensecrf.densecrf" 2>/dev/null || $PY -m pip install -q --no-de
 CRF=()
 $PY -c "import pydensecrf.densecrf" 2>/dev/null || { echo "class_bench_gpu: no pydensecrf here: MaskCut's CRF off"; CRF=(--no-crf); }
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+echo "== random full-size models (SD 1.5, DINO ViT-B/8, CLIP ViT-B/16)"
+timeout "${T_BUILD:-170}" $PY -c "import time; t=time.time(); from ovdiff_ray.models.fullsize import fullsize_refs; print(fullsize_refs('.cache/fullsize', 'cuda'), f'{time.time()-t:.0f}s')"
 echo "== both paths, N=${N_BOTH:-8}, ${STEPS:-30} steps"
-timeout "${T_BOTH:-260}" $PY bench/class_bench.py --recipe paper --n "${N_BOTH:-8}" --steps "${STEPS:-30}" "${CRF[@]}" \
+timeout "${T_BOTH:-200}" $PY bench/class_bench.py --recipe paper --n "${N_BOTH:-8}" --steps "${STEPS:-30}" "${CRF[@]}" \
   --maskcut-images 8
 echo "== device path alone, N=${N_NEW:-64}, ${STEPS:-30} steps"
-timeout "${T_NEW:-200}" $PY bench/class_bench.py --recipe paper --n "${N_NEW:-64}" --steps "${STEPS:-30}" "${CRF[@]}" \
+timeout "${T_NEW:-180}" $PY bench/class_bench.py --recipe paper --n "${N_NEW:-64}" --steps "${STEPS:-30}" "${CRF[@]}" \
   --no-old --maskcut-images 8
