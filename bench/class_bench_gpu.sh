@@ -15,6 +15,7 @@ $PY -c "import pydensecrf.densecrf" 2>/dev/null || $PY -m pip install -q --no-de
        $PY -m pip install -q --no-deps --no-index --no-build-isolation "$W"/pydensecrf2-*.tar.gz; } 2>&1 | tail -2
 CRF=()
 $PY -c "import pydensecrf.densecrf" 2>/dev/null || { echo "class_bench_gpu: no pydensecrf here: MaskCut's CRF off"; CRF=(--no-crf); }
+$PY -c "import sys, pydensecrf.densecrf; print(sys.version.split()[0], 'pydensecrf ok')" 2>&1 | tail -1
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
 echo "== random full-size models (SD 1.5, DINO ViT-B/8, CLIP ViT-B/16)"
 timeout "${T_BUILD:-170}" $PY -c "import time; t=time.time(); from ovdiff_ray.models.fullsize import fullsize_refs; print(fullsize_refs('.cache/fullsize', 'cuda'), f'{time.time()-t:.0f}s')"
