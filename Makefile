@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # constraints file that keeps that pair.
 TORCH   := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-browser test-labelstudio bench install clean
+.PHONY: demo test test-browser test-labelstudio bench bench-gpu-pack bench-gpu install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -42,6 +42,22 @@ test-labelstudio: $(STAMP)
 
 bench: $(STAMP)
 	@for f in bench/*_bench.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+# The class bench on a GPU machine without network (issue 19): pack the wheels it needs beyond PyTorch into
+# .cache/wheels here (network), carry that folder with the tree, then `make bench-gpu` (or bench/class_bench_gpu.sh)
+# there. pydensecrf2 ships as this machine's wheel plus its sdist and a pure-Python Cython to build it elsewhere.
+GPUWHEELS := .cache/wheels
+bench-gpu-pack: $(STAMP)
+	mkdir -p $(GPUWHEELS)
+	$(BIN)/pip download -q --no-deps -d $(GPUWHEELS) "diffusers==$$($(BIN)/python -c 'import diffusers;print(diffusers.__version__)')" \
+		"open_clip_torch==$$($(BIN)/python -c 'import open_clip;print(open_clip.__version__)')" ftfy wcwidth importlib_metadata zipp
+	$(BIN)/pip download -q --no-deps --no-binary :all: -d $(GPUWHEELS) pydensecrf2
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --platform any --implementation py -d $(GPUWHEELS) cython
+	$(BIN)/pip wheel -q --no-deps -w $(GPUWHEELS) pydensecrf2 || true
+	du -sh $(GPUWHEELS)
+
+bench-gpu:
+	bash bench/class_bench_gpu.sh
 
 clean:
 	rm -rf demo-out .pytest_cache

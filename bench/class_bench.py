@@ -322,6 +322,21 @@ def main(argv=None) -> int:
         print(f"{path}.d2h_mb_per_image: {r['d2h'] / n / 2**20:.3f}")
         print(f"{path}.device_busy_share: {1 - r['host'] / max(r['wall'], 1e-9):.3f}")
         print(f"{path}.peak_device_gib: {r['peak_gib']:.2f}")
+    import tempfile
+
+    from ovdiff_ray.store.fs import Location
+    from ovdiff_ray.store.shards import write_shard
+
+    pn_, rn_ = results["new"]
+    with tempfile.TemporaryDirectory() as tmp:  # shard encoding + a local write: host work after the class
+        t0 = time.perf_counter()
+        info = write_shard(Location(tmp), pn_, 0)
+        write_s = time.perf_counter() - t0
+        size = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file())
+    print(f"new.shard_mb: {size / 2**20:.2f}")
+    print(f"new.write_s: {write_s:.3f}")
+    print(f"new.write_share_of_class: {write_s / max(rn_['wall'], 1e-9):.4f}")
+    del info
     if "old" in results:
         po, ro = results["old"]
         pn, rn = results["new"]
