@@ -351,7 +351,7 @@ def main(argv=None) -> int:
     print(f"maskcut.new_vs_old: {mc['new'] / max(mc['old'], 1e-9):.3f}")
     print(f"maskcut.same_count_share: {mc['same_count']:.3f}")
     print(f"maskcut.iou99_share: {mc['iou99']:.3f}")
-    models.pipeline().crf.close()
+    models.crf.close()
     print(f"summary: class bench {a.recipe} n={n} steps={a.steps} on {device} in "
           f"{time.perf_counter() - t_start:.0f}s")
     return 0

@@ -16,6 +16,7 @@ import numpy as np
 from .models import (Classifier, Extractor, Generator, InstanceMasker, build_classifier, build_extractors,
                      build_generator, build_masker, default_device)
 from .pipeline.class_pipeline import ClassPipeline, EmptySupportError, SampleArtifacts
+from .pipeline.instances import CrfPool
 from .prototypes import ClassPrototypes
 from .recipe import Recipe, load_recipe
 
@@ -31,7 +32,7 @@ class SamplingModels:
     device: str
     recipe: Recipe | None = None
     crf_workers: int = 0  # processes for MaskCut's dense CRF beside the device (0: inline)
-    _pipeline: ClassPipeline | None = None
+    _crf: CrfPool | None = None
 
     @classmethod
     def load(cls, recipe: Recipe, device: str | None = None, crf_workers: int = 0) -> "SamplingModels":
@@ -39,13 +40,20 @@ class SamplingModels:
         return cls(build_generator(recipe, device), build_extractors(recipe, device), build_classifier(recipe, device),
                    build_masker(recipe, device), device, recipe, crf_workers)
 
-    def pipeline(self) -> ClassPipeline:
-        """The device class pipeline over these models (built once)."""
-        if self._pipeline is None:
-            if self.recipe is None:
-                raise ValueError("SamplingModels.pipeline: load the models with SamplingModels.load(recipe)")
-            self._pipeline = ClassPipeline.from_models(self.recipe, self, self.crf_workers)
-        return self._pipeline
+    @property
+    def crf(self) -> CrfPool:
+        """The CRF process pool of these models (started on first use, kept for every class)."""
+        if self._crf is None:
+            self._crf = CrfPool(self.crf_workers)
+        return self._crf
+
+    def pipeline(self, recipe: Recipe | None = None) -> ClassPipeline:
+        """The device class pipeline of `recipe` (default: the one the models were loaded for) over these models;
+        cheap to build, it shares the models and their CRF pool."""
+        recipe = recipe or self.recipe
+        if recipe is None:
+            raise ValueError("SamplingModels.pipeline: pass the recipe (or load with SamplingModels.load(recipe))")
+        return ClassPipeline.from_models(recipe, self, self.crf)
 
 
 def sample_class(name: str, recipe: Recipe, models: SamplingModels | None = None, kind: str = "thing",
@@ -63,7 +71,7 @@ def sample_class(name: str, recipe: Recipe, models: SamplingModels | None = None
         return sample_class_host(name, recipe, models, kind=kind, artifacts=artifacts, prompt=prompt)
     if path != "device":
         raise ValueError(f"sample_class: unknown path {path!r} (device | host)")
-    return models.pipeline()(name, kind=kind, prompt=prompt, artifacts=artifacts)
+    return models.pipeline(recipe)(name, kind=kind, prompt=prompt, artifacts=artifacts)
 
 
 # -- ovdiff preview ---------------------------------------------------------------------------------------------

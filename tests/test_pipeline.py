@@ -127,9 +127,8 @@ def test_crf_pool_beside_the_device_changes_no_shard(tmp_path):
         m.masker = MaskCut(ToyExtractor(toy_cfg), r.masks)
         arts = []
         protos = sample_class("dog", r, m, artifacts=arts)
-        pipe = m.pipeline()
-        waited.append(pipe.crf.waited)
-        pipe.crf.close()
+        waited.append(m.crf.waited)
+        m.crf.close()
         out = tmp_path / f"w{workers}"
         info = write_shard(Location(str(out)), protos, 0)
         shards.append((out / info.shard).read_bytes())

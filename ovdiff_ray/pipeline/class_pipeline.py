@@ -112,15 +112,15 @@ class ClassPipeline:
     crf: CrfPool = field(default_factory=CrfPool)
 
     @classmethod
-    def from_models(cls, recipe: Recipe, models, crf_workers: int = 0) -> "ClassPipeline":
-        """From `sample.SamplingModels`: MaskCut's DINO goes onto the device path, any other masker stays a host
-        masker."""
+    def from_models(cls, recipe: Recipe, models, crf: CrfPool | None = None) -> "ClassPipeline":
+        """From `sample.SamplingModels`: MaskCut's DINO goes onto the device path (with `recipe.masks`), any other
+        masker stays a host masker. `crf`: the pool for MaskCut's CRF (default: inline)."""
         from ..models.masks import MaskCut
 
-        crf = CrfPool(crf_workers)
+        crf = crf or CrfPool(0)
         masker = models.masker
         if isinstance(masker, MaskCut):
-            masker = DeviceMaskCut(masker.extractor, masker.cfg, crf)
+            masker = DeviceMaskCut(masker.extractor, recipe.masks, crf)
         elif masker is not None:
             masker = HostMasker(masker)
         return cls(recipe, models.generator, models.extractors, models.classifier, masker, models.device, crf)
