@@ -193,7 +193,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocab", required=True,
                     help="vocabulary: .tsv (name, kind[, prompt]), .txt (one name a line) or COCO/LVIS .json")
-    ap.add_argument("--recipe", required=True, help="recipe name in bank/recipes (paper, tiny, toy) or a YAML file")
+    ap.add_argument("--recipe", required=True, help="recipe name in bank/recipes (paper, paper-plus, tiny, toy) or a YAML file")
     ap.add_argument("--out", required=True, help="bank location: local folder, file:// or s3://bucket/prefix")
     ap.add_argument("--workers", type=int, default=None, help="actors in the pool (default: GPUs, or 2 on CPU)")
     ap.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (0 on CPU machines)")
