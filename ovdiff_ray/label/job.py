@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from .. import metrics
 from ..store.fs import StorageConfig, StoreError
 from ..store.schema import ManifestError
 from .coco import write_coco
@@ -185,6 +186,9 @@ def execute(args: argparse.Namespace, p: Plan, run: str, prog: Progress) -> None
             prog.labelled += status.count(OK)
             prog.unreadable += status.count(UNREADABLE)
             prog.failed += status.count(FAILED)
+            for s_name, n in (("labelled", status.count(OK)), ("unreadable", status.count(UNREADABLE)),
+                              ("failed", status.count(FAILED))):
+                metrics.inc("ovdiff_label_images", n, {"status": s_name})
             for path, s, err in zip(table.column("path").to_pylist(), status, table.column("error").to_pylist()):
                 if s != OK:
                     tqdm.write(f"label_dataset: {s}: {path}: {err.splitlines()[0]}", file=sys.stderr)

@@ -57,7 +57,7 @@ from .engine import BankSpec, Engine, Job, ServiceConfig, bank_entry
 from .errors import Overloaded, document_errors, install_error_handlers
 from .http_guard import HOOK as HTTP_GUARD
 from .limits import Limits, RequestError
-from .middleware import BodyDeadline, BodyLimit, Guard
+from .middleware import BodyDeadline, BodyLimit, Guard, Metrics
 from .routes import router
 from . import live
 from .jobs import JOBS, BankJobsDeployment, BuildSettings
@@ -91,7 +91,8 @@ def make_app(backend: Backend, extra_routers: tuple[APIRouter, ...] = (), docs: 
         app.include_router(extra)
     app.add_middleware(BodyDeadline, backend=backend)  # innermost of the three
     app.add_middleware(BodyLimit, backend=backend)
-    app.add_middleware(Guard)  # outermost
+    app.add_middleware(Guard)
+    app.add_middleware(Metrics)  # outermost: counts what Guard answers too
     openapi = app.openapi
 
     def documented() -> dict:
@@ -384,7 +385,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--build-gpus-per-worker", type=float, default=0.0,
                     help="with --follow: GPUs per class-building worker (0 on CPU machines)")
     ap.add_argument("--build-workers", type=int, default=1, help="with --follow: class-building workers (default 1)")
+    ap.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                    help="the local Ray's metrics export port: Prometheus text at http://127.0.0.1:P/metrics, the "
+                         "service's series as ray_ovdiff_* beside Ray's and Serve's (default: a port Ray picks, "
+                         "printed at start; on a cluster, each node's `ray start --metrics-export-port`)")
     a = ap.parse_args(argv)
+    if a.metrics_port is not None and a.address is not None:
+        ap.error("--metrics-port sets the port of a local Ray; a cluster's nodes set theirs with "
+                 "`ray start --metrics-export-port`")
+    if a.metrics_port is not None and not 0 < a.metrics_port < 65536:
+        ap.error(f"--metrics-port {a.metrics_port}: not a TCP port")
     if a.max_replicas is not None and a.replicas is not None:
         ap.error("--max-replicas goes with --min-replicas, not --replicas")
     banks = []
@@ -417,9 +427,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     own_ray = not ray.is_initialized() and a.address is None
     if not ray.is_initialized():  # the hook gives Serve's proxy a header read timeout (serve/http_guard.py)
+        extra = {"_metrics_export_port": a.metrics_port} if a.metrics_port is not None else {}
         ray.init(address=a.address, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"worker_process_setup_hook": HTTP_GUARD,
-                              "env_vars": {"OVDIFF_HEADER_TIMEOUT_S": str(a.header_timeout)}})
+                              "env_vars": {"OVDIFF_HEADER_TIMEOUT_S": str(a.header_timeout)}}, **extra)
+    from ..metrics import export_port
+
+    port = export_port()
+    if port:
+        print(f"ovdiff serve: metrics (Prometheus text, series ray_ovdiff_*) at http://127.0.0.1:{port}/metrics",
+              flush=True)
     t0 = time.perf_counter()
     try:
         serve.start(http_options={"host": a.host, "port": a.port, "keep_alive_timeout_s": 15})

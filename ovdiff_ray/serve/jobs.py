@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 from ray import serve
 
+from .. import metrics
+
 log = logging.getLogger("ovdiff.serve")
 JOBS = "OVDiffBankJobs"
 JOB_ID_CHARS = 16
@@ -249,6 +251,7 @@ class JobManager:
             asyncio.create_task(self._run(job))
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap())
+        self._report()
         out = job.public()
         out["pending"] = [c["name"] for c in job.classes if c["outcome"] == "pending"]
         out["present"] = [c["name"] for c in job.classes if c["outcome"] == "present"]
@@ -324,8 +327,17 @@ class JobManager:
             t.seconds = time.perf_counter() - t0
             t.done.set()
 
+    def _report(self) -> None:
+        """`ovdiff_jobs` by state (the jobs this manager remembers)."""
+        counts = dict.fromkeys(("queued", "running", "done", "failed"), 0)
+        for j in self.jobs.values():
+            counts[j.state] = counts.get(j.state, 0) + 1
+        for state, n in counts.items():
+            metrics.set_gauge("ovdiff_jobs", n, {"state": state})
+
     async def _run(self, job: Job) -> None:
         job.state = "running"
+        self._report()
         try:
             await asyncio.gather(*(t.done.wait() for t in job.tasks.values()))
             entries = [t.entry for t in job.tasks.values() if t.state == "built"]
@@ -358,6 +370,10 @@ class JobManager:
             log.exception("job %s failed", job.id)
         finally:
             job.finished = time.time()
+            self._report()
+            for c in job.classes:
+                if c["outcome"] in ("built", "failed"):
+                    metrics.inc("ovdiff_job_classes", 1, {"outcome": c["outcome"]})
             for k, t in job.tasks.items():
                 if self.inflight.get((job.uri, k)) is t and t.job == job.id:
                     del self.inflight[(job.uri, k)]
