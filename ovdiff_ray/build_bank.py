@@ -104,6 +104,8 @@ class ClassWorker:
                                 f"{self.node})", seconds=0.0, attempts=attempt, worker=self.node)
                 errors.append(f"{type(e).__name__}: {e}")
                 last = traceback.format_exc(limit=3)
+                if unfixable_class(e):
+                    break  # this class can never be drawn: fail it now, the build goes on
                 if isinstance(e, StoreError) and "storage unavailable" in str(e):
                     break  # with_retries already waited it out: report the storage, do not sample again
         return dict(status="failed", entry="", error=f"{errors[-1]} (after {len(errors)} attempts)\n{last}",
@@ -132,6 +134,14 @@ def permanent(e: BaseException) -> bool:
     from .models.weights import ModelLoadError, ModelNotFoundError, WeightsIntegrityError
 
     return isinstance(e, (ModelNotFoundError, ModelLoadError, WeightsIntegrityError, RecipeError, ImportError))
+
+
+def unfixable_class(e: BaseException) -> bool:
+    """A failure of one class that no retry can fix, though other classes build: a name the generator cannot
+    draw (the toy world's words)."""
+    from .models.toy import ToyNameError
+
+    return isinstance(e, ToyNameError)
 
 
 def one_line(e: BaseException, limit: int = 400) -> str:

@@ -157,3 +157,34 @@ def test_bank_inspect_report_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         inspect_main(["inspect", str(tmp_path / "bank"), "--price-per-hour", "2"])
     assert "--price-per-hour needs --report" in capsys.readouterr().err
+
+
+def test_a_name_the_generator_cannot_draw_fails_at_once_and_the_others_build(tmp_path):
+    """ClassWorker itself (no Ray): `purple banana` is no toy word: one attempt, not `retries + 1`; the next class
+    builds."""
+    import numpy as np
+
+    from ovdiff_ray.recipe import load_recipe
+
+    w = bb.ClassWorker(load_recipe("toy").to_dict(), str(tmp_path / "bank"), None, retries=2)
+    rows = w({"class_id": np.array([0, 1]), "name": np.array(["purple banana", "red circle"]),
+              "kind": np.array(["thing", "thing"])})
+    assert rows["status"] == ["failed", "ok"] and rows["attempts"] == [1, 1]
+    assert rows["error"][0].startswith("ToyNameError: toy class name 'purple banana'") and \
+        "(after 1 attempts)" in rows["error"][0]
+    assert json.loads(rows["entry"][1])["build"]["attempts"] == 1
+
+
+def test_job_records_round_trip_and_unfinished(tmp_path):
+    from ovdiff_ray.serve import job_records as jr
+
+    loc = Location(str(tmp_path / "bank"))
+    jr.save(loc, {"job": "a" * 16, "state": "running", "created": 2.0}, [{"name": "cyan ring", "kind": "thing"}])
+    jr.save(loc, {"job": "b" * 16, "state": "done", "created": 1.0}, [])
+    jr.save(loc, {"job": "c" * 16, "state": "queued", "created": 1.0}, [{"name": "x"}])
+    assert jr.load(loc, "a" * 16)["resume"] == {"classes": [{"name": "cyan ring", "kind": "thing"}]}
+    assert "resume" not in jr.public(jr.load(loc, "a" * 16)) and jr.load(loc, "d" * 16) is None
+    assert [r["job"] for r in jr.unfinished(loc)] == ["c" * 16, "a" * 16]  # oldest first, done ones left
+    with pytest.raises(ValueError, match="not a job id"):
+        jr.load(loc, "../../etc/passwd")
+    assert sorted(p.name for p in (tmp_path / "bank" / "jobs").iterdir()) == [f"{c * 16}.json" for c in "abc"]

@@ -396,6 +396,40 @@ def test_a_job_racing_build_bank_commits_each_class_once(client, live, tmp_path,
     assert read_manifest(Location(root))["version"] == job["version"]  # the merge found nothing left to commit
 
 
+def test_job_manager_killed_mid_job_resumes_from_its_record(client, live):
+    """The job manager's process is killed while a job builds: its record (beside the bank) still says the job had
+    not ended; Serve starts a new manager, which resumes the job under its id; GET /v1/jobs/ID answers and the job
+    commits its classes once."""
+    import psutil
+
+    from ovdiff_ray.serve.jobs import JOBS
+
+    root = live[1]
+    wanted = ["magenta star", "orange triangle", "purple square"]
+    r = client.post("/v1/classes", headers=AUTH, json={"classes": [{"name": n} for n in wanted]})
+    assert r.status_code == 202, r.text
+    job = r.json()["job"]
+    managers = [p for p in psutil.process_iter(["cmdline"])
+                if f"ServeReplica:ovdiff-live:{JOBS}" in " ".join(p.info["cmdline"] or [])]
+    assert len(managers) == 1, managers
+    managers[0].kill()
+    managers[0].wait(30)
+    rec = json.loads((Path(root) / "jobs" / f"{job}.json").read_text())
+    assert rec["state"] in ("queued", "running"), rec  # it died mid-job
+    assert [c["name"] for c in rec["resume"]["classes"]] == wanted
+    t0, last = time.time(), None
+    while time.time() - t0 < 240:  # the new manager: resumed the job from its record
+        last = client.get(f"/v1/jobs/{job}", headers=AUTH)
+        if last.status_code == 200 and last.json()["state"] in ("done", "failed"):
+            break
+        time.sleep(0.5)
+    assert last is not None and last.status_code == 200 and last.json()["state"] == "done", last.text
+    assert last.json()["job"] == job and last.json()["committed"]
+    final = names_of(root)
+    assert all(final.count(n) == 1 for n in wanted) and len(set(final)) == len(final)
+    assert json.loads((Path(root) / "jobs" / f"{job}.json").read_text())["state"] == "done"
+
+
 def test_corrupt_new_version_keeps_the_old_one_serving(client, live, scenes):
     _, root = live
     loc = Location(root)

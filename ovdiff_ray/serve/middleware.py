@@ -19,11 +19,12 @@ import time
 from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
-from .. import metrics
+from .. import logs, metrics
 from .errors import error_response
 from .limits import Limits, RequestError
 
 log = logging.getLogger("ovdiff.serve")
+access = logging.getLogger("ovdiff.serve.access")
 BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
@@ -149,7 +150,7 @@ class Metrics:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not metrics.enabled():
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
         status = 500
@@ -157,6 +158,11 @@ class Metrics:
         root = scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root):] or "/"
+        logs.set_context(request_id=request_id(scope), route=route_of(path), bank_id=None, bank_version=None,
+                         job_id=None)
+        on = metrics.enabled()
+        if not on and not logs.json_enabled():
+            return await self.app(scope, receive, send)
 
         async def counted(msg):
             nonlocal status
@@ -167,6 +173,28 @@ class Metrics:
         try:
             await self.app(scope, receive, counted)
         finally:
-            route = route_of(path)
-            metrics.inc("ovdiff_requests", 1, {"route": route, "status": status})
-            metrics.observe("ovdiff_request_seconds", time.perf_counter() - t0, {"route": route})
+            route, secs = route_of(path), time.perf_counter() - t0
+            if on:
+                metrics.inc("ovdiff_requests", 1, {"route": route, "status": status})
+                metrics.observe("ovdiff_request_seconds", secs, {"route": route})
+            if logs.json_enabled():
+                access.info("%s %s %d", scope["method"], route, status,
+                            extra={"status": status, "ms": round(1000 * secs, 1), "method": scope["method"]})
+
+
+def request_id(scope) -> str:
+    """The client's X-Request-ID (printable, at most 64 characters), else Serve's request id, else a new one."""
+    given = dict(scope.get("headers") or []).get(b"x-request-id", b"")
+    if given and len(given) <= 64 and given.isascii() and given.decode().isprintable():
+        return given.decode()
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        rid = _get_serve_request_context().request_id
+        if rid:
+            return rid
+    except Exception:  # noqa: BLE001 - outside Serve (TestClient)
+        pass
+    import uuid
+
+    return uuid.uuid4().hex[:16]

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .admission import PixelBudget
 from .backends import HEALTH_TIMEOUT_S, Backend
 from .engine import Catalog, Job, encode
-from .. import metrics
+from .. import logs, metrics
 from .errors import Overloaded, error_response, error_responses
 from . import live
 from .limits import (FORMATS, Limits, RequestError, check_header, decode_image, parse_bool, parse_format,
@@ -195,6 +195,7 @@ def router(backend: Backend, admin_token: str | None = None) -> APIRouter:
                           "validate_ms": round(1000 * (t1 - t0), 1), "admission_ms": round(1000 * (t2 - t1), 1),
                           "decode_ms": round(1000 * (t3 - t2), 1), **body["timing"]}
         record_stages(body["timing"])
+        logs.set_context(bank_id=body["bank"]["id"], bank_version=body["bank"]["version"])
         if dec.scaled:
             body["work_size"] = [int(dec.image.shape[1]), int(dec.image.shape[0])]
         return JSONResponse(body, headers={"X-OVDiff-Bank": f"{body['bank']['id']}@v{body['bank']['version']}"})
