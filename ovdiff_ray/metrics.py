@@ -52,7 +52,7 @@ METRICS: dict[str, Spec] = {s.name: s for s in (
     Spec("ovdiff_bank_reload_failures", "counter", "followed bank versions that failed to load (the old one keeps "
          "serving)", ("bank",), True),
     # live-bank jobs (the job manager replica)
-    Spec("ovdiff_jobs", "gauge", "live-bank jobs by state (queued, building, done, failed)", ("state",), True),
+    Spec("ovdiff_jobs", "gauge", "live-bank jobs by state (queued, running, done, failed)", ("state",), True),
     Spec("ovdiff_job_classes", "counter", "classes finished by live-bank jobs, by outcome", ("outcome",), True),
     # build_bank (the driver)
     Spec("ovdiff_build_classes", "counter", "classes finished by build_bank, by status (built, failed, fatal)",
