@@ -86,12 +86,26 @@ class Chaos:
                 return
             time.sleep(0.1)
 
+    def busy_for(self) -> float:
+        """Seconds the oldest ClassWorker on the worker node has lived (0 when none)."""
+        import psutil
+
+        ages = []
+        for p in self.worker_pids():
+            try:
+                ages.append(time.time() - psutil.Process(p).create_time())
+            except psutil.Error:
+                pass
+        return max(ages, default=0.0)
+
     def run(self) -> None:
+        """Kill the worker node once a class worker there has been building for `first_s` (its models loaded, classes
+        in flight), start it again, and repeat `every_s` after it is back and building again."""
         t0 = time.time()
-        nxt = self.first_s
+        wait = self.first_s
         while self.left > 0 and not self.stop.is_set():
-            if time.time() - t0 < nxt:
-                time.sleep(0.2)
+            if self.busy_for() < wait:
+                time.sleep(0.3)
                 continue
             n = self.c.kill_node("127.0.0.3")
             self.node_kills += 1
@@ -104,7 +118,7 @@ class Chaos:
                 note(f"worker node did not start again: {str(e)[:300]}")
             if self.actor_kills == 0:
                 self.kill_one_starting_actor()
-            nxt = time.time() - t0 + self.every_s
+            wait = self.every_s
 
 
 def one_run(args, run: int, work: Path) -> dict:
@@ -186,7 +200,8 @@ def check(out: str, n: int, aws: dict) -> dict:
     rep = report(m) if m is not None else None
     return {"classes_committed": len(set(names)), "exactly_once": once and len(names) == n,
             "shards_verified": verified, "class_attempts": rep.attempts if rep else 0,
-            "worker_restarts": rep.worker_restarts if rep else 0, "classes_retried": rep.retried if rep else 0}
+            "worker_restarts": rep.worker_restarts if rep else 0, "classes_retried": rep.retried if rep else 0,
+            "classes_by_node": ",".join(f"{k}={v}" for k, v in sorted(rep.nodes.items())) if rep else ""}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,8 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=1, help="independent runs, each on a fresh cluster and S3 (default 1)")
     ap.add_argument("--recipe", default="tiny")
     ap.add_argument("--node-kills", type=int, default=3)
-    ap.add_argument("--first-kill-s", type=float, default=25.0, help="seconds into the build of the first kill")
-    ap.add_argument("--kill-every-s", type=float, default=20.0, help="seconds between kills (after the restart)")
+    ap.add_argument("--first-kill-s", type=float, default=15.0,
+                    help="kill the worker node once a class worker there has run this long (default 15)")
+    ap.add_argument("--kill-every-s", type=float, default=15.0,
+                    help="after a restart, the same for the next kill (default 15)")
     ap.add_argument("--s3-fault-rate", type=float, default=0.05)
     ap.add_argument("--max-resumes", type=int, default=5)
     a = ap.parse_args(argv)
@@ -211,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# run {run + 1}/{a.runs}", flush=True)
             for k in ("classes_committed", "exactly_once", "builds_ended_early", "shards_verified", "node_kills",
                       "actor_kills_at_start", "s3_faults_injected", "s3_calls", "class_attempts", "classes_retried",
-                      "worker_restarts", "wall_s"):
+                      "worker_restarts", "classes_by_node", "wall_s"):
                 v = r[k]
                 emit(k, str(v).lower() if isinstance(v, bool) else v)
     finally:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import build_report, preflight
+from . import build_report, logs, preflight
 from .build_report import class_record, worker_device
 from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
 from .store.fs import CommitConflict, Location, StorageConfig, StoreError
@@ -391,6 +391,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     import ray
 
+    logs.quiet_ray()  # Ray's start-up notes and Ray Data's INFO lines stay in Ray's log folder
     if not ray.is_initialized():
         ray.init(address=args.address, log_to_driver=True, logging_level="WARNING")
         started_ray = True

@@ -97,3 +97,18 @@ def reset() -> None:
         root.removeHandler(h)
     root.propagate = True
     os.environ.pop(ENV, None)
+
+
+def quiet_ray() -> None:
+    """Our commands' terminal carries their own lines: Ray Data's INFO execution lines go only to Ray's log folder
+    (its session's `logs/ray-data/`, where Ray Data's file handler keeps them), and two one-off notes are dropped:
+    token authentication on by default (a local Ray's start-up) and "progress bars disabled" (we draw our own).
+    Warnings and errors still reach the terminal. Call before `ray.init`."""
+    import ray.data  # noqa: F401 - configures the `ray.data` loggers, whose console handler is lowered here
+    from ray.util.debug import log_once
+
+    for h in logging.getLogger("ray.data").handlers:
+        if getattr(h, "stream", None) in (sys.stderr, sys.stdout) and not isinstance(h, logging.FileHandler):
+            h.setLevel(max(h.level, logging.WARNING))
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    log_once("ray_data_progress_manager_disabled")  # marks the note as already shown

@@ -150,6 +150,10 @@ def test_ctrl_c_stops_with_a_committed_version(tmp_path):
     m = read_manifest(Location(str(out)))
     assert 2 <= len(m["classes"]) == built < len(names)
     assert len(load_bank(str(out)).names) == built
+    # the command's own lines only: Ray's start-up notes and Ray Data's INFO lines stay in Ray's log folder
+    for noise in ("Token authentication is enabled", "Progress bars disabled", "Starting execution of Dataset",
+                  "Execution plan of Dataset", " INFO "):
+        assert noise not in text, noise
 
 
 def test_bank_from_before_a_recipe_key_extends_and_a_changed_value_refuses(ray_local, tmp_path, capsys):

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from .. import metrics
+from .. import logs, metrics
 from ..store.fs import StorageConfig, StoreError
 from ..store.schema import ManifestError
 from .coco import write_coco
@@ -244,6 +244,7 @@ def run(args: argparse.Namespace, prog: Progress | None = None) -> int:
 
         started = not ray.is_initialized()
         if started:
+            logs.quiet_ray()  # Ray's start-up notes and Ray Data's INFO lines stay in Ray's log folder
             ray.init(address=args.address, log_to_driver=True, logging_level="WARNING")
         old = signal.getsignal(signal.SIGINT)
         try:
