@@ -200,6 +200,7 @@ def check(out: str, n: int, aws: dict) -> dict:
     rep = report(m) if m is not None else None
     return {"classes_committed": len(set(names)), "exactly_once": once and len(names) == n,
             "shards_verified": verified, "class_attempts": rep.attempts if rep else 0,
+            "class_runs": rep.runs if rep else 0,
             "worker_restarts": rep.worker_restarts if rep else 0, "classes_retried": rep.retried if rep else 0,
             "classes_by_node": ",".join(f"{k}={v}" for k, v in sorted(rep.nodes.items())) if rep else ""}
 
@@ -210,10 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=1, help="independent runs, each on a fresh cluster and S3 (default 1)")
     ap.add_argument("--recipe", default="tiny")
     ap.add_argument("--node-kills", type=int, default=3)
-    ap.add_argument("--first-kill-s", type=float, default=15.0,
-                    help="kill the worker node once a class worker there has run this long (default 15)")
-    ap.add_argument("--kill-every-s", type=float, default=15.0,
-                    help="after a restart, the same for the next kill (default 15)")
+    ap.add_argument("--first-kill-s", type=float, default=10.0,
+                    help="kill the worker node once a class worker there has run this long (default 10)")
+    ap.add_argument("--kill-every-s", type=float, default=10.0,
+                    help="after a restart, the same for the next kill (default 10)")
     ap.add_argument("--s3-fault-rate", type=float, default=0.05)
     ap.add_argument("--max-resumes", type=int, default=5)
     a = ap.parse_args(argv)
@@ -227,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             print(f"# run {run + 1}/{a.runs}", flush=True)
             for k in ("classes_committed", "exactly_once", "builds_ended_early", "shards_verified", "node_kills",
-                      "actor_kills_at_start", "s3_faults_injected", "s3_calls", "class_attempts", "classes_retried",
-                      "worker_restarts", "classes_by_node", "wall_s"):
+                      "actor_kills_at_start", "s3_faults_injected", "s3_calls", "class_attempts", "class_runs",
+                      "classes_retried", "worker_restarts", "classes_by_node", "wall_s"):
                 v = r[k]
                 emit(k, str(v).lower() if isinstance(v, bool) else v)
     finally:

@@ -84,6 +84,8 @@ class ClassWorker:
         for attempt in range(1, self.retries + 2):
             t0 = time.perf_counter()
             try:
+                with_retries(lambda: build_report.mark_run(self.loc, name, self.node, attempt),
+                             f"{self.loc.uri}: run marker of class {name!r}")
                 protos = sample_class(name, self.recipe, self.models, kind=kind, prompt=prompt)
                 t_write = time.perf_counter()
                 info = with_retries(lambda: write_shard(self.loc, protos, class_id),
@@ -91,9 +93,11 @@ class ClassWorker:
                 t_end = time.perf_counter()
                 secs = t_end - t0
                 entry = {**info.to_entry(), "id": class_id, "seconds": round(secs, 3), "n_images": protos.info["kept"]}
+                runs = with_retries(lambda: build_report.count_runs(self.loc, name),
+                                    f"{self.loc.uri}: run markers of class {name!r}")
                 entry["build"] = class_record(protos.info.get("seconds", {}), t_end - t_write, secs, t_end - t_first,
                                               attempt, self.node, *worker_device(self.models.device),
-                                              self.start_attempts)
+                                              self.start_attempts, runs)
                 if prompt and prompt != name:
                     entry["prompt"] = prompt
                 return dict(status="ok", entry=json.dumps(entry), error="", seconds=secs, attempts=attempt,

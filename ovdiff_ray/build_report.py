@@ -21,15 +21,38 @@ from . import metrics
 
 
 def node_ip() -> str:
-    """This process's Ray node address (the host name outside Ray)."""
+    """This process's Ray node address, as the node registered it (the host name outside Ray)."""
     try:
         import ray
 
         if ray.is_initialized():
-            return ray.util.get_node_ip_address()
+            return str(ray._private.worker.global_worker.node_ip_address)  # noqa: SLF001 - the node's own address
     except Exception:  # noqa: BLE001 - outside Ray
         pass
     return socket.gethostname()
+
+
+RUNS = "runs/"  # one empty marker per class run: `runs/<class>/<worker>-<n>` (never read by loaders)
+
+
+def _run_dir(name: str) -> str:
+    import hashlib
+
+    from .store.schema import slug
+
+    return f"{RUNS}{slug(name)}-{hashlib.sha256(name.encode()).hexdigest()[:8]}/"
+
+
+def mark_run(loc, name: str, worker: str, attempt: int) -> None:
+    """Note that a worker starts class `name` (attempt `attempt` on that worker). A worker lost mid-class leaves its
+    marker, so the class's committed record counts the runs on lost workers too (`runs`)."""
+    safe = "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in worker)
+    loc.write_bytes(f"{_run_dir(name)}{safe}-{attempt}", b"")
+
+
+def count_runs(loc, name: str) -> int:
+    """Markers of class `name`: every worker's every attempt, lost workers' included (resumed builds too)."""
+    return len(loc.list(_run_dir(name)))
 
 
 def worker_device(models_device: str) -> tuple[str, float]:
@@ -48,13 +71,14 @@ def worker_device(models_device: str) -> tuple[str, float]:
 
 
 def class_record(stage_seconds: dict, write_s: float, seconds: float, worker_seconds: float, attempts: int,
-                 worker: str, device: str, gpus: float, start_attempts: int = 1) -> dict:
-    """The `build` record of one committed class (seconds rounded to ms)."""
+                 worker: str, device: str, gpus: float, start_attempts: int = 1, runs: int | None = None) -> dict:
+    """The `build` record of one committed class (seconds rounded to ms). `runs`: attempts over all workers (the
+    run markers), at least `attempts`."""
     stages = {str(k): round(float(v), 3) for k, v in (stage_seconds or {}).items()}
     stages["write"] = round(float(write_s), 3)
     return {"stages": stages, "seconds": round(seconds, 3), "worker_seconds": round(worker_seconds, 3),
-            "attempts": int(attempts), "node": node_ip(), "worker": worker, "device": device, "gpus": gpus,
-            "worker_start_attempts": int(start_attempts)}
+            "attempts": int(attempts), "runs": max(int(attempts), int(runs or 0)), "node": node_ip(),
+            "worker": worker, "device": device, "gpus": gpus, "worker_start_attempts": int(start_attempts)}
 
 
 def record_row(bank_id: str, row: dict, entry: dict | None) -> None:
@@ -89,7 +113,8 @@ class Report:
     recorded: int  # classes with a build record (banks built before records existed have none)
     stages: dict[str, float] = field(default_factory=dict)  # stage -> seconds over all recorded classes
     slowest: list[dict] = field(default_factory=list)  # {name, seconds, attempts, node, device}
-    attempts: int = 0
+    attempts: int = 0  # attempts on the workers that committed the classes
+    runs: int = 0  # attempts over all workers, those lost mid-class (a node killed) included
     retried: int = 0  # classes built in more than one attempt
     worker_restarts: int = 0  # extra worker starts seen by the recorded classes' workers (counted once per worker)
     device_hours: dict[str, float] = field(default_factory=dict)  # device kind (cpu / cuda) -> hours
@@ -103,7 +128,7 @@ class Report:
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("bank_id", "version", "classes", "recorded", "stages", "slowest",
-                                            "attempts", "retried", "worker_restarts", "device_hours", "nodes",
+                                            "attempts", "runs", "retried", "worker_restarts", "device_hours", "nodes",
                                             "failed", "price_per_hour")}
         d["total_device_hours"] = self.total_device_hours
         if self.price_per_hour is not None:
@@ -125,7 +150,8 @@ def report(manifest: dict, top: int = 10, price_per_hour: float | None = None) -
         for stage, s in rec.get("stages", {}).items():
             r.stages[stage] = r.stages.get(stage, 0.0) + float(s)
         r.attempts += int(rec.get("attempts", 1))
-        r.retried += int(rec.get("attempts", 1) > 1)
+        r.runs += int(rec.get("runs", rec.get("attempts", 1)))
+        r.retried += int(rec.get("runs", rec.get("attempts", 1)) > 1)
         workers[rec.get("worker", "")] = max(workers.get(rec.get("worker", ""), 1),
                                              int(rec.get("worker_start_attempts", 1)))
         kind = str(rec.get("device", "cpu")).split(":")[0]
@@ -150,8 +176,9 @@ def format_report(r: Report) -> str:
     for stage, s in sorted(r.stages.items(), key=lambda kv: -kv[1]):
         lines.append(f"  {stage:<16} {s:>10.1f} {100 * s / total:>6.1f}% {s / r.recorded:>10.3f}")
     lines.append(f"  {'total':<16} {total:>10.1f} {100.0:>6.1f}% {total / r.recorded:>10.3f}")
-    lines.append(f"  attempts {r.attempts} for {r.recorded} classes ({r.retried} retried); worker restarts "
-                 f"{r.worker_restarts}; failed in the committing build {r.failed}")
+    lines.append(f"  attempts {r.attempts} for {r.recorded} classes, {r.runs} runs counting workers lost mid-class "
+                 f"({r.retried} classes retried); worker restarts {r.worker_restarts}; failed in the committing "
+                 f"build {r.failed}")
     lines.append("  nodes: " + ", ".join(f"{n} {k} classes" for n, k in sorted(r.nodes.items())))
     lines.append(f"  slowest {len(r.slowest)}:")
     for c in r.slowest:

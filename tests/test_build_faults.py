@@ -64,7 +64,7 @@ def test_worker_start_retried_after_storage_errors(ray_local, tmp_path, capsys, 
     m = read_manifest(Location(str(tmp_path / "bank")))
     assert sorted(c["name"] for c in m["classes"]) == ["blue square", "green stripes", "red circle"]
     recs = [c["build"] for c in m["classes"]]
-    assert all(r["worker_start_attempts"] == 3 and r["attempts"] == 1 for r in recs)
+    assert all(r["worker_start_attempts"] == 3 and r["attempts"] == 1 and r["runs"] == 1 for r in recs)
     assert all(r["device"] == "cpu" and r["gpus"] == 0 and r["node"] for r in recs)
     for r in recs:  # the record's stages are what sample_class timed, plus the shard write
         assert {"generate", "features", "prototypes", "write"} <= set(r["stages"])
@@ -166,13 +166,18 @@ def test_a_name_the_generator_cannot_draw_fails_at_once_and_the_others_build(tmp
 
     from ovdiff_ray.recipe import load_recipe
 
+    from ovdiff_ray.build_report import mark_run
+
     w = bb.ClassWorker(load_recipe("toy").to_dict(), str(tmp_path / "bank"), None, retries=2)
+    mark_run(Location(str(tmp_path / "bank")), "red circle", "lost-node:77", 1)  # a worker lost mid-class before
     rows = w({"class_id": np.array([0, 1]), "name": np.array(["purple banana", "red circle"]),
               "kind": np.array(["thing", "thing"])})
     assert rows["status"] == ["failed", "ok"] and rows["attempts"] == [1, 1]
     assert rows["error"][0].startswith("ToyNameError: toy class name 'purple banana'") and \
         "(after 1 attempts)" in rows["error"][0]
-    assert json.loads(rows["entry"][1])["build"]["attempts"] == 1
+    rec = json.loads(rows["entry"][1])["build"]
+    assert rec["attempts"] == 1 and rec["runs"] == 2  # this worker's attempt and the lost worker's run
+    assert report({"bank_id": "b", "version": 1, "classes": [{"name": "red circle", "build": rec}]}).retried == 1
 
 
 def test_job_records_round_trip_and_unfinished(tmp_path):
