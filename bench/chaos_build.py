@@ -59,8 +59,9 @@ def free_port() -> int:
 class Chaos:
     """The fault schedule: node kills at times spread over the expected build, one actor killed at start."""
 
-    def __init__(self, cluster: Cluster, node_kills: int, first_s: float, every_s: float):
+    def __init__(self, cluster: Cluster, node_kills: int, first_s: float, every_s: float, marker_pids=None):
         self.c, self.left, self.first_s, self.every_s = cluster, node_kills, first_s, every_s
+        self.marker_pids = marker_pids  # () -> pids of the workers that have started a class (run markers)
         self.node_kills = 0
         self.actor_kills = 0
         self.stop = threading.Event()
@@ -98,13 +99,22 @@ class Chaos:
                 pass
         return max(ages, default=0.0)
 
+    def building(self) -> bool:
+        """A class worker on the worker node has started a class (its run marker is there): it is mid-class."""
+        if self.marker_pids is None:
+            return False
+        try:
+            return bool(self.worker_pids() & self.marker_pids())
+        except Exception:  # noqa: BLE001 - the listing failed: look again
+            return False
+
     def run(self) -> None:
-        """Kill the worker node once a class worker there has been building for `first_s` (its models loaded, classes
-        in flight), start it again, and repeat `every_s` after it is back and building again."""
+        """Kill the worker node once a class worker there has started a class (so a class is in flight there), or
+        has lived `first_s`; start it again, and repeat (`every_s`) once it is back and building again."""
         t0 = time.time()
         wait = self.first_s
         while self.left > 0 and not self.stop.is_set():
-            if self.busy_for() < wait:
+            if self.busy_for() < wait and not self.building():
                 time.sleep(0.3)
                 continue
             n = self.c.kill_node("127.0.0.3")
@@ -155,7 +165,20 @@ def one_run(args, run: int, work: Path) -> dict:
         c.start_head()
         c.start_worker("127.0.0.3")
         proxy.rule = rule
-        chaos = Chaos(c, args.node_kills, args.first_kill_s, args.kill_every_s)
+        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+
+        def marker_pids() -> set[int]:
+            """Pids in the run markers' names (`<host>-<pid>-<attempt>`), straight from moto (no faults)."""
+            pids = set()
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"bank-{run}/runs/"):
+                for o in page.get("Contents", []):
+                    parts = o["Key"].rsplit("/", 1)[-1].split("-")
+                    if len(parts) >= 3 and parts[-2].isdigit():
+                        pids.add(int(parts[-2]))
+            return pids
+
+        chaos = Chaos(c, args.node_kills, args.first_kill_s, args.kill_every_s, marker_pids)
         chaos.thread.start()
         for attempt in range(args.max_resumes + 1):
             r = c.submit("--vocab", str(vocab), "--recipe", args.recipe, "--out", out, "--workers", "4",
@@ -211,10 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=1, help="independent runs, each on a fresh cluster and S3 (default 1)")
     ap.add_argument("--recipe", default="tiny")
     ap.add_argument("--node-kills", type=int, default=3)
-    ap.add_argument("--first-kill-s", type=float, default=10.0,
-                    help="kill the worker node once a class worker there has run this long (default 10)")
-    ap.add_argument("--kill-every-s", type=float, default=10.0,
-                    help="after a restart, the same for the next kill (default 10)")
+    ap.add_argument("--first-kill-s", type=float, default=30.0,
+                    help="kill the worker node once a class worker there has started a class (its run marker), or "
+                         "has lived this long (default 30)")
+    ap.add_argument("--kill-every-s", type=float, default=30.0,
+                    help="after a restart, the same for the next kill (default 30)")
     ap.add_argument("--s3-fault-rate", type=float, default=0.05)
     ap.add_argument("--max-resumes", type=int, default=5)
     a = ap.parse_args(argv)
