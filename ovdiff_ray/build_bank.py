@@ -112,7 +112,7 @@ class ClassWorker:
                     break  # this class can never be drawn: fail it now, the build goes on
                 if isinstance(e, StoreError) and "storage unavailable" in str(e):
                     break  # with_retries already waited it out: report the storage, do not sample again
-        return dict(status="failed", entry="", error=f"{errors[-1]} (after {len(errors)} attempts)\n{last}",
+        return dict(status="failed", entry="", error=f"{errors[-1]} (after {len(errors)} attempt{'s' * (len(errors) != 1)})\n{last}",
                     seconds=0.0, attempts=len(errors), worker=self.node)
 
     def worker(self) -> str:

@@ -174,7 +174,7 @@ def test_a_name_the_generator_cannot_draw_fails_at_once_and_the_others_build(tmp
               "kind": np.array(["thing", "thing"])})
     assert rows["status"] == ["failed", "ok"] and rows["attempts"] == [1, 1]
     assert rows["error"][0].startswith("ToyNameError: toy class name 'purple banana'") and \
-        "(after 1 attempts)" in rows["error"][0]
+        "(after 1 attempt)" in rows["error"][0]
     rec = json.loads(rows["entry"][1])["build"]
     assert rec["attempts"] == 1 and rec["runs"] == 2  # this worker's attempt and the lost worker's run
     assert report({"bank_id": "b", "version": 1, "classes": [{"name": "red circle", "build": rec}]}).retried == 1

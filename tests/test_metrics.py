@@ -204,3 +204,49 @@ def test_recording_is_a_no_op_without_ray_or_when_off(monkeypatch):
     assert reg.off() and reg.get("ovdiff_requests") is None
     with pytest.raises(KeyError):
         metrics.METRICS["ovdiff_not_a_metric"]
+
+
+def test_ovdiff_serve_metrics_port(toy_bank, toy_scenes, tmp_path):
+    """`ovdiff serve --metrics-port M` (its own local Ray): Prometheus text at http://127.0.0.1:M/metrics carries
+    the service's series after a request; SIGTERM stops it with its summary line."""
+    import os
+    import re
+    import signal
+    import sys
+
+    port, mport = free_port(), free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    p = subprocess.Popen([sys.executable, "-m", "ovdiff_ray.cli", "serve", "--bank", toy_bank, "--port", str(port),
+                          "--metrics-port", str(mport), "--replicas", "1", "--num-cpus", "0.5"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    reader = __import__("threading").Thread(target=lambda: lines.extend(iter(p.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        t0 = time.time()
+        while not any("ready in" in x for x in lines) and time.time() - t0 < 180 and p.poll() is None:
+            time.sleep(0.5)
+        assert any("ready in" in x for x in lines), "".join(lines)[-3000:]
+        assert any(f"metrics (Prometheus text, series ray_ovdiff_*) at http://127.0.0.1:{mport}/metrics" in x
+                   for x in lines), "".join(lines)[-3000:]
+        data = (Path(toy_scenes) / "images" / "0001.png").read_bytes()
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/segment", files={"image": ("s.png", data, "image/png")},
+                       timeout=120)
+        assert r.status_code == 200, r.text
+        rx = re.compile(r'^ray_ovdiff_requests_total\{[^}]*route="/v1/segment"[^}]*status="200"[^}]*\} 1(\.0)?$',
+                        re.M)
+        t0, text = time.time(), ""
+        while time.time() - t0 < 90 and not rx.search(text):
+            time.sleep(1)
+            text = httpx.get(f"http://127.0.0.1:{mport}/metrics", timeout=10).text
+        assert rx.search(text), [x for x in text.splitlines() if "ovdiff" in x][:20]
+        assert "ray_ovdiff_segment_stage_seconds_bucket" in text and "# TYPE ray_ovdiff_requests_total counter" in text
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(120)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(30)
+        reader.join(10)
+    assert p.returncode == 0 and any(x.startswith("summary: served until stopped") for x in lines), lines[-5:]
