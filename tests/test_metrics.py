@@ -148,7 +148,7 @@ def test_service_metrics_scraped_by_prometheus(prometheus, toy_bank, toy_scenes)
                    len(bank["classes"]))
         wait_value(prometheus, f'ray_ovdiff_queue_depth{{application="{APP}"}}', 0)
     finally:
-        serve.delete(APP)
+        serve.shutdown()  # other modules start Serve with their own HTTP port
 
 
 def test_build_metrics_scraped_by_prometheus(prometheus, tmp_path):
