@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 # constraints file that keeps that pair.
 TORCH   := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-browser test-labelstudio bench bench-gpu-pack bench-gpu install clean
+.PHONY: demo test test-browser test-labelstudio bench bench-gpu-pack bench-gpu install clean prometheus
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,7 +21,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/ovdiff demo
 
-test: $(STAMP)
+# tests/test_metrics.py scrapes the metrics with a real Prometheus: Debian's package, installed when missing (needs
+# root and the Debian registry, as test-browser's Chromium does).
+prometheus:
+	command -v prometheus >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus)
+
+test: $(STAMP) prometheus
 	$(BIN)/python -m pytest -q -ra
 
 # The try-it page in headless Chromium (not in `make test`: a fresh machine has no Chromium). Installs Debian's

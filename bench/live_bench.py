@@ -198,15 +198,19 @@ def big_bank(root: Path, toy_bank: str, mb: float) -> float:
 
 
 def replica_memory(base: str, n: int) -> list[dict]:
-    """Memory of each segmenter replica: /healthz until n distinct replicas answered; then psutil on their pids."""
+    """Memory of each segmenter replica: the operators' `/v1/status` (the public /healthz carries no pid) until n
+    distinct replicas answered; then psutil on their pids."""
     import httpx
     import psutil
 
     pids: dict[int, None] = {}
     t0 = time.time()
     while len(pids) < n and time.time() - t0 < 60:
-        h = httpx.get(base + "/healthz", timeout=30).json()
-        pids[h["pid"]] = None
+        r = httpx.get(base + "/v1/status", headers=AUTH, timeout=30)
+        r.raise_for_status()
+        pids[r.json()["pid"]] = None
+    if len(pids) < n:
+        raise RuntimeError(f"{base}/v1/status: only {len(pids)} of {n} replicas answered in 60 s")
     out = []
     for pid in pids:
         m = psutil.Process(pid).memory_full_info()
@@ -268,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(d)
         os.environ["OVDIFF_BANK_CACHE"] = str(tmp / "bank-cache")
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-                 runtime_env={"env_vars": {"OVDIFF_BANK_CACHE": os.environ["OVDIFF_BANK_CACHE"]}})
+                 runtime_env={"env_vars": {"OVDIFF_BANK_CACHE": os.environ["OVDIFF_BANK_CACHE"],
+                                           "OVDIFF_ADMIN_TOKEN": TOKEN}})  # opens /v1/status (replica pids)
         try:
             toy = str(tmp / "toy-bank")
             assert build_bank(["--vocab", str(REPO / "bank" / "vocab" / "toy.tsv"), "--recipe", "toy", "--out", toy,

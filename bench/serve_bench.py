@@ -19,10 +19,12 @@ For each recipe (toy: toy scenes sent as PNG; tiny: scikit-image photos sent as 
   downscale, no pixel budget: `max_work_side` 8192, `max_inflight_pixels` unbounded) vs "after" (the limits of
   deploy/serve.yaml), two apps side by side in the same run; and concurrency 32 against the shipped config (queue
   from the latency budget, 1 replica): the share refused (503 + Retry-After), how fast refusals come back, and the
-  p99 of the accepted requests.
+  p99 of the accepted requests;
+- (toy) metrics: latency at concurrency 4 with the ovdiff_* metrics recorded vs switched off (`metrics: false`),
+  two apps side by side, alternating rounds: `metrics.latency_cost_p50` (goal <= 0.02).
 
     python bench/serve_bench.py [--recipes toy,tiny] [--requests 24] [--rounds 2] [--concurrency 1,4,16]
-                                [--only hardening]
+                                [--only hardening|metrics]
 """
 from __future__ import annotations
 
@@ -441,6 +443,32 @@ def bench_recipe(recipe: str, work: Path, base: str, n: int, concurrency: list[i
     serve.delete(main)
 
 
+def bench_metrics(uri: str, payloads: list[bytes], base: str, n: int, rounds: int) -> None:
+    """The cost of recording the ovdiff_* metrics: two apps side by side on the same bank, one with `metrics:
+    false` (OVDIFF_METRICS=0 in its replicas), alternating rounds at concurrency 4; p50 / mean latency ratio."""
+    from ray import serve
+
+    for name, on in (("metrics-on", True), ("metrics-off", False)):
+        deploy(name, {"bank": uri, "max_batch_size": 4, "metrics": on})
+        fire(f"{base}/{name}/v1/segment", payloads, 8, 4)  # warm-up, not counted
+    lat: dict[str, list[float]] = {"metrics-on": [], "metrics-off": []}
+    for r in range(rounds):
+        order = ("metrics-on", "metrics-off") if r % 2 == 0 else ("metrics-off", "metrics-on")
+        for name in order:
+            got, _, _ = fire(f"{base}/{name}/v1/segment", payloads, n, 4)
+            lat[name] += got
+    on, off = (np.array(lat[k]) * 1000 for k in ("metrics-on", "metrics-off"))
+    emit("metrics.c4.requests_each", len(on))
+    emit("metrics.on.c4.p50_ms", float(np.median(on)))
+    emit("metrics.off.c4.p50_ms", float(np.median(off)))
+    emit("metrics.on.c4.mean_ms", float(on.mean()))
+    emit("metrics.off.c4.mean_ms", float(off.mean()))
+    emit("metrics.latency_cost_p50", float(np.median(on)) / float(np.median(off)) - 1)  # goal <= 0.02
+    emit("metrics.latency_cost_mean", float(on.mean()) / float(off.mean()) - 1)
+    for name in lat:
+        serve.delete(name)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipes", default="toy,tiny")
@@ -448,8 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per measurement")
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--keep", default=None, help="work folder to keep (default: a temp folder, removed)")
-    ap.add_argument("--only", default=None, choices=["hardening"],
-                    help="only the hardening measurements (toy bank; large images, shipped config at c32)")
+    ap.add_argument("--only", default=None, choices=["hardening", "metrics"],
+                    help="only the hardening measurements (toy bank; large images, shipped config at c32), or only "
+                         "the metrics cost (toy bank; metrics on vs off at concurrency 4)")
     a = ap.parse_args(argv)
     import ray
     from ray import serve
@@ -466,11 +495,14 @@ def main(argv: list[str] | None = None) -> int:
         emit("cpus", os.cpu_count())
         emit("torch_threads_replica_and_inprocess", 1)
         base = f"http://127.0.0.1:{port}"
-        if a.only != "hardening":
+        if a.only in (None, "metrics"):
+            uri, _, payloads = build("toy", work / "metrics")
+            bench_metrics(uri, payloads, base, max(a.requests, 24), 2 * a.rounds)
+        if a.only is None:
             for recipe in a.recipes.split(","):
                 bench_recipe(recipe.strip(), work, base, a.requests, [int(c) for c in a.concurrency.split(",")],
                              a.rounds)
-        if "toy" in a.recipes.split(",") or a.only == "hardening":
+        if (a.only is None and "toy" in a.recipes.split(",")) or a.only == "hardening":
             uri, _, payloads = build("toy", work / "hardening")
             bench_hardening(uri, payloads, base, 8)  # 8 small requests each way: "before" takes ~10-30 s each
     finally:

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import preflight
+from . import build_report, logs, preflight
+from .build_report import class_record, worker_device
 from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
 from .store.fs import CommitConflict, Location, StorageConfig, StoreError
 from .store.schema import ManifestError
@@ -33,6 +34,7 @@ from .store.retry import is_storage_error, with_retries
 from .store.shards import commit_manifest, new_manifest, read_manifest, write_shard
 from .vocab import VocabError, Vocabulary, fold
 from .vocab_import import read_vocabulary
+from .worker_start import start_with_retries
 
 COMMIT_SECONDS = 300.0  # also commit when this long has passed since the last commit
 
@@ -42,26 +44,35 @@ class ClassWorker:
 
     A class that raises is retried here up to `retries` times, then returned as failed with its reason; a worker
     process or node that dies is retried by Ray Data on another actor. Shard keys are content-addressed and seeds
-    derive from (bank seed, class, image), so a retry rewrites the same shard. A failure that no retry can fix
+    derive from (bank seed, class, image), so a retry rewrites the same shard. Model loading that fails on storage
+    (weights copied from S3) is tried again with backoff (`worker_start.py`). A failure that no retry can fix
     (`permanent`: a model that cannot load, a recipe this worker cannot read) is not raised, so Ray does not
     restart the actor: every row then comes back `fatal` with that one line, and the driver stops the build.
     """
 
+    start_backoff_s: float | None = None  # first wait between start attempts (None: worker_start's default)
+
     def __init__(self, recipe: dict, uri: str, storage: dict | None, retries: int = 2, device: str | None = None,
                  crf_workers: int = 0):
+        self.device, self.crf_workers = device, crf_workers  # device None: cuda when this actor has a GPU
         self.node = socket.gethostname() + f":{os.getpid()}"
-        self.retries, self.fatal = retries, ""
+        self.retries, self.fatal, self.start_attempts = retries, "", 1
         try:
-            from .sample import SamplingModels
-
             self.recipe = recipe_from_dict(recipe, "bank recipe")
             self.loc = Location(uri, storage)
-            # device None: cuda when this actor has a GPU
-            self.models = SamplingModels.load(self.recipe, device, crf_workers=crf_workers)
-        except Exception as e:  # noqa: BLE001 - transient errors are raised (Ray restarts the actor)
+            started = start_with_retries(self.load_models, f"class worker {self.node}", permanent,
+                                         base_s=self.start_backoff_s)
+            self.models, self.start_attempts = started.value, started.attempts
+        except Exception as e:  # noqa: BLE001 - transient errors past the start retries are raised
             if not permanent(e):
                 raise
             self.fatal = f"{one_line(e)} (on worker {self.node})"
+
+    def load_models(self):
+        """The recipe's models on this worker (retried by `start_with_retries` on a storage failure)."""
+        from .sample import SamplingModels
+
+        return SamplingModels.load(self.recipe, self.device, crf_workers=self.crf_workers)
 
     def build_one(self, class_id: int, name: str, kind: str, prompt: str = "") -> dict:
         """One class -> its shard written and its manifest entry (as JSON), or `status` failed with the reason
@@ -71,14 +82,24 @@ class ClassWorker:
         if self.fatal:
             return dict(status="fatal", entry="", error=self.fatal, seconds=0.0, attempts=0, worker=self.node)
         errors = []
+        t_first = time.perf_counter()
         for attempt in range(1, self.retries + 2):
             t0 = time.perf_counter()
             try:
+                with_retries(lambda: build_report.mark_run(self.loc, name, self.node, attempt),
+                             f"{self.loc.uri}: run marker of class {name!r}")
                 protos = sample_class(name, self.recipe, self.models, kind=kind, prompt=prompt)
+                t_write = time.perf_counter()
                 info = with_retries(lambda: write_shard(self.loc, protos, class_id),
                                     f"{self.loc.uri}: shard of class {name!r}")
-                secs = time.perf_counter() - t0
+                t_end = time.perf_counter()
+                secs = t_end - t0
                 entry = {**info.to_entry(), "id": class_id, "seconds": round(secs, 3), "n_images": protos.info["kept"]}
+                runs = with_retries(lambda: build_report.count_runs(self.loc, name),
+                                    f"{self.loc.uri}: run markers of class {name!r}")
+                entry["build"] = class_record(protos.info.get("seconds", {}), t_end - t_write, secs, t_end - t_first,
+                                              attempt, self.node, *worker_device(self.models.device),
+                                              self.start_attempts, runs)
                 if prompt and prompt != name:
                     entry["prompt"] = prompt
                 return dict(status="ok", entry=json.dumps(entry), error="", seconds=secs, attempts=attempt,
@@ -89,9 +110,11 @@ class ClassWorker:
                                 f"{self.node})", seconds=0.0, attempts=attempt, worker=self.node)
                 errors.append(f"{type(e).__name__}: {e}")
                 last = traceback.format_exc(limit=3)
+                if unfixable_class(e):
+                    break  # this class can never be drawn: fail it now, the build goes on
                 if isinstance(e, StoreError) and "storage unavailable" in str(e):
                     break  # with_retries already waited it out: report the storage, do not sample again
-        return dict(status="failed", entry="", error=f"{errors[-1]} (after {len(errors)} attempts)\n{last}",
+        return dict(status="failed", entry="", error=f"{errors[-1]} (after {len(errors)} attempt{'s' * (len(errors) != 1)})\n{last}",
                     seconds=0.0, attempts=len(errors), worker=self.node)
 
     def worker(self) -> str:
@@ -125,6 +148,14 @@ def permanent(e: BaseException) -> bool:
     from .models.weights import ModelLoadError, ModelNotFoundError, WeightsIntegrityError
 
     return isinstance(e, (ModelNotFoundError, ModelLoadError, WeightsIntegrityError, RecipeError, ImportError))
+
+
+def unfixable_class(e: BaseException) -> bool:
+    """A failure of one class that no retry can fix, though other classes build: a name the generator cannot
+    draw (the toy world's words)."""
+    from .models.toy import ToyNameError
+
+    return isinstance(e, ToyNameError)
 
 
 def one_line(e: BaseException, limit: int = 400) -> str:
@@ -203,7 +234,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocab", required=True,
                     help="vocabulary: .tsv (name, kind[, prompt]), .txt (one name a line) or COCO/LVIS .json")
-    ap.add_argument("--recipe", required=True, help="recipe name in bank/recipes (paper, tiny, toy) or a YAML file")
+    ap.add_argument("--recipe", required=True, help="recipe name in bank/recipes (paper, paper-plus, tiny, toy) or a YAML file")
     ap.add_argument("--out", required=True, help="bank location: local folder, file:// or s3://bucket/prefix")
     ap.add_argument("--workers", type=int, default=None, help="actors in the pool (default: GPUs, or 2 on CPU)")
     ap.add_argument("--gpus-per-worker", type=float, default=0.0,
@@ -379,6 +410,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     import ray
 
+    logs.quiet_ray()  # Ray's start-up notes and Ray Data's INFO lines stay in Ray's log folder
     if not ray.is_initialized():
         ray.init(address=args.address, log_to_driver=True, logging_level="WARNING")
         started_ray = True
@@ -436,6 +468,7 @@ def execute(args: argparse.Namespace, state: BuildState, pending: list[dict]) ->
     t0 = time.perf_counter()
     try:
         for row in ds.iter_rows():
+            build_report.record_row(state.bank_id, row, json.loads(row["entry"]) if row["status"] == "ok" else None)
             if row["status"] == "ok":
                 state.pending_entries.append(json.loads(row["entry"]))
                 state.built += 1

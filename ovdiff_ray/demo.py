@@ -109,6 +109,9 @@ def run(a: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
     say("starting a local Ray")
+    from . import logs
+
+    logs.quiet_ray()  # Ray Data's INFO lines and one-off notes stay in Ray's log folder
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         say(f"[1/5] building the toy bank ({vocab.relative_to(REPO_ROOT)}, recipe toy) with build_bank -> "

@@ -173,6 +173,23 @@ def test_voc_layout_folder_evaluates(tmp_path, capsys, toy_bank):
     assert all(0 <= v <= 1 for v in ious) and len(ious) >= 2  # background + at least one class seen
     assert 0 <= res["miou"] <= res["miou_nanmean"] <= 1
     assert res["miou"] == pytest.approx(sum(ious) / 21)
+    # the same images segmented here, the palette PNGs read as plain indices, predictions mapped to VOC ids by
+    # name, IoUs counted class by class: a wrong palette read or a shifted class index gives other numbers
+    from ovdiff_ray.segment import Segmenter
+    from ovdiff_ray.store.bank import Bank
+
+    seg = Segmenter.from_bank(Bank.load(bank))
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    gts, preds = [], []
+    for iid in (voc / "ImageSets" / "Segmentation" / "val.txt").read_text().split():
+        gts.append(np.array(Image.open(voc / "SegmentationClass" / f"{iid}.png")).astype(np.int64))
+        labels = seg.segment(np.array(Image.open(voc / "JPEGImages" / f"{iid}.jpg").convert("RGB")), names).labels
+        to_voc = np.array([0] + [names.index(n) + 1 for n in seg.bank.names])
+        preds.append(to_voc[labels])
+    ref = reference_ious(gts, preds, 21)
+    got = np.array([np.nan if v is None else v for v in res["per_class"].values()])
+    assert np.allclose(got, ref, equal_nan=True, atol=1e-6), (got, ref)
+    assert len(set(np.unique(np.concatenate([g.ravel() for g in gts]))) - {0, 255}) >= 3  # classes to confuse
 
     # the toy bank does not cover VOC: a clear error listing the missing classes
     assert evaluate.main(["--dataset", "voc21", "--bank", toy_bank, "--root", str(tmp_path), "--json"]) == 2

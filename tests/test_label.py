@@ -308,7 +308,9 @@ def test_cocoeval_on_toy_ground_truth(labelled, toy_bank, toy_scenes, tmp_path, 
     print(f"COCOeval segm ({'instances' if instances else 'semantic'}), {len(gt_doc['images'])} toy scenes: "
           f"AP {ev.stats[0]:.3f} AP50 {ev.stats[1]:.3f} AP75 {ev.stats[2]:.3f} AR100 {ev.stats[8]:.3f}")
     assert "Average Precision" in log.getvalue()
-    assert ev.stats[1] > 0.5 and ev.stats[0] > 0.3  # floors well below the measured values (see the report)
+    # measured 0.867 / 0.963 (semantic) and 0.878 / 0.963 (instances) on these 11 scenes; a wrong category id, image
+    # id, RLE order or score drops AP far below these floors
+    assert ev.stats[1] > 0.93 and ev.stats[0] > 0.82, ev.stats[:2]
     if instances:
         things = {c["id"] for c in ours["categories"] if c["supercategory"] == "thing"}
         per = {}

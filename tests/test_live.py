@@ -349,24 +349,85 @@ def test_build_worker_killed_during_a_job_is_retried(client, live):
     assert pid not in _worker_pids().values()
 
 
-def test_a_job_racing_build_bank_commits_each_class_once(client, live, tmp_path):
-    from ovdiff_ray.build_bank import main as build_main
+def test_a_job_racing_build_bank_commits_each_class_once(client, live, tmp_path, monkeypatch, capsys):
+    """The overlap is forced: `build_bank` plans (the two classes pending) before the job is posted, and its first
+    commit waits until the job has committed them; so both build the same classes and `build_bank`'s conditional
+    commit meets the job's version and must merge instead of adding the classes a second time."""
+    from ovdiff_ray import build_bank as bb
 
     root = live[1]
     names = names_of(root)
     voc = tmp_path / "more.tsv"
     voc.write_text("name\tkind\n" + "".join(f"{n}\tthing\n" for n in names) + "cyan ring\tthing\nblue cross\tthing\n")
+    planned, job_done, seen = threading.Event(), threading.Event(), {}
+    real_plan, real_commit = bb.plan, bb.BuildState.commit
+
+    def plan(args):
+        state, pending = real_plan(args)
+        seen["pending"] = [p["name"] for p in pending]
+        planned.set()
+        return state, pending
+
+    def commit(self):
+        if not job_done.wait(240):
+            raise AssertionError("the job did not finish while build_bank waited to commit")
+        seen.setdefault("version_before_commit", self.version)
+        return real_commit(self)
+
+    monkeypatch.setattr(bb, "plan", plan)
+    monkeypatch.setattr(bb.BuildState, "commit", commit)
     rc = {}
-    t = threading.Thread(target=lambda: rc.setdefault("rc", build_main(
+    t = threading.Thread(target=lambda: rc.setdefault("rc", bb.main(
         ["--vocab", str(voc), "--recipe", "toy", "--out", root, "--workers", "1", "--cpus-per-worker", "0.5"])))
     t.start()
+    assert planned.wait(120) and seen["pending"] == ["cyan ring", "blue cross"]
     r = client.post("/v1/classes", headers=AUTH, json={"classes": [{"name": "cyan ring"}, {"name": "blue cross"}]})
     assert r.status_code == 202, r.text
+    assert r.json()["pending"] == ["cyan ring", "blue cross"]  # the job builds them too: nothing was committed yet
     job = wait_job(client, r.json()["job"])
+    job_done.set()
     t.join(300)
-    assert rc.get("rc") == 0 and job["state"] == "done", job
+    assert rc.get("rc") == 0 and job["state"] == "done" and job["committed"], job
+    out = capsys.readouterr().out
+    assert "summary: built 2, " in out, out[-2000:]  # build_bank built both classes as well ...
+    assert seen["version_before_commit"] < job["version"]  # ... on a version older than the job's commit
     final = names_of(root)
     assert final.count("cyan ring") == 1 and final.count("blue cross") == 1 and len(set(final)) == len(final)
+    assert read_manifest(Location(root))["version"] == job["version"]  # the merge found nothing left to commit
+
+
+def test_job_manager_killed_mid_job_resumes_from_its_record(client, live):
+    """The job manager's process is killed while a job builds: its record (beside the bank) still says the job had
+    not ended; Serve starts a new manager, which resumes the job under its id; GET /v1/jobs/ID answers and the job
+    commits its classes once."""
+    import psutil
+
+    from ovdiff_ray.serve.jobs import JOBS
+
+    root = live[1]
+    wanted = ["magenta star", "orange triangle", "purple square"]
+    r = client.post("/v1/classes", headers=AUTH, json={"classes": [{"name": n} for n in wanted]})
+    assert r.status_code == 202, r.text
+    job = r.json()["job"]
+    managers = [p for p in psutil.process_iter(["cmdline"])
+                if f"ServeReplica:ovdiff-live:{JOBS}" in " ".join(p.info["cmdline"] or [])]
+    assert len(managers) == 1, managers
+    managers[0].kill()
+    managers[0].wait(30)
+    rec = json.loads((Path(root) / "jobs" / f"{job}.json").read_text())
+    assert rec["state"] in ("queued", "running"), rec  # it died mid-job
+    assert [c["name"] for c in rec["resume"]["classes"]] == wanted
+    t0, last = time.time(), None
+    while time.time() - t0 < 240:  # the new manager: resumed the job from its record
+        last = client.get(f"/v1/jobs/{job}", headers=AUTH)
+        if last.status_code == 200 and last.json()["state"] in ("done", "failed"):
+            break
+        time.sleep(0.5)
+    assert last is not None and last.status_code == 200 and last.json()["state"] == "done", last.text
+    assert last.json()["job"] == job and last.json()["committed"]
+    final = names_of(root)
+    assert all(final.count(n) == 1 for n in wanted) and len(set(final)) == len(final)
+    assert json.loads((Path(root) / "jobs" / f"{job}.json").read_text())["state"] == "done"
 
 
 def test_corrupt_new_version_keeps_the_old_one_serving(client, live, scenes):

@@ -98,6 +98,27 @@ def test_maskcut_with_crf_on_tiny_dino():
     img[:, 16:48, 16:48] = (230, 30, 30)
     out = masker.batch(img)
     assert len(out) == 2 and all(m.shape[1:] == (64, 64) and m.dtype == bool for m in out)
+    # every image keeps at least one mask, neither empty nor the whole image (an empty result fails here)
+    assert all(len(m) >= 1 and all(0 < x.sum() < 64 * 64 for x in m) for m in out), [m.sum((1, 2)) for m in out]
+    # MaskCut keeps a CRF mask only where it overlaps its cut by IoU >= 0.5: compare with the cut without the CRF
+    plain = M.build_instance_masker(dataclasses.replace(recipe, masks=dataclasses.replace(
+        recipe.masks, maskcut_crf=False)), "cpu").batch(img)
+    for crf_masks, cut in zip(out, plain):
+        a, b = crf_masks[0], cut[0]
+        assert (a & b).sum() / (a | b).sum() >= 0.5
+
+
+def test_crf_refine_snaps_a_coarse_mask_to_the_colour_edge():
+    """MaskCut's dense CRF follows the image: a square mask shifted 4 px off a red square comes back on it."""
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[16:48, 16:48] = (230, 30, 30)
+    square = np.zeros((64, 64), bool)
+    square[16:48, 16:48] = True
+    coarse = np.roll(square, (4, 4), (0, 1))
+    out = M.crf_refine(img, coarse)
+    iou = lambda a, b: (a & b).sum() / (a | b).sum()  # noqa: E731
+    assert out is not None and out.dtype == bool and out.shape == (64, 64)
+    assert iou(coarse, square) < 0.8 and iou(out, square) > 0.95, (iou(coarse, square), iou(out, square))
 
 
 def test_crf_missing_is_a_clear_error(monkeypatch):

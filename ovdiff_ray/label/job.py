@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from .. import logs, metrics
 from ..preflight.device import DEVICES, device_help, resolve_device
 from ..store.fs import StorageConfig, StoreError
 from ..store.schema import ManifestError
@@ -188,6 +189,9 @@ def execute(args: argparse.Namespace, p: Plan, run: str, prog: Progress) -> None
             prog.labelled += status.count(OK)
             prog.unreadable += status.count(UNREADABLE)
             prog.failed += status.count(FAILED)
+            for s_name, n in (("labelled", status.count(OK)), ("unreadable", status.count(UNREADABLE)),
+                              ("failed", status.count(FAILED))):
+                metrics.inc("ovdiff_label_images", n, {"status": s_name})
             for path, s, err in zip(table.column("path").to_pylist(), status, table.column("error").to_pylist()):
                 if s != OK:
                     tqdm.write(f"label_dataset: {s}: {path}: {err.splitlines()[0]}", file=sys.stderr)
@@ -244,6 +248,7 @@ def run(args: argparse.Namespace, prog: Progress | None = None) -> int:
 
         started = not ray.is_initialized()
         if started:
+            logs.quiet_ray()  # Ray's start-up notes and Ray Data's INFO lines stay in Ray's log folder
             ray.init(address=args.address, log_to_driver=True, logging_level="WARNING")
         old = signal.getsignal(signal.SIGINT)
         try:

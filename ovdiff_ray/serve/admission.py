@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from contextlib import asynccontextmanager
 
+from .. import metrics
 from .errors import Overloaded
 
 
@@ -32,6 +33,7 @@ class PixelBudget:
                 await asyncio.wait_for(self._cond.wait_for(lambda: self.used + cost <= budget), wait_s)
             except asyncio.TimeoutError:
                 self.refused += 1
+                metrics.inc("ovdiff_admission_refusals", 1, {"reason": "pixels"})
                 raise Overloaded(f"busy: {self.used:,} pixels are being processed (budget {budget:,}); this "
                                  f"{cost:,}-pixel image did not fit within {wait_s:g}s, retry in "
                                  f"{retry_after_s:g}s", 503, retry_after_s) from None

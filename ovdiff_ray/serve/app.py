@@ -58,7 +58,8 @@ from .errors import Overloaded, document_errors, install_error_handlers
 from .http_guard import HOOK as HTTP_GUARD
 from ..preflight.device import DEVICES, device_help, resolve_device
 from .limits import Limits, RequestError
-from .middleware import BodyDeadline, BodyLimit, Guard
+from .. import logs
+from .middleware import BodyDeadline, BodyLimit, Guard, Metrics
 from .routes import router
 from . import live
 from .jobs import JOBS, BankJobsDeployment, BuildSettings
@@ -92,7 +93,8 @@ def make_app(backend: Backend, extra_routers: tuple[APIRouter, ...] = (), docs: 
         app.include_router(extra)
     app.add_middleware(BodyDeadline, backend=backend)  # innermost of the three
     app.add_middleware(BodyLimit, backend=backend)
-    app.add_middleware(Guard)  # outermost
+    app.add_middleware(Guard)
+    app.add_middleware(Metrics)  # outermost: counts what Guard answers too
     openapi = app.openapi
 
     def documented() -> dict:
@@ -115,6 +117,7 @@ def ingress_app() -> FastAPI:
     # Overlays are drawn by ovdiff_ray.segment, which imports torch (about a second): import it now, in the
     # background, rather than in the first overlay request.
     threading.Thread(target=lambda: __import__("ovdiff_ray.segment"), name="warm-imports", daemon=True).start()
+    logs.configure()  # OVDIFF_LOG_FORMAT=json: JSON lines
     return make_app(ServeBackend(), docs=os.environ.get("OVDIFF_DOCS", "0") == "1")
 
 
@@ -125,6 +128,7 @@ class SegmenterDeployment:
     """Loads banks and their recipe's models once per replica; dynamic batching per bank (the multiplexed id)."""
 
     def __init__(self):
+        logs.configure()  # OVDIFF_LOG_FORMAT=json: JSON lines
         self.engine: Engine | None = None
         self.default = None  # the default bank's Segmenter, pinned outside the multiplexer's LRU
         self.worker: _Worker | None = None
@@ -258,6 +262,7 @@ class AppArgs(BaseModel):
     reload_poll_s: float = Field(10.0, gt=0)  # how often replicas read `latest`
     share_bank: bool = True  # one copy of a bank's arrays per node (memory-mapped, node-local cache)
     admin_token_file: str | None = None  # the admin token's file (else OVDIFF_ADMIN_TOKEN on the ingress)
+    metrics: bool = True  # record the ovdiff_* series (false: OVDIFF_METRICS=0 in the app's replicas)
     build: dict = Field(default_factory=dict)  # job settings: workers, gpus_per_worker, limits (jobs.BuildSettings)
     limits: dict = Field(default_factory=dict)
     max_batch_size: int = Field(4, ge=1)
@@ -326,6 +331,8 @@ def build_app(args: dict | AppArgs):
     actor = {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus}
     if a.memory_gb:
         actor["memory"] = int(a.memory_gb * 2**30)
+    off = {} if a.metrics else {"runtime_env": {"env_vars": {"OVDIFF_METRICS": "0"}}}
+    actor.update(off)
     opts: dict[str, Any] = dict(user_config=cfg.to_dict(), max_ongoing_requests=ongoing,
                                 max_queued_requests=queue_size(a, ongoing), ray_actor_options=actor,
                                 backpressure_config={"status_code": a.backpressure_status,
@@ -338,11 +345,16 @@ def build_app(args: dict | AppArgs):
         opts["autoscaling_config"] = {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
                                       "target_ongoing_requests": a.target_ongoing_requests}
     segmenter = SegmenterDeployment.options(**opts).bind()
+    ingress = {"num_replicas": a.ingress_replicas}
+    if off:
+        ingress["ray_actor_options"] = {"num_cpus": 0, **off}
     if not a.follow_latest:
-        return IngressDeployment.options(num_replicas=a.ingress_replicas).bind(segmenter)
+        return IngressDeployment.options(**ingress).bind(segmenter)
     jobs = BankJobsDeployment.options(user_config={"build": BuildSettings.from_dict(a.build).to_dict(),
-                                                   "storage": a.storage}).bind()
-    return IngressDeployment.options(num_replicas=a.ingress_replicas).bind(segmenter, jobs)
+                                                   "storage": a.storage,
+                                                   "banks": [b.uri for b in cfg.banks if b.version is None]},
+                                      **({"ray_actor_options": {"num_cpus": 0, **off}} if off else {})).bind()
+    return IngressDeployment.options(**ingress).bind(segmenter, jobs)
 
 
 # -------------------------------------------------------------------------------------------------- CLI
@@ -388,7 +400,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--build-gpus-per-worker", type=float, default=0.0,
                     help="with --follow: GPUs per class-building worker (0 on CPU machines)")
     ap.add_argument("--build-workers", type=int, default=1, help="with --follow: class-building workers (default 1)")
+    ap.add_argument("--log-format", choices=("text", "json"), default="text",
+                    help="json: the service's own log lines as JSON objects with request_id, job_id, bank_id and "
+                         "bank_version, one access line per answer, and Serve's logs in its JSON encoding")
+    ap.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                    help="the local Ray's metrics export port: Prometheus text at http://127.0.0.1:P/metrics, the "
+                         "service's series as ray_ovdiff_* beside Ray's and Serve's (default: a port Ray picks, "
+                         "printed at start; on a cluster, each node's `ray start --metrics-export-port`)")
     a = ap.parse_args(argv)
+    if a.metrics_port is not None and a.address is not None:
+        ap.error("--metrics-port sets the port of a local Ray; a cluster's nodes set theirs with "
+                 "`ray start --metrics-export-port`")
+    if a.metrics_port is not None and not 0 < a.metrics_port < 65536:
+        ap.error(f"--metrics-port {a.metrics_port}: not a TCP port")
     if a.max_replicas is not None and a.replicas is not None:
         ap.error("--max-replicas goes with --min-replicas, not --replicas")
     banks = []
@@ -423,13 +447,22 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     own_ray = not ray.is_initialized() and a.address is None
     if not ray.is_initialized():  # the hook gives Serve's proxy a header read timeout (serve/http_guard.py)
+        extra = {"_metrics_export_port": a.metrics_port} if a.metrics_port is not None else {}
         ray.init(address=a.address, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"worker_process_setup_hook": HTTP_GUARD,
-                              "env_vars": {"OVDIFF_HEADER_TIMEOUT_S": str(a.header_timeout)}})
+                              "env_vars": {"OVDIFF_HEADER_TIMEOUT_S": str(a.header_timeout),
+                                           "OVDIFF_LOG_FORMAT": a.log_format}}, **extra)
+    from ..metrics import export_port
+
+    port = export_port()
+    if port:
+        print(f"ovdiff serve: metrics (Prometheus text, series ray_ovdiff_*) at http://127.0.0.1:{port}/metrics",
+              flush=True)
     t0 = time.perf_counter()
     try:
         serve.start(http_options={"host": a.host, "port": a.port, "keep_alive_timeout_s": 15})
-        serve.run(app, name=APP_NAME, route_prefix="/")
+        serve.run(app, name=APP_NAME, route_prefix="/",
+                  logging_config={"encoding": "JSON"} if a.log_format == "json" else None)
         url = f"http://{a.host}:{a.port}/"
         print(f"ovdiff serve: {len(banks)} bank(s), models on {resolve_device(a.device, a.num_gpus)}, ready in "
               f"{time.perf_counter() - t0:.1f}s at {url} (try-it page), POST {url}v1/segment; Ctrl-C to stop",

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from .engine import Catalog, Engine, Job, ServiceConfig
+from .. import metrics
 from .errors import Overloaded
 from .limits import RequestError
 
@@ -174,6 +175,7 @@ class ServeBackend:
         except BackPressureError as e:
             retry = e.retry_after_s if e.retry_after_s is not None else 2.0
             queued = e.args[1] if len(e.args) > 1 else "max_queued_requests"
+            metrics.inc("ovdiff_admission_refusals", 1, {"reason": "queue"})
             raise Overloaded(f"segmenter busy: its queue is full ({queued} requests waiting); retry in {retry:g}s",
                              e.status_code, retry) from None
         except DeploymentUnavailableError as e:

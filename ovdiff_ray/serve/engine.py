@@ -279,6 +279,10 @@ class Engine:
                 self._models[sig] = (build_extractors(r, device), build_classifier(r, device), device)
             extractors, classifier, device = self._models[sig]
         seg = Segmenter(bank, extractors, classifier, device)
+        from .. import metrics  # the version loaded last is the one served (a reload switches right after)
+
+        metrics.set_gauge("ovdiff_bank_version", bank.version, {"bank": bank.bank_id})
+        metrics.set_gauge("ovdiff_bank_classes", len(bank.names), {"bank": bank.bank_id})
         log.info("loaded bank %s v%d (%d classes) in %.1fs", key, bank.version, len(bank.names),
                  time.perf_counter() - t0)
         return seg

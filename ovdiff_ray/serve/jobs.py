@@ -25,6 +25,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 from ray import serve
 
+from .. import logs, metrics
+from . import job_records
+
 log = logging.getLogger("ovdiff.serve")
 JOBS = "OVDiffBankJobs"
 JOB_ID_CHARS = 16
@@ -99,6 +102,7 @@ class Job:
     version: int | None = None  # the version that holds the job's classes
     committed: bool = False  # this job's commit made that version
     error: str = ""
+    to_build: list[dict] = field(default_factory=list)  # the classes as submitted (name, kind, prompt): for resuming
 
     def public(self) -> dict:
         classes = []
@@ -200,10 +204,12 @@ class JobManager:
         self.last_commit: dict = {}
         self.changed = asyncio.Condition()
         self._reaper: asyncio.Task | None = None
+        self.uris: list[str] = []  # the followed banks: where job records are looked up and resumed from
 
     # -- API ---------------------------------------------------------------------------------------------------
-    async def submit(self, uri: str, classes: list[dict]) -> dict:
-        """Classes (`name`, `kind`, `prompt`, already validated) for the bank at `uri` -> the job's first answer."""
+    async def submit(self, uri: str, classes: list[dict], job_id: str | None = None) -> dict:
+        """Classes (`name`, `kind`, `prompt`, already validated) for the bank at `uri` -> the job's first answer.
+        `job_id`: a job resumed from its record keeps its id."""
         from ..vocab import VocabClass, fold
 
         if len(classes) > self.settings.max_classes_per_request:
@@ -217,7 +223,8 @@ class JobManager:
         if pending_now + len(new) > self.settings.max_pending_classes:
             raise Busy(f"too much pending work: {pending_now} classes queued or building, {len(new)} more asked, "
                        f"at most {self.settings.max_pending_classes}")
-        job = Job(uuid.uuid4().hex[:JOB_ID_CHARS], uri, m["bank_id"], int(m["version"]), [])
+        job = Job(job_id or uuid.uuid4().hex[:JOB_ID_CHARS], uri, m["bank_id"], int(m["version"]), [],
+                  to_build=[{k: c[k] for k in ("name", "kind", "prompt") if c.get(k)} for c in classes])
         from ..build_bank import pending_classes
 
         first = self.next_id.get(uri, 0)
@@ -249,6 +256,8 @@ class JobManager:
             asyncio.create_task(self._run(job))
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap())
+        self._report()
+        await asyncio.to_thread(self._persist, job)
         out = job.public()
         out["pending"] = [c["name"] for c in job.classes if c["outcome"] == "pending"]
         out["present"] = [c["name"] for c in job.classes if c["outcome"] == "present"]
@@ -292,6 +301,7 @@ class JobManager:
     async def _build(self, uri: str, recipe: dict, t: Task) -> None:
         from ray.exceptions import ActorUnavailableError, RayActorError
 
+        logs.set_context(job_id=t.job)
         pool = self._pool(uri, recipe)
         t0 = time.perf_counter()
         try:
@@ -324,8 +334,65 @@ class JobManager:
             t.seconds = time.perf_counter() - t0
             t.done.set()
 
+    def _report(self) -> None:
+        """`ovdiff_jobs` by state (the jobs this manager remembers)."""
+        counts = dict.fromkeys(("queued", "running", "done", "failed"), 0)
+        for j in self.jobs.values():
+            counts[j.state] = counts.get(j.state, 0) + 1
+        for state, n in counts.items():
+            metrics.set_gauge("ovdiff_jobs", n, {"state": state})
+
+    def _persist(self, job: Job) -> None:
+        """The job's record beside its bank (`job_records.py`); a storage hiccup is logged, never fatal."""
+        from ..store.fs import Location
+
+        try:
+            job_records.save(Location(job.uri, self.storage), job.public(), job.to_build)
+        except Exception as e:  # noqa: BLE001 - the job goes on; its record is written again at its next step
+            log.warning("job %s: record not written: %s: %s", job.id, type(e).__name__, e)
+
+    def record(self, job_id: str) -> dict | None:
+        """A job no longer in memory (a manager restarted, or forgotten): its record from the followed banks."""
+        from ..store.fs import Location
+
+        for uri in self.uris:
+            try:
+                rec = job_records.load(Location(uri, self.storage), job_id)
+            except Exception as e:  # noqa: BLE001 - unreadable: as if absent, logged
+                log.warning("job %s: record in %s unreadable: %s", job_id, _uri_hash(uri), e)
+                continue
+            if rec is not None:
+                return job_records.public(rec)
+        return None
+
+    async def recover(self) -> list[str]:
+        """Resume the jobs whose records say they had not ended; returns their ids."""
+        from ..store.fs import Location
+
+        resumed = []
+        for uri in self.uris:
+            try:
+                recs = await asyncio.to_thread(job_records.unfinished, Location(uri, self.storage))
+            except Exception as e:  # noqa: BLE001 - storage down: nothing to resume from it now
+                log.warning("job records of bank %s unreadable: %s", _uri_hash(uri), e)
+                continue
+            for rec in recs:
+                if rec["job"] in self.jobs:
+                    continue
+                try:
+                    await self.submit(uri, rec["resume"]["classes"], job_id=rec["job"])
+                    resumed.append(rec["job"])
+                    log.info("job %s resumed from its record (%d classes)", rec["job"],
+                             len(rec["resume"]["classes"]))
+                except Exception as e:  # noqa: BLE001 - one bad record never stops the others
+                    log.warning("job %s not resumed: %s: %s", rec["job"], type(e).__name__, e)
+        return resumed
+
     async def _run(self, job: Job) -> None:
+        logs.set_context(job_id=job.id, bank_id=job.bank_id, bank_version=job.base_version)  # this task's lines
         job.state = "running"
+        self._report()
+        await asyncio.to_thread(self._persist, job)
         try:
             await asyncio.gather(*(t.done.wait() for t in job.tasks.values()))
             entries = [t.entry for t in job.tasks.values() if t.state == "built"]
@@ -358,6 +425,11 @@ class JobManager:
             log.exception("job %s failed", job.id)
         finally:
             job.finished = time.time()
+            self._report()
+            await asyncio.to_thread(self._persist, job)
+            for c in job.classes:
+                if c["outcome"] in ("built", "failed"):
+                    metrics.inc("ovdiff_job_classes", 1, {"outcome": c["outcome"]})
             for k, t in job.tasks.items():
                 if self.inflight.get((job.uri, k)) is t and t.job == job.id:
                     del self.inflight[(job.uri, k)]
@@ -395,11 +467,14 @@ class BankJobsDeployment:
     """The job manager as a Serve deployment of the app: one replica, lives and dies with the application."""
 
     def __init__(self):
+        logs.configure()  # OVDIFF_LOG_FORMAT=json: JSON lines
         self.manager: JobManager | None = None
 
     async def reconfigure(self, user_config: dict):
         if self.manager is None:
             self.manager = JobManager(BuildSettings.from_dict(user_config.get("build")), user_config.get("storage"))
+            self.manager.uris = list(user_config.get("banks") or [])
+            asyncio.get_running_loop().create_task(self.manager.recover())  # jobs a dead manager left unfinished
         else:  # keep the jobs; new settings apply to new workers
             self.manager.settings = BuildSettings.from_dict(user_config.get("build"))
 
@@ -412,7 +487,10 @@ class BankJobsDeployment:
             return {"status": 400, "error": str(e), "code": "bad_request", "detail": None}
 
     async def get(self, job_id: str) -> dict | None:
-        return self.manager.get(job_id)
+        found = self.manager.get(job_id)
+        if found is None:
+            found = await asyncio.to_thread(self.manager.record, job_id)
+        return found
 
     async def wait_commit(self, seen: int, timeout: float) -> dict:
         return await self.manager.wait_commit(seen, timeout)

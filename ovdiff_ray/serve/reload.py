@@ -15,6 +15,8 @@ import logging
 import time
 from typing import Any, Awaitable, Callable
 
+from .. import metrics
+
 log = logging.getLogger("ovdiff.serve")
 
 
@@ -96,6 +98,7 @@ class LiveBanks:
             msg = f"{type(ex).__name__}: {ex}"[:500]
             st["reload_error"] = {"version": v, "error": msg, "at": round(time.time(), 3)}
             log.error("bank %s: reload to v%d failed, still serving v%d: %s", key, v, cur, msg)
+            metrics.inc("ovdiff_bank_reload_failures", 1, {"bank": self.serving[key].bank.bank_id})
             return False
         self.serving[key] = seg  # the switch: batches that already hold the old Segmenter finish on it
         self.engine.switched(key, seg.bank)

@@ -11,6 +11,7 @@ import hmac
 import logging
 import os
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .admission import PixelBudget
 from .backends import HEALTH_TIMEOUT_S, Backend
 from .engine import Catalog, Job, encode
+from .. import logs, metrics
 from .errors import Overloaded, error_response, error_responses
 from . import live
 from .limits import (FORMATS, Limits, RequestError, check_header, decode_image, parse_bool, parse_format,
@@ -110,6 +112,7 @@ def router(backend: Backend, admin_token: str | None = None) -> APIRouter:
     r = APIRouter()
     page = (STATIC / "index.html").read_text()
     budget = PixelBudget()
+    depth = _Depth()
 
     @r.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
@@ -170,7 +173,7 @@ def router(backend: Backend, admin_token: str | None = None) -> APIRouter:
             return accepted
         _, w, h = check_header(data, lim)  # cheap: the cost is known before any pixel is decoded
         t1 = time.perf_counter()
-        async with budget.admit(w * h, lim.max_inflight_pixels, lim.admission_wait_s):
+        async with depth.counted(), budget.admit(w * h, lim.max_inflight_pixels, lim.admission_wait_s):
             t2 = time.perf_counter()
             dec = await asyncio.to_thread(decode_image, data, lim, True)  # upright, at most max_work_side
             del data
@@ -191,11 +194,44 @@ def router(backend: Backend, admin_token: str | None = None) -> APIRouter:
         body["timing"] = {"total_ms": round(1000 * (time.perf_counter() - t0), 1),
                           "validate_ms": round(1000 * (t1 - t0), 1), "admission_ms": round(1000 * (t2 - t1), 1),
                           "decode_ms": round(1000 * (t3 - t2), 1), **body["timing"]}
+        record_stages(body["timing"])
+        logs.set_context(bank_id=body["bank"]["id"], bank_version=body["bank"]["version"])
         if dec.scaled:
             body["work_size"] = [int(dec.image.shape[1]), int(dec.image.shape[0])]
         return JSONResponse(body, headers={"X-OVDiff-Bank": f"{body['bank']['id']}@v{body['bank']['version']}"})
 
     return r
+
+
+class _Depth:
+    """`ovdiff_queue_depth` of this ingress replica: segment requests between validation and answer (waiting for
+    pixels, decoding, at the segmenter, encoding)."""
+
+    def __init__(self):
+        self.n = 0
+
+    @asynccontextmanager
+    async def counted(self):
+        self.n += 1
+        metrics.set_gauge("ovdiff_queue_depth", self.n)
+        try:
+            yield
+        finally:
+            self.n -= 1
+            metrics.set_gauge("ovdiff_queue_depth", self.n)
+
+
+
+def record_stages(timing: dict) -> None:
+    """A segment answer's `timing` (validate/admission/decode/segment/encode `_ms`, the segmenter's `stages_ms`) ->
+    `ovdiff_segment_stage_seconds` observations, one per stage (any stage name the segmenter reports)."""
+    if not metrics.enabled():
+        return
+    for k, v in timing.items():
+        if k.endswith("_ms") and k != "total_ms" and isinstance(v, (int, float)):
+            metrics.observe("ovdiff_segment_stage_seconds", v / 1000, {"stage": k[:-3]})
+    for k, v in (timing.get("stages_ms") or {}).items():
+        metrics.observe("ovdiff_segment_stage_seconds", v / 1000, {"stage": k})
 
 
 async def _health(backend: Backend) -> dict:

@@ -1,4 +1,6 @@
-"""`ovdiff bank inspect URI [--version N] [--verify] [--json]`: what a committed bank holds."""
+"""`ovdiff bank inspect URI [--version N] [--verify] [--json] [--report [--price-per-hour P] [--top N]]`: what a
+committed bank holds; `--report` adds the build report (per-stage seconds, slowest classes, device-hours, cost) from
+the classes' build records (`ovdiff_ray/build_report.py`)."""
 from __future__ import annotations
 
 import argparse
@@ -39,7 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("--version", type=int, default=None, help="manifest version (default: latest)")
     ins.add_argument("--verify", action="store_true", help="read every shard and check its sha256")
     ins.add_argument("--json", action="store_true", help="print one JSON object")
+    ins.add_argument("--report", action="store_true",
+                     help="the build report: seconds per stage, slowest classes, attempts, nodes, device-hours")
+    ins.add_argument("--price-per-hour", type=float, default=None, metavar="USD",
+                     help="with --report: price of one device-hour (e.g. a GPU instance's), to print the cost")
+    ins.add_argument("--top", type=int, default=10, help="with --report: how many of the slowest classes (default 10)")
     a = ap.parse_args(argv)
+    if a.price_per_hour is not None and (a.price_per_hour < 0 or not a.report):
+        ap.error("--price-per-hour needs --report and a price of at least 0")
+    if a.top < 1:
+        ap.error(f"--top {a.top}: must be at least 1")
     try:
         loc = Location(a.uri)
         m = read_manifest(loc, a.version)
@@ -50,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
             for c in m["classes"]:
                 read_shard_bytes(loc, c)
             info["verified"] = True
+        if a.report:
+            from ..build_report import report
+
+            rep = report(m, a.top, a.price_per_hour)
+            info["report"] = rep.to_dict()
     except (StoreError, ManifestError, OSError) as e:
         print(f"ovdiff bank inspect: error: {e}", file=sys.stderr)
         return 1
@@ -65,4 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"failed classes: {', '.join(f['name'] for f in info['failed'])}")
     if a.verify:
         print(f"verified: all {info['num_classes']} shards match their sha256")
+    if a.report:
+        from ..build_report import format_report
+
+        print(format_report(rep))
     return 0
