@@ -30,7 +30,7 @@ from .limits import (FORMATS, Limits, RequestError, check_header, decode_image, 
 
 log = logging.getLogger("ovdiff.serve")
 STATIC = Path(__file__).resolve().parent / "static"
-FIELDS = ("image", "classes", "format", "pamr", "bank", "missing", "regions")
+FIELDS = ("image", "classes", "format", "pamr", "bank", "missing", "regions", "scores", "min_confidence")
 ADMIN_TOKEN_ENV = "OVDIFF_ADMIN_TOKEN"
 
 
@@ -65,6 +65,15 @@ class SegmentBody(_Open):
     rle: dict[str, dict[str, Any]] | None = Field(None, description="format=rle: COCO RLE per label value")
     overlay: str | None = Field(None, description="format=overlay: base64 PNG (at most max_work_side wide)")
     legend: list[LegendItem] | None = None
+    confidence: str | None = Field(None, description="scores=true: base64 16-bit grey PNG at the mask's size; "
+                                                      "confidence = value / confidence_scale")
+    confidence_scale: int | None = None
+    class_confidence: dict[str, float] | None = Field(None, description="label value -> mean confidence")
+    topk: dict[str, list[dict[str, Any]]] | None = Field(None, description="label value -> best classes by mean "
+                                                                           "score over its pixels {id, name, score}")
+    min_confidence: float | None = None
+    unsure_value: int | None = Field(None, description="mask value of unsure pixels (absent from RLE)")
+    unsure_pixels: int | None = None
     timing: dict[str, Any]
 
 
@@ -99,7 +108,12 @@ SEGMENT_FORM = {"requestBody": {"required": True, "content": {"multipart/form-da
         "missing": {"type": "string", "enum": ["error", "build"], "default": "error",
                     "description": "build: unknown classes become a job (admin token) -> 202"},
         "regions": {"type": "string", "description": "snap labels to regions: on/off or none | superpixels | sam "
-                                                     "(default: the bank recipe's segmentation.regions)"}}}}}}}
+                                                     "(default: the bank recipe's segmentation.regions)"},
+        "scores": {"type": "boolean", "default": False,
+                   "description": "also return the confidence map, per-class mean confidence and top-k classes"},
+        "min_confidence": {"type": "number", "minimum": 0, "maximum": 1,
+                           "description": "pixels under this confidence are unsure (255 / 65535 in the mask, "
+                                          "absent from RLE); default the bank recipe's, 0 = off"}}}}}}}
 
 
 # ---------------------------------------------------------------------------------------------------- router
@@ -157,7 +171,7 @@ def router(backend: Backend, admin_token: str | None = None) -> APIRouter:
                        **error_responses(400, 401, 403, 404, 408, 409, 413, 415, 429, 500, 503, 504)})
     async def segment(request: Request) -> JSONResponse:
         """Segment one image (multipart `image`; optional `classes`, `format`, `pamr`, `bank`, `missing`,
-        `regions`)."""
+        `regions`, `scores`, `min_confidence`)."""
         t0 = time.perf_counter()
         cat = await _catalog(backend)
         lim = cat.limits
@@ -165,6 +179,8 @@ def router(backend: Backend, admin_token: str | None = None) -> APIRouter:
         fmt = parse_format(fields.get("format"))
         pamr = parse_bool("pamr", fields.get("pamr"))
         regions = parse_regions(fields.get("regions"))
+        want_conf = parse_bool("scores", fields.get("scores"))
+        minc = parse_min_confidence(fields.get("min_confidence"))
         entry, classes, accepted = await live.segment_classes(backend, request, cat, fields)  # missing=build
         if accepted is not None:
             return accepted
@@ -177,7 +193,8 @@ def router(backend: Backend, admin_token: str | None = None) -> APIRouter:
             t3 = time.perf_counter()
             try:
                 result = await backend.segment(entry.key, Job(dec.image, tuple(classes) if classes else None, pamr,
-                                                                regions=regions))
+                                                                regions=regions, confidence=want_conf,
+                                                                min_confidence=minc))
             except (RequestError, Overloaded):
                 raise
             except Exception:  # noqa: BLE001 - the details go to the log, never to the client
@@ -196,6 +213,19 @@ def router(backend: Backend, admin_token: str | None = None) -> APIRouter:
         return JSONResponse(body, headers={"X-OVDiff-Bank": f"{body['bank']['id']}@v{body['bank']['version']}"})
 
     return r
+
+
+def parse_min_confidence(value: str | None) -> float | None:
+    """The `min_confidence` form field -> a number in [0, 1] (None when absent); else a 400 naming it."""
+    if value is None or not value.strip():
+        return None
+    from ..confidence import check_min_confidence
+
+    try:
+        return check_min_confidence(value.strip())
+    except ValueError as e:
+        raise RequestError(400, f"field 'min_confidence': {str(e).split(': ', 1)[1]}",
+                           {"field": "min_confidence", "value": value[:200]}, "bad_field") from None
 
 
 async def _health(backend: Backend) -> dict:
