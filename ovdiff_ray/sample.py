@@ -112,6 +112,7 @@ def sample_class(name: str, recipe: Recipe, models: SamplingModels | None = None
         k0 = time.perf_counter()
         sets[cfg.name] = protoset_from_pixels(fgp, bgp, ex.dim, p.parts, p.kmeans_iters, p.seed, p.max_pixels,
                                               models.device)
+        _support_indices(sets[cfg.name], np.nonzero(kept)[0])
         kmeans_s += time.perf_counter() - k0
     t["text"] = time.perf_counter()
     text = models.classifier.encode_text([recipe.classifier.text_template.format(name=words)])[0]
@@ -126,6 +127,16 @@ def sample_class(name: str, recipe: Recipe, models: SamplingModels | None = None
         seconds["generate"] -= split["attribution"]
     info = {"n_images": int(len(fg)), "kept": int(kept.sum()), "seconds": seconds, "total_s": marks[-1] - marks[0]}
     return ClassPrototypes(name, kind, sets, np.asarray(text, np.float32), info, prompt=words if words != name else "")
+
+
+def _support_indices(ps, kept_index: np.ndarray) -> None:
+    """Sources and part members count the kept images; make them support image indices (issue 21: provenance
+    names the support images and their seeds, `models.base.image_seed(recipe.seed, name, index)`)."""
+    ps.source = np.where(ps.source >= 0, kept_index[np.maximum(ps.source, 0)], -1).astype(np.int16)
+    if ps.members is not None:
+        for i, m in enumerate(ps.members):
+            if m is not None:
+                ps.members[i] = tuple(int(kept_index[j]) for j in m)
 
 
 # -- ovdiff preview ---------------------------------------------------------------------------------------------

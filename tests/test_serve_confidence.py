@@ -106,3 +106,21 @@ def test_bad_min_confidence_is_a_400_that_never_reaches_the_model(service, toy_s
     r = post(client, scene(toy_scenes), scores="maybe")
     assert r.status_code == 400 and "'scores'" in r.json()["error"]
     assert backend.calls == before
+
+
+def test_explain_true_returns_the_winning_prototypes_per_class(service, segmenter, toy_scenes):
+    from ovdiff_ray.explain import explain
+
+    client, _ = service
+    data = scene(toy_scenes, 1)
+    body = post(client, data, explain="true").json()
+    assert set(body["explain"]) == set(body["classes"])
+    rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    want = {str(v): e.to_dict() for v, e in explain(segmenter, rgb, segmenter.segment(rgb)).items()}
+    assert body["explain"] == want
+    for v, e in body["explain"].items():
+        assert e["name"] == body["classes"][v] and e["prototypes"]
+        for p in e["prototypes"]:
+            assert p["extractor"] in ("toy", "toyctx") and p["level"] in ("class", "instance", "part")
+            assert p["support"] is None or len(p["support"]) == len(p["seeds"]) <= 8
+    assert "explain" not in post(client, data).json()

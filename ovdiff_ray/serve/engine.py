@@ -156,6 +156,7 @@ class Job:
     regions: str | None = None  # None = the bank recipe's segmentation.regions; on | off | a method name
     confidence: bool = False  # also return the confidence map, per-class mean confidence and top-k
     min_confidence: float | None = None  # pixels under it are unsure; None = the recipe's segmentation.min_confidence
+    explain: bool = False  # also return, per class, the prototypes that won its pixels and their support images
 
 
 # ----------------------------------------------------------------------------------------------- encoders
@@ -344,6 +345,10 @@ class Engine:
             from .outputs import confidence_fields
 
             extra.update(confidence_fields(seg, res, job))
+        if job is not None and job.explain:
+            from ..explain import explain
+
+            extra["explain"] = {int(v): e.to_dict() for v, e in explain(seg, job.image, res).items()}
         return {"status": 200, **extra, "labels": res.labels.astype(np.uint8 if mask_dtype(n) == "uint8" else np.uint16),
                 "classes": {int(v): name for v, name in res.classes.items()}, "kept": list(res.kept),
                 "bank": {"id": seg.bank.bank_id, "version": seg.bank.version, "num_classes": n},
@@ -390,6 +395,8 @@ def encode(image: np.ndarray, result: dict, fmt: str, size: tuple[int, int] | No
         body["overlay"] = b64png(overlay(image, SegmentationResult(small, result["classes"], None, result["kept"])))
         body["legend"] = legend(result["classes"])
     body.update(conf_body)
+    if "explain" in result:
+        body["explain"] = {str(v): e for v, e in sorted(result["explain"].items())}
     body["timing"] = {**result["timing"], "encode_ms": round(1000 * (time.perf_counter() - t0), 1)}
     return body
 

@@ -30,7 +30,8 @@ from .limits import (FORMATS, Limits, RequestError, check_header, decode_image, 
 
 log = logging.getLogger("ovdiff.serve")
 STATIC = Path(__file__).resolve().parent / "static"
-FIELDS = ("image", "classes", "format", "pamr", "bank", "missing", "regions", "scores", "min_confidence")
+FIELDS = ("image", "classes", "format", "pamr", "bank", "missing", "regions", "scores", "min_confidence",
+          "explain")
 ADMIN_TOKEN_ENV = "OVDIFF_ADMIN_TOKEN"
 
 
@@ -74,6 +75,9 @@ class SegmentBody(_Open):
     min_confidence: float | None = None
     unsure_value: int | None = Field(None, description="mask value of unsure pixels (absent from RLE)")
     unsure_pixels: int | None = None
+    explain: dict[str, dict[str, Any]] | None = Field(None, description="explain=true: label value -> {name, pixels, "
+                                                                        "prototypes [{extractor, level, kind, class, "
+                                                                        "share, support, seeds}], note}")
     timing: dict[str, Any]
 
 
@@ -113,7 +117,10 @@ SEGMENT_FORM = {"requestBody": {"required": True, "content": {"multipart/form-da
                    "description": "also return the confidence map, per-class mean confidence and top-k classes"},
         "min_confidence": {"type": "number", "minimum": 0, "maximum": 1,
                            "description": "pixels under this confidence are unsure (255 / 65535 in the mask, "
-                                          "absent from RLE); default the bank recipe's, 0 = off"}}}}}}}
+                                          "absent from RLE); default the bank recipe's, 0 = off"},
+        "explain": {"type": "boolean", "default": False,
+                    "description": "also return, per class, the prototypes that won most of its pixels (level, "
+                                   "extractor, support image indices and seeds)"}}}}}}}
 
 
 # ---------------------------------------------------------------------------------------------------- router
@@ -171,7 +178,7 @@ def router(backend: Backend, admin_token: str | None = None) -> APIRouter:
                        **error_responses(400, 401, 403, 404, 408, 409, 413, 415, 429, 500, 503, 504)})
     async def segment(request: Request) -> JSONResponse:
         """Segment one image (multipart `image`; optional `classes`, `format`, `pamr`, `bank`, `missing`,
-        `regions`, `scores`, `min_confidence`)."""
+        `regions`, `scores`, `min_confidence`, `explain`)."""
         t0 = time.perf_counter()
         cat = await _catalog(backend)
         lim = cat.limits
@@ -181,6 +188,7 @@ def router(backend: Backend, admin_token: str | None = None) -> APIRouter:
         regions = parse_regions(fields.get("regions"))
         want_conf = parse_bool("scores", fields.get("scores"))
         minc = parse_min_confidence(fields.get("min_confidence"))
+        want_explain = parse_bool("explain", fields.get("explain"))
         entry, classes, accepted = await live.segment_classes(backend, request, cat, fields)  # missing=build
         if accepted is not None:
             return accepted
@@ -194,7 +202,7 @@ def router(backend: Backend, admin_token: str | None = None) -> APIRouter:
             try:
                 result = await backend.segment(entry.key, Job(dec.image, tuple(classes) if classes else None, pamr,
                                                                 regions=regions, confidence=want_conf,
-                                                                min_confidence=minc))
+                                                                min_confidence=minc, explain=want_explain))
             except (RequestError, Overloaded):
                 raise
             except Exception:  # noqa: BLE001 - the details go to the log, never to the client
