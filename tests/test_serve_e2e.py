@@ -227,3 +227,26 @@ def test_page_loads_and_its_form_posts(client, toy_scenes):
     img = Image.open(io.BytesIO(base64.b64decode(body["overlay"])))
     assert img.format == "PNG" and img.width == body["width"]
     assert {x["name"] for x in body["legend"]} <= {c["name"] for c in bank["classes"][:5]}
+
+
+def test_python_client_end_to_end(served, toy_scenes):
+    """`ovdiff_ray.client.Client` against the real service: labels, confidence, unsure, explain, errors."""
+    from ovdiff_ray.client import Client, ClientError
+
+    path = Path(toy_scenes) / "images" / "0001.png"
+    with Client(served[0], timeout=60) as c:
+        assert c.health()["status"] in ("ok", "degraded")
+        info = c.bank()
+        assert info.version == served[1]["version"] and "red circle" in info.classes
+        plain = c.segment(path)
+        r = c.segment(path, scores=True, min_confidence=0.5, explain=True)
+        assert r.labels.shape == (r.height, r.width) == r.confidence.shape
+        assert r.unsure_value == 255 and r.unsure.any()  # confidence comes back quantized to 1/65535
+        assert (r.confidence[r.unsure] <= 0.5 + 1e-4).all() and (r.confidence[~r.unsure] >= 0.5 - 1e-4).all()
+        assert np.array_equal(r.labels[~r.unsure], plain.labels[~r.unsure])
+        assert set(r.explain) == set(r.names) and set(r.topk) == set(r.names)
+        rle = c.segment(path, format="rle")
+        assert np.array_equal(rle.labels, plain.labels)
+        with pytest.raises(ClientError) as e:
+            c.segment(path, classes=["purple unicorn"])
+        assert e.value.status == 400 and "purple unicorn" in e.value.error
