@@ -13,7 +13,8 @@ extractor and its support images:
 - class rows: every kept support image (`pooled`).
 
 Support images are named by index and by the seed they were drawn from (`models.base.image_seed(recipe seed, class
-name, index)`), which redraws them exactly. Banks do not keep their support images (thumbnails) yet.
+name, index)`), which redraws them exactly; in JSON seeds are decimal strings (63-bit: a JavaScript number would
+round them). Banks do not keep their support images (thumbnails) yet.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ class Winner:
         n = None if self.support is None else len(self.support)
         d = {"extractor": self.extractor, "level": self.level, "kind": self.kind, "class": self.owner,
              "share": round(self.share, 4), "support": None if n is None else self.support[:MAX_NAMED],
-             "seeds": None if n is None else self.seeds[:MAX_NAMED], "support_count": n}
+             "seeds": None if n is None else [str(x) for x in self.seeds[:MAX_NAMED]], "support_count": n}
         if self.level == "class":
             d["pooled"] = True
         return d

@@ -124,8 +124,9 @@ def test_page_and_health(service):
     client, backend, m = service
     r = client.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-    for needle in ('action="v1/segment"', 'enctype="multipart/form-data"', 'name="image"', 'name="classes"',
-                   'name="pamr"', 'name="bank"', 'name="format" value="overlay"'):
+    # the page's script posts these fields (the headless-browser test drives it: tests/browser)
+    for needle in ('fetch("v1/segment"', 'data.append("image"', 'data.append("classes"', 'data.append("scores", "true")',
+                   'data.append("explain", "true")', 'data.append("min_confidence"', 'v1/examples'):
         assert needle in r.text, needle
     h = client.get("/healthz").json()
     assert h == {"status": "ok", "checks": {"segmenter": "ok", "storage": "ok"}}  # public: status only

@@ -140,6 +140,34 @@ def router(backend: Backend, admin_token: str | None = None) -> APIRouter:
     async def favicon() -> Response:
         return Response(status_code=204)
 
+    @r.get("/v1/examples", include_in_schema=False)
+    async def examples_list(bank: str | None = None) -> JSONResponse:
+        """Example images for the page (toy scenes with ground truth, or bundled photos)."""
+        from . import examples
+
+        e = (await _catalog(backend)).resolve(bank)
+        return JSONResponse({"bank": e.key, "examples": examples.listing(tuple(e.names))})
+
+    @r.get("/v1/examples/{i}.png", include_in_schema=False)
+    async def example_image(i: int, bank: str | None = None) -> Response:
+        from . import examples
+
+        e = (await _catalog(backend)).resolve(bank)
+        data = await asyncio.to_thread(examples.image, tuple(e.names), tuple(e.kinds), i)
+        if data is None:
+            raise RequestError(404, f"no example {i}", None, "not_found")
+        return Response(data, media_type="image/png")
+
+    @r.get("/v1/examples/{i}/truth.png", include_in_schema=False)
+    async def example_truth(i: int, bank: str | None = None) -> Response:
+        from . import examples
+
+        e = (await _catalog(backend)).resolve(bank)
+        data = await asyncio.to_thread(examples.truth, tuple(e.names), tuple(e.kinds), i)
+        if data is None:
+            raise RequestError(404, f"example {i} has no ground truth", None, "not_found")
+        return Response(data, media_type="image/png")
+
     @r.get("/healthz", responses={200: {"model": HealthBody}, **error_responses(503)})
     async def healthz() -> JSONResponse:
         """Public status only (`ok`, `degraded` with the failing check, or 503); answers within about 1 s."""
