@@ -32,6 +32,7 @@ from typing import Sequence
 import numpy as np
 
 from .recipe import REPO_ROOT
+from .riskcoverage import RiskReport
 
 DATASETS = ("toy", "voc21", "context60", "coco_object81")
 IGNORE = 255
@@ -63,10 +64,13 @@ class Scores:
     images: int
     seconds: float
     confusion: np.ndarray = field(repr=False, default=None)
+    risk: "RiskReport | None" = field(repr=False, default=None)  # confidence vs baselines (riskcoverage.py)
 
     def to_dict(self) -> dict:
         d = {"miou": self.miou, "miou_nanmean": self.miou_nanmean, "per_class": self.per_class,
              "images": self.images, "seconds": round(self.seconds, 3)}
+        if self.risk is not None:
+            d.update(self.risk.to_dict())
         if self.confusion is not None:
             d["confusion"] = confusion_summary(self.confusion, list(self.per_class))
         return d
@@ -249,8 +253,10 @@ def label_lut(bank, ds: Dataset) -> np.ndarray:
 
 def run(segmenter, ds: Dataset, limit: int | None = None, ablate: Sequence[str] = (), pamr: bool = False,
         progress: bool = True, overlays: int = 0, out: Path | None = None, name: str = "full",
-        regions: str | None = None) -> Scores:
-    """Segment the dataset's images and accumulate one confusion matrix (`regions` overrides the recipe's)."""
+        regions: str | None = None, min_confidence: float = 0.0) -> Scores:
+    """Segment the dataset's images and accumulate one confusion matrix (`regions` overrides the recipe's) and the
+    risk-coverage of the confidence against the raw top score and random order. Pixels under `min_confidence`
+    (unsure) are left out of the confusion matrix, as ignored pixels are; `risk.coverage` is the share kept."""
     from PIL import Image
     from tqdm import tqdm
 
@@ -260,6 +266,7 @@ def run(segmenter, ds: Dataset, limit: int | None = None, ablate: Sequence[str] 
     lut = label_lut(segmenter.bank, ds)
     n = len(ds.classes)
     conf = np.zeros((n, n), np.int64)
+    risk = RiskReport(min_confidence)
     items = ds.items[:limit] if limit else ds.items
     t0 = time.perf_counter()
     for j, (iid, img_path, lab_path) in enumerate(tqdm(items, desc=f"eval {ds.name} [{name}]", disable=not progress,
@@ -269,15 +276,16 @@ def run(segmenter, ds: Dataset, limit: int | None = None, ablate: Sequence[str] 
         if gt.shape != img.shape[:2]:
             raise DatasetError(f"{lab_path}: label size {gt.shape[::-1]} differs from image size "
                                f"{img.shape[1::-1]}")
-        res = segmenter.segment(img, classes, pamr=pamr, ablate=ablate, regions=regions)
-        conf += confusion(gt, lut[res.labels], n)
+        res = segmenter.segment(img, classes, pamr=pamr, ablate=ablate, regions=regions, return_scores=True)
+        pred = lut[res.labels]
+        conf += confusion(risk.add(gt, pred, res, IGNORE), pred, n)
         if j < overlays and out is not None:
             out.mkdir(parents=True, exist_ok=True)
             overlay(img, res).save(out / f"{iid}.png")
             Image.fromarray(np.array(lut[res.labels], np.uint8)).save(out / f"{iid}_pred.png")
     m, mn, iou = miou(conf)
     per = {c: (None if np.isnan(v) else round(float(v), 6)) for c, v in zip(ds.classes, iou)}
-    return Scores(name, m, mn, per, len(items), time.perf_counter() - t0, conf)
+    return Scores(name, m, mn, per, len(items), time.perf_counter() - t0, conf, risk)
 
 
 def format_table(rows: list[Scores], ds: Dataset) -> str:
@@ -290,6 +298,8 @@ def format_table(rows: list[Scores], ds: Dataset) -> str:
     for r in rows:
         delta = "" if r is rows[0] else f"{100 * (r.miou - rows[0].miou):+.2f}"
         lines.append(f"{r.name:<28} {100 * r.miou:>7.2f} {100 * r.miou_nanmean:>8.2f} {delta:>7} {r.images:>7}")
+    if rows[0].risk is not None:
+        lines += ["", rows[0].risk.format()]
     if rows[0].confusion is not None:
         lines += ["", format_confusions(rows[0].confusion, list(rows[0].per_class))]
     return "\n".join(lines)
@@ -310,7 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pamr", action="store_true")
     ap.add_argument("--regions", choices=("none", "superpixels", "sam"), default=None,
                     help="snap labels to class-agnostic regions (default: the bank recipe's segmentation.regions)")
-    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--min-confidence", type=float, default=None, metavar="C",
+                    help="pixels under confidence C (0..1) are unsure: left out of mIoU like ignored pixels, and "
+                         "the coverage printed beside it (default: the recipe's segmentation.min_confidence)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object (risk_coverage, aurc, aurc_random, "
+                                                         "aurc_top_score, coverage included)")
     ap.add_argument("--overlays", type=int, default=0, help="save overlays of the first N images to --out")
     ap.add_argument("--out", default=None)
     ap.add_argument("--device", default=None)
@@ -318,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.overlays and not a.out:
         ap.error("--overlays needs --out DIR")
+    if a.min_confidence is not None and not 0.0 <= a.min_confidence <= 1.0:
+        ap.error(f"--min-confidence {a.min_confidence}: expected a number in [0, 1]")
     from .segment import ABLATIONS, SegmentError, Segmenter
     from .store.bank import Bank
 
@@ -330,10 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         bank_classes(bank, ds)
         seg = Segmenter.from_bank(bank, a.device)
         regions = seg.snapper.method(a.regions)
+        minc = bank.recipe.segmentation.min_confidence if a.min_confidence is None else a.min_confidence
         rows = [run(seg, ds, a.limit, (), a.pamr, not a.no_progress, a.overlays, Path(a.out) if a.out else None,
-                    regions=regions)]
+                    regions=regions, min_confidence=minc)]
         for ab in a.ablate:
-            rows.append(run(seg, ds, a.limit, (ab,), a.pamr, not a.no_progress, name=ab, regions=regions))
+            rows.append(run(seg, ds, a.limit, (ab,), a.pamr, not a.no_progress, name=ab, regions=regions,
+                            min_confidence=minc))
     except (DatasetError, SegmentError, ValueError, KeyError, OSError) as e:
         print(f"ovdiff eval: error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 2
@@ -346,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(obj))
     else:
         print(format_table(rows, ds))
-    print(f"eval {ds.name}: mIoU {100 * full.miou:.2f} (nanmean {100 * full.miou_nanmean:.2f}, regions {regions}) over "
-          f"{full.images} images in {sum(r.seconds for r in rows):.1f}s", file=sys.stderr if a.json else sys.stdout)
+    cov = f", coverage {100 * full.risk.coverage:.2f}% at min confidence {minc:g}" if minc else ""
+    print(f"eval {ds.name}: mIoU {100 * full.miou:.2f} (nanmean {100 * full.miou_nanmean:.2f}, regions {regions}{cov}) "
+          f"over {full.images} images in {sum(r.seconds for r in rows):.1f}s; AURC {full.risk.aurc:.5f} (top score "
+          f"{full.risk.aurc_top_score:.5f}, random {full.risk.aurc_random:.5f})",
+          file=sys.stderr if a.json else sys.stdout)
     return 0

@@ -25,6 +25,7 @@ class ProtoSet:
     kind: np.ndarray  # [n] str: fg | bg
     level: np.ndarray  # [n] str: class | instance | part
     source: np.ndarray  # [n] int16: support image index, -1 when pooled
+    members: np.ndarray | None = None  # [n] object: a part row's support images (tuple, most pixels first), else None
 
     @property
     def dim(self) -> int:
@@ -135,14 +136,17 @@ def masked_pixels(feats: torch.Tensor, mask: torch.Tensor, rule: str = "any") ->
 
 
 def region_prototypes(pixels: list[torch.Tensor], parts: int, iters: int, seed: int, max_pixels: int,
-                      device: str = "cpu") -> tuple[list[torch.Tensor], list[str], list[int]]:
+                      device: str = "cpu", members: list | None = None) -> tuple[list[torch.Tensor], list[str], list[int]]:
     """One region (fg or bg) of one extractor: per-image pixels `[P_i, D]` -> rows, levels, sources.
 
-    k-means runs on `device` over all the region's pixels, or a seeded sample of `max_pixels` (0 = all)."""
+    k-means runs on `device` over all the region's pixels, or a seeded sample of `max_pixels` (0 = all). When
+    `members` is a list, one entry per row is appended to it: for a part row the support images whose pixels (of
+    those k-means saw) are nearest its centre, most pixels first; None for the other rows."""
     rows, levels, sources = [], [], []
     nonempty = [(i, p.float()) for i, p in enumerate(pixels) if p.shape[0]]
     if not nonempty:
         return rows, levels, sources
+    n_pooled = 1 + len(nonempty)
     total = sum(p.shape[0] for _, p in nonempty)
     rows.append(sum(p.double().sum(0) for _, p in nonempty).div(total).float())
     levels.append("class")
@@ -151,24 +155,35 @@ def region_prototypes(pixels: list[torch.Tensor], parts: int, iters: int, seed: 
         rows.append(p.double().mean(0).float())
         levels.append("instance")
         sources.append(i)
+    if members is not None:
+        members += [None] * n_pooled
     if parts > 0:
         sel = torch.cat([p for _, p in nonempty])
+        img = torch.cat([torch.full((p.shape[0],), i) for i, p in nonempty])  # support image of each pixel
         if 0 < max_pixels < sel.shape[0]:
             g = torch.Generator().manual_seed(seed + 1)
-            sel = sel[torch.randperm(sel.shape[0], generator=g)[:max_pixels]]
-        for c in kmeans(sel.to(device), parts, iters, seed).cpu():
+            pick = torch.randperm(sel.shape[0], generator=g)[:max_pixels]
+            sel, img = sel[pick], img[pick]
+        centres = kmeans(sel.to(device), parts, iters, seed).cpu()
+        for c in centres:
             rows.append(c)
             levels.append("part")
             sources.append(-1)
+        if members is not None:
+            near = torch.cdist(sel, centres).argmin(1)
+            for k in range(len(centres)):
+                counts = torch.bincount(img[near == k], minlength=len(pixels))
+                order = torch.argsort(-counts, stable=True)
+                members.append(tuple(int(i) for i in order if counts[i] > 0))
     return rows, levels, sources
 
 
 def protoset_from_pixels(fg: list[torch.Tensor], bg: list[torch.Tensor], dim: int, parts: int, iters: int = 50,
                          seed: int = 0, max_pixels: int = 200_000, device: str = "cpu") -> ProtoSet:
     """Per-image fg and bg pixel features (`[P_i, D]` each) -> ProtoSet with unit-norm rows."""
-    vecs, kinds, levels, sources = [], [], [], []
+    vecs, kinds, levels, sources, members = [], [], [], [], []
     for kind, pixels in (("fg", fg), ("bg", bg)):
-        r, lv, src = region_prototypes(pixels, parts, iters, seed, max_pixels, device)
+        r, lv, src = region_prototypes(pixels, parts, iters, seed, max_pixels, device, members)
         vecs += r
         levels += lv
         sources += src
@@ -181,7 +196,26 @@ def protoset_from_pixels(fg: list[torch.Tensor], bg: list[torch.Tensor], dim: in
         kind=np.array([kinds[i] for i in idx], dtype=object),
         level=np.array([levels[i] for i in idx], dtype=object),
         source=np.array([sources[i] for i in idx], dtype=np.int16),
+        members=_objects([members[i] for i in idx]),
     )
+
+
+def to_support_indices(ps: ProtoSet, kept_index: np.ndarray) -> None:
+    """Sources and part members count the kept images; make them support image indices (issue 21: provenance
+    names the support images and their seeds, `models.base.image_seed(recipe.seed, name, index)`)."""
+    ps.source = np.where(ps.source >= 0, kept_index[np.maximum(ps.source, 0)], -1).astype(np.int16)
+    if ps.members is not None:
+        for i, m in enumerate(ps.members):
+            if m is not None:
+                ps.members[i] = tuple(int(kept_index[j]) for j in m)
+
+
+def _objects(items: list) -> np.ndarray:
+    """A 1-D object array holding `items` as they are (tuples stay tuples)."""
+    out = np.empty(len(items), object)
+    for i, x in enumerate(items):
+        out[i] = x
+    return out
 
 
 def build_protoset(feats: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, parts: int, iters: int = 50,

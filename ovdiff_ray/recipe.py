@@ -174,6 +174,8 @@ class SegmentationConfig:
     regions_stage: str = "after_pamr"  # with PAMR on: snap its output (after_pamr) or its input (before_pamr)
     superpixels: SuperpixelConfig = field(default_factory=SuperpixelConfig)
     sam: SamRegionsConfig = field(default_factory=SamRegionsConfig)
+    # issue 21: pixels under this confidence (ovdiff_ray/confidence.py) are "unsure", left unlabelled; 0 = off
+    min_confidence: float = 0.0
 
 
 @dataclass
@@ -297,6 +299,8 @@ def _validate(r: Recipe) -> None:
         raise RecipeError("prototypes.parts: must be >= 0")
     if r.prototypes.max_pixels < 0:
         raise RecipeError("prototypes.max_pixels: must be >= 0 (0 = all pixels)")
+    if not 0.0 <= r.segmentation.min_confidence <= 1.0:
+        raise RecipeError(f"segmentation.min_confidence: {r.segmentation.min_confidence} is not in [0, 1] (0 = off)")
     sam = r.segmentation.sam
     if r.segmentation.regions == "sam" and not sam.model:
         raise RecipeError("segmentation.sam.model: missing model reference for regions: sam")

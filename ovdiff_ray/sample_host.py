@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .models import Extractor, InstanceMasker
 from .models.masks import fg_bg_masks
 from .pipeline.class_pipeline import EmptySupportError, SampleArtifacts
-from .prototypes import ClassPrototypes, masked_pixels, protoset_from_pixels
+from .prototypes import ClassPrototypes, masked_pixels, protoset_from_pixels, to_support_indices
 from .recipe import Recipe
 
 
@@ -77,6 +77,7 @@ def sample_class_host(name: str, recipe: Recipe, models, kind: str = "thing",
         k0 = time.perf_counter()
         sets[cfg.name] = protoset_from_pixels(fgp, bgp, ex.dim, p.parts, p.kmeans_iters, p.seed, p.max_pixels,
                                               models.device)
+        to_support_indices(sets[cfg.name], np.nonzero(kept)[0])
         kmeans_s += time.perf_counter() - k0
     t["text"] = time.perf_counter()
     text = models.classifier.encode_text([recipe.classifier.text_template.format(name=words)])[0]

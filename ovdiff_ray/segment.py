@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .models.base import Classifier, Extractor
+from . import confidence
 from .matching import Gathered, gather, match, segment_max  # noqa: F401 (segment_max: re-exported)
 from .pamr import pamr_affinity, pamr_refine  # noqa: F401 (re-exported)
 from .prefilter import PreFilter, Selection
@@ -55,6 +56,9 @@ class SegmentationResult:
     #                            regions snap by vote)
     kept: list[str]  # classes kept by the pre-filter (bank order)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    confidence: np.ndarray | None = None  # [H, W] float32 in [0, 1] of each pixel's label (confidence.py)
+    topk: dict[int, list[tuple[int, float]]] | None = None  # label value -> best (label value, mean score) over
+    #                                                        its pixels, best first (confidence.class_topk)
 
 
 @dataclass(frozen=True)
@@ -478,10 +482,14 @@ class Segmenter:
             t0 = time.perf_counter()
             scores = pamr_refine(it.x, scores, self.seg.pamr_iters, self.seg.pamr_dilations)
             t["pamr"] += time.perf_counter() - t0
+        raw = scores  # before snapping (with PAMR after_pamr: after PAMR): for confidence and top-k
         if not before:
             scores = self._snap(it, scores, regions)
         t0 = time.perf_counter()
         h0, w0 = it.h0, it.w0
+        conf = confidence.upsample_confidence(confidence.pixel_confidence(raw, scores), h0, w0)
+        values = [0] + [c + 1 for c in it.kept]
+        topk = {values[r]: [(values[j], s) for j, s in best] for r, best in confidence.class_topk(raw, scores).items()}
         if return_scores:
             if scores.shape[-2:] != (h0, w0):
                 scores = F.interpolate(scores[None], size=(h0, w0), mode="bilinear", align_corners=False)[0]
@@ -494,7 +502,7 @@ class Segmenter:
         present = np.unique(labels)
         names = {int(v): ("background" if v == 0 else self.bank.names[v - 1]) for v in present}
         return SegmentationResult(labels, names, scores.cpu().numpy().astype(np.float32) if return_scores else None,
-                                  [self.bank.names[c] for c in it.kept], t)
+                                  [self.bank.names[c] for c in it.kept], t, conf, topk)
 
     # -- the whole thing -----------------------------------------------------------------------------------
     def segment(self, image, classes: list[str] | None = None, pamr: bool = False, ablate: Sequence[str] = (),

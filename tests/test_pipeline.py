@@ -101,6 +101,8 @@ def test_device_path_builds_the_host_paths_prototypes(toy_models, name, kind):
         a, b = host.sets[k], dev.sets[k]
         assert list(a.kind) == list(b.kind) and list(a.level) == list(b.level)
         np.testing.assert_array_equal(a.source, b.source)
+        assert list(a.members) == list(b.members)  # provenance: part rows' support images, the same in both paths
+        assert any(m for m in b.members if m is not None)
         pooled = a.level != "part"
         np.testing.assert_allclose(a.vectors[pooled], b.vectors[pooled], atol=1e-5)
         np.testing.assert_allclose(a.vectors[~pooled], b.vectors[~pooled], atol=1e-3)

@@ -124,8 +124,9 @@ def test_page_and_health(service):
     client, backend, m = service
     r = client.get("/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-    for needle in ('action="v1/segment"', 'enctype="multipart/form-data"', 'name="image"', 'name="classes"',
-                   'name="pamr"', 'name="bank"', 'name="format" value="overlay"'):
+    # the page's script posts these fields (the headless-browser test drives it: tests/browser)
+    for needle in ('fetch("v1/segment"', 'data.append("image"', 'data.append("classes"', 'data.append("scores", "true")',
+                   'data.append("explain", "true")', 'data.append("min_confidence"', 'v1/examples'):
         assert needle in r.text, needle
     h = client.get("/healthz").json()
     assert h == {"status": "ok", "checks": {"segmenter": "ok", "storage": "ok"}}  # public: status only
@@ -199,9 +200,10 @@ def test_segment_classes_pamr_and_second_bank(service, toy_scenes):
 
 def test_uint16_masks_for_large_banks():
     labels = np.array([[0, 1, 255], [256, 300, 1203]], np.int32)
-    assert mask_dtype(255) == "uint8" and mask_dtype(256) == "uint16"
+    # 255 is the "unsure" value of uint8 masks (issue 21): a bank of 255 classes gets uint16 masks
+    assert mask_dtype(254) == "uint8" and mask_dtype(255) == "uint16"
     with pytest.raises(AssertionError):
-        np.testing.assert_array_equal(decode_png(encode_png(labels, 255)), labels)  # uint8 would wrap
+        np.testing.assert_array_equal(decode_png(encode_png(labels, 254)), labels)  # uint8 would wrap
     out = decode_png(encode_png(labels, 1203))
     np.testing.assert_array_equal(out, labels)
     with Image.open(io.BytesIO(base64.b64decode(encode_png(labels, 1203)))) as im:

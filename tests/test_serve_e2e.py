@@ -6,7 +6,6 @@ import base64
 import io
 import shutil
 import time
-from html.parser import HTMLParser
 from pathlib import Path
 
 import httpx
@@ -194,36 +193,50 @@ def test_storm_past_the_queue_gets_503_not_timeouts(served, toy_scenes):
     assert h.status_code == 200 and h.json()["status"] == "ok"
 
 
-class _Form(HTMLParser):
-    """The try-it page's form: action, enctype and its named inputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.form: dict = {}
-        self.inputs: dict[str, dict] = {}
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        if tag == "form":
-            self.form = a
-        elif tag in ("input", "select", "textarea") and a.get("name"):
-            self.inputs[a["name"]] = {"tag": tag, **a}
-
-
-def test_page_loads_and_its_form_posts(client, toy_scenes):
+def test_page_loads_and_what_it_posts_answers(client, toy_scenes):
+    """What the page's script does over HTTP: the bank, an example with its ground truth, a segment request with
+    scores, explain and a threshold (the headless-browser test drives the page itself: `make test-browser`)."""
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
-    f = _Form()
-    f.feed(page.text)
-    assert f.form["method"] == "post" and f.form["enctype"] == "multipart/form-data"
-    assert f.inputs["image"]["type"] == "file" and {"classes", "bank", "pamr", "format"} <= set(f.inputs)
-    bank = client.get("/v1/bank").json()  # what the page fetches to fill the bank list and class hints
-    # Post what the browser's FormData would send: the file, typed classes, the chosen bank, the hidden format.
-    fields = {"classes": ", ".join(c["name"] for c in bank["classes"][:5]), "bank": bank["key"],
-              f.inputs["format"]["name"]: f.inputs["format"]["value"], "pamr": f.inputs["pamr"]["value"]}
-    r = client.post(f.form["action"], files=files_of(scene(toy_scenes, 8), **fields))
+    assert 'fetch("v1/segment"' in page.text and "v1/examples" in page.text
+    bank = client.get("/v1/bank").json()
+    ex = client.get("/v1/examples").json()["examples"]
+    assert len(ex) == 6 and all(e["truth"] for e in ex)  # the toy bank: toy scenes with ground truth
+    img = client.get("/v1/examples/2.png")
+    truth = client.get("/v1/examples/2/truth.png")
+    assert img.status_code == truth.status_code == 200 and img.headers["content-type"] == "image/png"
+    im, tr = Image.open(io.BytesIO(img.content)), np.asarray(Image.open(io.BytesIO(truth.content)))
+    assert im.size == tr.shape[::-1] and set(np.unique(tr).tolist()) <= set(range(len(bank["classes"]) + 1))
+    assert len(np.unique(tr)) >= 2
+    assert client.get("/v1/examples/99.png").status_code == 404
+    fields = {"classes": ", ".join(c["name"] for c in bank["classes"][:5]), "bank": bank["key"], "format": "png",
+              "scores": "true", "explain": "true", "min_confidence": "0.4"}
+    r = client.post("/v1/segment", files=files_of(img.content, **fields))
     assert r.status_code == 200, r.text
     body = r.json()
-    img = Image.open(io.BytesIO(base64.b64decode(body["overlay"])))
-    assert img.format == "PNG" and img.width == body["width"]
-    assert {x["name"] for x in body["legend"]} <= {c["name"] for c in bank["classes"][:5]}
+    assert decode_png(body["mask"]).shape == (body["height"], body["width"]) == tr.shape
+    assert {"confidence", "class_confidence", "topk", "explain", "unsure_value"} <= set(body)
+    assert set(body["classes"].values()) - {"background"} <= {c["name"] for c in bank["classes"][:5]}
+
+
+def test_python_client_end_to_end(served, toy_scenes):
+    """`ovdiff_ray.client.Client` against the real service: labels, confidence, unsure, explain, errors."""
+    from ovdiff_ray.client import Client, ClientError
+
+    path = Path(toy_scenes) / "images" / "0001.png"
+    with Client(served[0], timeout=60) as c:
+        assert c.health()["status"] in ("ok", "degraded")
+        info = c.bank()
+        assert info.version == served[1]["version"] and "red circle" in info.classes
+        plain = c.segment(path)
+        r = c.segment(path, scores=True, min_confidence=0.5, explain=True)
+        assert r.labels.shape == (r.height, r.width) == r.confidence.shape
+        assert r.unsure_value == 255 and r.unsure.any()  # confidence comes back quantized to 1/65535
+        assert (r.confidence[r.unsure] <= 0.5 + 1e-4).all() and (r.confidence[~r.unsure] >= 0.5 - 1e-4).all()
+        assert np.array_equal(r.labels[~r.unsure], plain.labels[~r.unsure])
+        assert set(r.explain) == set(r.names) and set(r.topk) == set(r.names)
+        rle = c.segment(path, format="rle")
+        assert np.array_equal(rle.labels, plain.labels)
+        with pytest.raises(ClientError) as e:
+            c.segment(path, classes=["purple unicorn"])
+        assert e.value.status == 400 and "purple unicorn" in e.value.error

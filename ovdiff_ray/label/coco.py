@@ -81,6 +81,7 @@ def write_coco(p: Plan, rows: list[dict], coco_images: str | None = None, instan
     images, anns, results = [], [], []
     for r in rows:
         iid = ids[r["path"]]
+        confs = dict(zip(r["values"], r.get("class_confidence") or []))
         images.append({"id": iid, "file_name": r["path"], "width": r["width"], "height": r["height"]})
         for v, counts, area, bbox, score in regions(p, r, instances):
             seg = {"size": [r["height"], r["width"]], "counts": counts}
@@ -88,6 +89,8 @@ def write_coco(p: Plan, rows: list[dict], coco_images: str | None = None, instan
                    "segmentation": seg}
             if score is not None:
                 ann["score"] = round(float(score), 6)
+            if v in confs:
+                ann["confidence"] = round(float(confs[v]), 6)  # mean pixel confidence of its class (issue 21)
             anns.append(ann)
             if not coco_images or r["path"] in matched:
                 results.append({"image_id": iid, "category_id": v, "segmentation": seg, "area": area, "bbox": bbox,

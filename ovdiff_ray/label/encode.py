@@ -33,8 +33,16 @@ ROW_SCHEMA = pa.schema([
     ("png", pa.binary()),  # class-index PNG (when png is asked); written as a file, not kept in parts
     ("seconds", pa.float64()),
     ("worker", pa.string()),
+    # issue 21 (ovdiff_ray/confidence.py): null in rows from before it
+    ("confidence", pa.float32()),  # mean pixel confidence of the image
+    ("class_confidence", pa.list_(pa.float32())),  # per class (`values` order): mean confidence over its pixels
+    ("unsure", pa.string()),  # COCO RLE counts of the unsure pixels (confidence < min_confidence); "" = none
+    ("unsure_area", pa.int64()),
+    ("topk", pa.list_(pa.list_(pa.int32()))),  # per class: best label values by mean score over its pixels
+    ("topk_score", pa.list_(pa.list_(pa.float32()))),
+    ("conf_png", pa.binary()),  # 16-bit confidence PNG (--scores); written as a file, not kept in parts
 ])
-PART_SCHEMA = ROW_SCHEMA.remove(ROW_SCHEMA.get_field_index("png"))
+PART_SCHEMA = pa.schema([f for f in ROW_SCHEMA if f.name not in ("png", "conf_png")])
 
 
 class ImageError(Exception):
@@ -117,18 +125,39 @@ def encode_png(labels: np.ndarray, dtype: str) -> bytes:
 
 
 def encode_labels(labels: np.ndarray, names: dict[int, str], png_dtype: str | None, labelstudio: bool,
-                  scores: np.ndarray | None = None) -> dict:
+                  scores: np.ndarray | None = None, confidence: np.ndarray | None = None,
+                  min_confidence: float = 0.0, topk: dict | None = None, conf_png: bool = False) -> dict:
     """Label map in bank values -> the compact fields of a row (per-class RLE, scores, optional PNG / brush RLE).
     `scores` `[H, W]` is each pixel's score for its own class (`own_scores`): the class score is its mean over the
-    class's pixels, and each connected component gets the mean over its own."""
+    class's pixels, and each connected component gets the mean over its own. `confidence` `[H, W]` in [0, 1]: the
+    image and per-class mean confidence; pixels under `min_confidence` (> 0) are unsure: in no class's RLE or brush,
+    the unsure value (255 / 65535) in the PNG, their own RLE in `unsure`. `topk`: label value -> [(value, score)].
+    `conf_png`: also the 16-bit confidence PNG."""
     from scipy import ndimage
 
-    present = [int(v) for v in np.unique(labels) if v > 0]
+    from ..confidence import unsure_mask, unsure_value
+
+    unsure = unsure_mask(confidence, min_confidence)
+    present = [int(v) for v in np.unique(labels if unsure is None else labels[~unsure]) if v > 0]
     row = dict(width=int(labels.shape[1]), height=int(labels.shape[0]), values=present,
                names=[names[v] for v in present], counts=[], area=[], bbox=[], ls_rle=[], png=b"",
-               score=[] if scores is not None else None, inst_score=[] if scores is not None else None)
+               score=[] if scores is not None else None, inst_score=[] if scores is not None else None,
+               confidence=None, class_confidence=None, unsure=None, unsure_area=None, topk=None, topk_score=None,
+               conf_png=b"")
+    if confidence is not None:
+        row["confidence"] = float(np.mean(confidence))
+        row["class_confidence"] = []
+    if unsure is not None:
+        row["unsure"], row["unsure_area"], _ = coco_rle(unsure) if unsure.any() else ("", 0, None)
+    if topk is not None:
+        row["topk"] = [[int(c) for c, _ in topk.get(v, [])] for v in present]
+        row["topk_score"] = [[float(s) for _, s in topk.get(v, [])] for v in present]
     for v in present:
         mask = labels == v
+        if unsure is not None:
+            mask &= ~unsure
+        if confidence is not None:
+            row["class_confidence"].append(float(confidence[mask].mean()))
         counts, area, bbox = coco_rle(mask)
         row["counts"].append(counts)
         row["area"].append(area)
@@ -140,7 +169,12 @@ def encode_labels(labels: np.ndarray, names: dict[int, str], png_dtype: str | No
             lab, n = components(mask)
             row["inst_score"].append([float(x) for x in ndimage.mean(scores, lab, np.arange(1, n + 1))])
     if png_dtype:
-        row["png"] = encode_png(labels, png_dtype)
+        row["png"] = encode_png(labels if unsure is None else np.where(unsure, unsure_value(png_dtype), labels),
+                                png_dtype)
+    if conf_png and confidence is not None:
+        from ..riskcoverage import quantize
+
+        row["conf_png"] = encode_png(quantize(confidence), "uint16")
     return row
 
 
@@ -171,15 +205,19 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return lab.astype(np.int32), int(n)
 
 
-def labels_of(row: dict) -> np.ndarray:
-    """A stored row -> its label map `[H, W]` int32 (bank values)."""
+def labels_of(row: dict, unsure_value: int | None = None) -> np.ndarray:
+    """A stored row -> its label map `[H, W]` int32 (bank values; unsure pixels `unsure_value`, or background
+    when None)."""
     out = np.zeros((row["height"], row["width"]), np.int32)
     for v, counts in zip(row["values"], row["counts"]):
         out[coco_decode(counts, row["height"], row["width"])] = v
+    if unsure_value is not None and row.get("unsure"):
+        out[coco_decode(row["unsure"], row["height"], row["width"])] = unsure_value
     return out
 
 
 def error_row(path: str, size: int, status: str, error: str, worker: str = "driver") -> dict:
     return dict(path=path, size=size, status=status, error=error, width=0, height=0, values=[], names=[],
                 counts=[], area=[], bbox=[], ls_rle=[], score=None, inst_score=None, image_id=image_id(path),
-                png=b"", seconds=0.0, worker=worker)
+                png=b"", seconds=0.0, worker=worker, confidence=None, class_confidence=None, unsure=None,
+                unsure_area=None, topk=None, topk_score=None, conf_png=b"")

@@ -73,6 +73,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", choices=DEVICES, default="auto", help=device_help())
     ap.add_argument("--batch-size", type=int, default=4, help="images per batch sent to an actor (default 4)")
     ap.add_argument("--pamr", action="store_true", help="refine the label maps with PAMR")
+    ap.add_argument("--scores", action="store_true",
+                    help="also write confidence/<input path>.png (16-bit: confidence = value / 65535) beside masks/")
+    ap.add_argument("--min-confidence", type=float, default=None, metavar="C",
+                    help="pixels under confidence C (0..1) are unsure: 255 (65535 for uint16) in PNG masks, absent "
+                         "from COCO RLE and Label Studio brushes, their own RLE in Parquet's `unsure` (default: the "
+                         "bank recipe's segmentation.min_confidence; fixed per --out)")
     ap.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, a running cluster, or local)")
     ap.add_argument("--overlays", type=int, default=0, metavar="N",
                     help="also write overlays/ pictures of the first N images (sorted by path)")
@@ -148,6 +154,9 @@ def store_block(p: Plan, run: str, seq: int, table: pa.Table) -> None:
         for path, status, png in zip(*(table.column(c).to_pylist() for c in ("path", "status", "png"))):
             if status == OK and png:
                 p.out.write_bytes(p.masks[path], png)
+    for path, status, png in zip(*(table.column(c).to_pylist() for c in ("path", "status", "conf_png"))):
+        if status == OK and png:
+            p.out.write_bytes(p.confs[path], png)
     write_part(p.out, part_key(run, f"{seq:06d}"), table)
 
 
@@ -171,7 +180,8 @@ def execute(args: argparse.Namespace, p: Plan, run: str, prog: Progress) -> None
                   storage=StorageConfig.from_env().to_dict() if remote else None,
                   png_dtype=p.png_dtype if "png" in p.formats else None, labelstudio="labelstudio" in p.formats,
                   pamr=args.pamr, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
-                  device=resolve_device(args.device, args.gpus_per_worker))
+                  device=resolve_device(args.device, args.gpus_per_worker), conf_png=bool(getattr(args, "scores", False)),
+                  min_confidence=p.job.get("min_confidence", 0.0))
     ds = ray.data.from_items([{"path": it.path, "size": it.size} for it in p.pending],
                              override_num_blocks=blocks).map_batches(
         Labeller, batch_size=args.batch_size, fn_constructor_kwargs=kwargs,

@@ -23,7 +23,8 @@ class Labeller:
 
     def __init__(self, bank: str, version: int, classes: list[str] | None, images: str, storage: dict | None = None,
                  png_dtype: str | None = None, labelstudio: bool = False, pamr: bool = False,
-                 max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES, device: str = "cpu"):
+                 max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_BYTES, device: str = "cpu",
+                 conf_png: bool = False, min_confidence: float | None = None):
         from ..segment import Segmenter
         from ..store.shared import load_shared
 
@@ -35,6 +36,8 @@ class Labeller:
         self.lut = np.array([0] + [position[n] + 1 for n in b.names], np.int32)  # loaded index -> bank value
         self.names = {position[n] + 1: n for n in b.names}
         self.png_dtype, self.labelstudio, self.pamr = png_dtype, labelstudio, pamr
+        self.conf_png = conf_png
+        self.min_confidence = b.recipe.segmentation.min_confidence if min_confidence is None else min_confidence
         self.max_pixels, self.max_bytes = max_pixels, max_bytes
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -66,7 +69,9 @@ class Labeller:
         try:
             if res is None:
                 res = self.seg.segment(rgb, pamr=self.pamr, return_scores=True)
-            row = encode_labels(self.lut[res.labels], self.names, self.png_dtype, self.labelstudio, own_scores(res))
+            topk = {int(self.lut[v]): [(int(self.lut[c]), s) for c, s in best] for v, best in (res.topk or {}).items()}
+            row = encode_labels(self.lut[res.labels], self.names, self.png_dtype, self.labelstudio, own_scores(res),
+                                res.confidence, self.min_confidence, topk, self.conf_png)
         except Exception as e:  # noqa: BLE001 - reported per image; the job goes on
             return error_row(path, size, FAILED, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=4)}",
                              self.worker)

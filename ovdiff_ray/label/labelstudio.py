@@ -73,9 +73,13 @@ def write_labelstudio(p: Plan, rows: list[dict], url: str | None, from_name: str
         rles = r["ls_rle"] if len(r["ls_rle"] or []) == len(r["values"]) else [
             ls_brush_rle(coco_decode(c, r["height"], r["width"])) for c in r["counts"]]
         scores = r.get("score") if r.get("score") and len(r["score"]) == len(r["values"]) else None
+        confs = r.get("class_confidence")
+        if confs is not None and len(confs) == len(r["values"]):
+            scores = confs  # issue 21: regions and the task scored by confidence (low = doubtful, review first)
         pred = {"model_version": version, "result": brush_results(r["names"], rles, r["width"], r["height"],
                                                                   from_name, to_name, scores)}
-        score = prediction_score(scores, r["area"])
+        score = round(float(r["confidence"]), 6) if r.get("confidence") is not None else \
+            prediction_score(scores, r["area"])
         if score is not None:
             pred["score"] = score
         image = image_url(url, r["path"]) if url else p.images.display(r["path"])

@@ -40,13 +40,26 @@ def schema() -> pa.Schema:
         pa.field("bbox", pa.list_(pa.list_(pa.float64())), metadata={"description": "[x, y, w, h] per value"}),
         pa.field("score", pa.list_(pa.float32()), metadata={"description": "mean class score over its pixels "
                                                                            "(0..1), per value"}),
+        pa.field("confidence", pa.float32(), metadata={"description": "mean pixel confidence of the image (0..1; "
+                                                                      "low = review first)"}),
+        pa.field("class_confidence", pa.list_(pa.float32()), metadata={"description": "mean confidence over each "
+                                                                                     "value's pixels"}),
+        pa.field("unsure", pa.string(), metadata={"description": "COCO RLE counts of the unsure pixels (confidence "
+                                                                 "under min_confidence; in no value's mask); '' = "
+                                                                 "none, null = threshold off"}),
+        pa.field("unsure_area", pa.int64()),
+        pa.field("topk", pa.list_(pa.list_(pa.int32())), metadata={"description": "per value: the best label values "
+                                                                                 "by mean score over its pixels"}),
+        pa.field("topk_score", pa.list_(pa.list_(pa.float32()))),
     ])
 
 
 def write_parquet(p: Plan, rows: list[dict]) -> str:
     data = [{"path": r["path"], "image_id": r.get("image_id") or image_id(r["path"]), "width": r["width"],
              "height": r["height"], "values": r["values"], "classes": r["names"], "rle": r["counts"],
-             "area": r["area"], "bbox": r["bbox"], "score": r.get("score")} for r in rows]
+             "area": r["area"], "bbox": r["bbox"], "score": r.get("score"),
+             **{k: r.get(k) for k in ("confidence", "class_confidence", "unsure", "unsure_area", "topk", "topk_score")}}
+            for r in rows]
     meta = info(p)
     meta["classes"] = [{"value": 0, "name": "background", "kind": "background"}] + [
         {"value": v, "name": n, "kind": p.kinds[v]} for v, n in p.classes.items()]

@@ -47,11 +47,12 @@ class Plan:
     known_bad: int  # unreadable before, same size: skipped (still in errors.jsonl)
     new_job: bool
     masks: dict[str, str] = field(default_factory=dict)  # image path -> masks/... key
+    confs: dict[str, str] = field(default_factory=dict)  # image path -> confidence/... key (--scores)
     gt_ids: dict[str, int] | None = None  # --coco-images: file_name -> ground-truth image id
 
     @property
     def png_dtype(self) -> str:
-        return "uint16" if max(self.classes, default=0) > 255 else "uint8"
+        return "uint16" if max(self.classes, default=0) >= 255 else "uint8"  # 255 / 65535: unsure
 
 
 def parse_formats(text: str) -> list[str]:
@@ -147,8 +148,14 @@ def resolve_job(args: argparse.Namespace, out: Location, storage: StorageConfig)
     job = {"tool": "label_dataset", "bank": args.bank, "bank_id": m["bank_id"], "bank_version": m["version"],
            "bank_manifest": manifest_key(m["version"]),
            "classes": [m["classes"][i]["name"] for i in ids] if names is not None else None, "pamr": args.pamr}
+    minc = getattr(args, "min_confidence", None)
+    job["min_confidence"] = float(minc if minc is not None else (old or {}).get(
+        "min_confidence", recipe_min_confidence(m)))
+    if not 0.0 <= job["min_confidence"] <= 1.0:
+        raise LabelError(f"--min-confidence {job['min_confidence']}: expected a number in [0, 1] (0 = off)")
     if old is not None:
-        diff = [k for k in ("bank_id", "bank_version", "classes", "pamr") if old.get(k) != job[k]]
+        old = {"min_confidence": 0.0, **old}  # a job from before issue 21 had no unsure pixels
+        diff = [k for k in ("bank_id", "bank_version", "classes", "pamr", "min_confidence") if old.get(k) != job[k]]
         if diff:
             said = ", ".join(f"{k}={old.get(k)!r} (now {job[k]!r})" for k in diff)
             raise LabelError(f"--out {args.out} already holds labels made with other settings: {said}; repeat "
@@ -156,6 +163,11 @@ def resolve_job(args: argparse.Namespace, out: Location, storage: StorageConfig)
     classes = {i + 1: m["classes"][i]["name"] for i in ids}
     kinds = {i + 1: m["classes"][i].get("kind", "thing") for i in ids}
     return job, classes, kinds, old is None
+
+
+def recipe_min_confidence(m: dict) -> float:
+    """The bank recipe's `segmentation.min_confidence` (0 when the manifest's recipe predates it)."""
+    return float(((m.get("recipe") or {}).get("segmentation") or {}).get("min_confidence", 0.0) or 0.0)
 
 
 def plan(args: argparse.Namespace) -> Plan:
@@ -203,6 +215,7 @@ def plan(args: argparse.Namespace) -> Plan:
     p = Plan(images, out, formats, job, classes, kinds, listing, pending, oversize, ignored, skipped, known_bad,
              new_job, gt_ids=gt_ids)
     p.masks = mirror_names([it.path for it in listing], "masks")
+    p.confs = mirror_names([it.path for it in listing], "confidence")
     return p
 
 def info(p: Plan) -> dict:
@@ -211,5 +224,6 @@ def info(p: Plan) -> dict:
     return {"description": f"ovdiff labels of {p.images.uri}", "images_root": p.images.uri,
             "bank": p.job["bank"], "bank_id": p.job["bank_id"],
             "bank_version": p.job["bank_version"], "pamr": p.job["pamr"], "version": __version__,
+            "min_confidence": p.job.get("min_confidence", 0.0),
             "date_created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 

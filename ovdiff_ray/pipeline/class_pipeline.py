@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..prototypes import ClassPrototypes
+from ..prototypes import ClassPrototypes, to_support_indices
 from ..recipe import Recipe
 from .fgbg import FgBg, fg_bg_batch
 from .instances import CrfPool, DeviceMaskCut, HostMasker, InstanceBatch
@@ -171,7 +171,7 @@ class ClassPipeline:
                     x = F.interpolate(x, size=(cfg.input_size, cfg.input_size), mode="bilinear",
                                       align_corners=False, antialias=True)
                 feats = ex(x.to(self.device))
-                pool.add(feats.to(self.device), fg[i:i + g.batch_size], bg[i:i + g.batch_size])
+                pool.add(feats.to(self.device), fg[i:i + g.batch_size], bg[i:i + g.batch_size], i)
             clock.lap("features")
             sets[cfg.name] = pool.to_protoset(p.parts, p.kmeans_iters, p.seed, p.max_pixels, p.kmeans_tol)
             clock.lap("prototypes")
@@ -198,6 +198,9 @@ class ClassPipeline:
                                     "foreground")
         idx = kept.nonzero()[:, 0]
         sets = self.prototypes(sup.images[idx], sup.masks.fg[idx], sup.masks.bg[idx], clock)
+        kept_index = idx.cpu().numpy()  # sources and part members name support images (issue 21: provenance)
+        for ps in sets.values():
+            to_support_indices(ps, kept_index)
         text = self.classifier.encode_text([self.recipe.classifier.text_template.format(name=words)])[0]
         clock.lap("text")
         seconds = dict(clock.seconds)

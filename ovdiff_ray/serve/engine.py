@@ -154,13 +154,16 @@ class Job:
     pamr: bool = False
     scores: bool = False  # also return each class's mean score over its pixels (`region_scores`)
     regions: str | None = None  # None = the bank recipe's segmentation.regions; on | off | a method name
+    confidence: bool = False  # also return the confidence map, per-class mean confidence and top-k
+    min_confidence: float | None = None  # pixels under it are unsure; None = the recipe's segmentation.min_confidence
+    explain: bool = False  # also return, per class, the prototypes that won its pixels and their support images
 
 
 # ----------------------------------------------------------------------------------------------- encoders
 
 def mask_dtype(num_classes: int) -> str:
     """uint8 while every label value (0..num_classes) fits, else uint16; fixed per bank so clients can rely on it."""
-    return "uint8" if num_classes <= 255 else "uint16"
+    return "uint8" if num_classes < 255 else "uint16"  # 255 (65535) is the "unsure" value
 
 
 def b64png(img) -> str:
@@ -170,7 +173,7 @@ def b64png(img) -> str:
 
 
 def encode_png(labels: np.ndarray, num_classes: int) -> str:
-    """Label map -> base64 PNG (mode L for uint8, I;16 for uint16)."""
+    """Label map -> base64 PNG (mode L for uint8, I;16 for uint16; 255 / 65535 = unsure)."""
     from PIL import Image
 
     if mask_dtype(num_classes) == "uint8":
@@ -186,11 +189,12 @@ def decode_png(b64: str) -> np.ndarray:
         return np.asarray(im).astype(np.int64)
 
 
-def encode_rle(labels: np.ndarray) -> dict[str, dict]:
-    """COCO RLE (pycocotools, counts as ASCII) per label value present, background excluded."""
+def encode_rle(labels: np.ndarray, skip: int | None = None) -> dict[str, dict]:
+    """COCO RLE (pycocotools, counts as ASCII) per label value present, background (and `skip`: the unsure
+    value) excluded."""
     from pycocotools import mask as mask_utils
 
-    values = [int(v) for v in np.unique(labels) if v]
+    values = [int(v) for v in np.unique(labels) if v and v != skip]
     if not values:
         return {}
     masks = np.asfortranarray(np.stack([labels == v for v in values], axis=2).astype(np.uint8))
@@ -313,7 +317,7 @@ class Engine:
                 results = None
             dt = (time.perf_counter() - t0) / len(idx)
             for k, i in enumerate(idx):
-                out[i] = (self._result(seg, results[k], dt, len(jobs)) if results is not None
+                out[i] = (self._result(seg, results[k], dt, len(jobs), jobs[i]) if results is not None
                           else self._one(seg, jobs[i], len(jobs)))
         return out  # type: ignore[return-value]
 
@@ -330,10 +334,10 @@ class Engine:
             log.error("segmentation failed: %s", traceback.format_exc())
             return {"status": 500, "error": "segmentation failed (details in the service log)", "detail": None,
                     "code": "internal"}
-        return self._result(seg, res, time.perf_counter() - t0, batch)
+        return self._result(seg, res, time.perf_counter() - t0, batch, job)
 
     @staticmethod
-    def _result(seg, res, seconds: float, batch: int) -> dict:
+    def _result(seg, res, seconds: float, batch: int, job: "Job | None" = None) -> dict:
         n = len(seg.bank.names)
         extra = {}
         if res.scores is not None:  # Job.scores: per label value, the mean of its class's score over its pixels
@@ -341,6 +345,14 @@ class Engine:
 
             own = own_scores(res)
             extra["region_scores"] = {int(v): float(own[res.labels == v].mean()) for v in res.classes if v}
+        if job is not None and (job.confidence or job.min_confidence or seg.seg.min_confidence):
+            from .outputs import confidence_fields
+
+            extra.update(confidence_fields(seg, res, job))
+        if job is not None and job.explain:
+            from ..explain import explain
+
+            extra["explain"] = {int(v): e.to_dict() for v, e in explain(seg, job.image, res).items()}
         return {"status": 200, **extra, "labels": res.labels.astype(np.uint8 if mask_dtype(n) == "uint8" else np.uint16),
                 "classes": {int(v): name for v, name in res.classes.items()}, "kept": list(res.kept),
                 "bank": {"id": seg.bank.bank_id, "version": seg.bank.version, "num_classes": n},
@@ -367,6 +379,9 @@ def encode(image: np.ndarray, result: dict, fmt: str, size: tuple[int, int] | No
     small, n = result["labels"], result["bank"]["num_classes"]
     w, h = size or (small.shape[1], small.shape[0])
     labels = upscale_labels(small, w, h) if fmt != "overlay" else small
+    from .outputs import apply_confidence
+
+    labels, conf_body = apply_confidence(labels, result, n)
     body: dict[str, Any] = {
         "bank": {"id": result["bank"]["id"], "version": result["bank"]["version"]},
         "width": int(w), "height": int(h), "format": fmt,
@@ -375,12 +390,17 @@ def encode(image: np.ndarray, result: dict, fmt: str, size: tuple[int, int] | No
         body["mask"] = encode_png(labels, n)
         body["mask_dtype"] = mask_dtype(n)
     elif fmt == "rle":
-        body["rle"] = encode_rle(labels)
+        from .outputs import rle_skip
+
+        body["rle"] = encode_rle(labels, rle_skip(n))
     else:
         from ..segment import SegmentationResult, overlay
 
         body["overlay"] = b64png(overlay(image, SegmentationResult(small, result["classes"], None, result["kept"])))
         body["legend"] = legend(result["classes"])
+    body.update(conf_body)
+    if "explain" in result:
+        body["explain"] = {str(v): e for v, e in sorted(result["explain"].items())}
     body["timing"] = {**result["timing"], "encode_ms": round(1000 * (time.perf_counter() - t0), 1)}
     return body
 

@@ -314,7 +314,7 @@ def mount_labelstudio(app: FastAPI, backend, settings: LabelStudioSettings | Non
                     raise RequestError(400, f"task has no data.{lm.value_key}", None, "bad_task")
                 raw = await fetcher.fetch(client, data[lm.value_key])
                 image = await asyncio.to_thread(decode_image, raw, cat.limits)
-                res = await backend.segment(e.key, Job(image, classes, s.pamr, scores=True))
+                res = await backend.segment(e.key, Job(image, classes, s.pamr, scores=True, confidence=True))
                 if res.get("status", 200) != 200:
                     raise RequestError(res["status"], res.get("error", "segmentation failed"), None,
                                        res.get("code", "internal"))
@@ -326,12 +326,19 @@ def mount_labelstudio(app: FastAPI, backend, settings: LabelStudioSettings | Non
                     groups.setdefault(label_of[e.names[v - 1]], []).append(v)
                 names = list(groups)
                 masks = [np.isin(labels, vs) for vs in groups.values()]
-                areas = {v: int((labels == v).sum()) for vs in groups.values() for v in vs}
-                scores = [sum(region.get(v, 0.0) * areas[v] for v in vs) / max(1, sum(areas[v] for v in vs))
-                          for vs in groups.values()]
+                conf = res.get("confidence")  # issue 21: scores are confidences; the task's sorts by doubt
+                if conf is not None and res.get("min_confidence"):
+                    masks = [m & (conf >= res["min_confidence"]) for m in masks]  # unsure pixels: no brush
+                if conf is not None:
+                    scores = [float(conf[m].mean()) if m.any() else 0.0 for m in masks]
+                else:
+                    areas = {v: int((labels == v).sum()) for vs in groups.values() for v in vs}
+                    scores = [sum(region.get(v, 0.0) * areas[v] for v in vs) / max(1, sum(areas[v] for v in vs))
+                              for vs in groups.values()]
                 rles = await asyncio.to_thread(lambda: [ls_brush_rle(m) for m in masks])
                 result = brush_results(names, rles, int(w), int(h), lm.from_name, lm.to_name, scores)
-                score = prediction_score(scores, [int(m.sum()) for m in masks])
+                score = round(float(conf.mean()), 6) if conf is not None else \
+                    prediction_score(scores, [int(m.sum()) for m in masks])
                 return {"result": result, "score": score if score is not None else 0.0, "model_version": version}
             except RequestError as err:
                 log.warning("predict: task %s: %s", task.get("id") if isinstance(task, dict) else "?", err.error)

@@ -32,7 +32,8 @@ from .limits import (FORMATS, Limits, RequestError, check_header, decode_image, 
 
 log = logging.getLogger("ovdiff.serve")
 STATIC = Path(__file__).resolve().parent / "static"
-FIELDS = ("image", "classes", "format", "pamr", "bank", "missing", "regions")
+FIELDS = ("image", "classes", "format", "pamr", "bank", "missing", "regions", "scores", "min_confidence",
+          "explain")
 ADMIN_TOKEN_ENV = "OVDIFF_ADMIN_TOKEN"
 
 
@@ -67,6 +68,18 @@ class SegmentBody(_Open):
     rle: dict[str, dict[str, Any]] | None = Field(None, description="format=rle: COCO RLE per label value")
     overlay: str | None = Field(None, description="format=overlay: base64 PNG (at most max_work_side wide)")
     legend: list[LegendItem] | None = None
+    confidence: str | None = Field(None, description="scores=true: base64 16-bit grey PNG at the mask's size; "
+                                                      "confidence = value / confidence_scale")
+    confidence_scale: int | None = None
+    class_confidence: dict[str, float] | None = Field(None, description="label value -> mean confidence")
+    topk: dict[str, list[dict[str, Any]]] | None = Field(None, description="label value -> best classes by mean "
+                                                                           "score over its pixels {id, name, score}")
+    min_confidence: float | None = None
+    unsure_value: int | None = Field(None, description="mask value of unsure pixels (absent from RLE)")
+    unsure_pixels: int | None = None
+    explain: dict[str, dict[str, Any]] | None = Field(None, description="explain=true: label value -> {name, pixels, "
+                                                                        "prototypes [{extractor, level, kind, class, "
+                                                                        "share, support, seeds}], note}")
     timing: dict[str, Any]
 
 
@@ -101,7 +114,15 @@ SEGMENT_FORM = {"requestBody": {"required": True, "content": {"multipart/form-da
         "missing": {"type": "string", "enum": ["error", "build"], "default": "error",
                     "description": "build: unknown classes become a job (admin token) -> 202"},
         "regions": {"type": "string", "description": "snap labels to regions: on/off or none | superpixels | sam "
-                                                     "(default: the bank recipe's segmentation.regions)"}}}}}}}
+                                                     "(default: the bank recipe's segmentation.regions)"},
+        "scores": {"type": "boolean", "default": False,
+                   "description": "also return the confidence map, per-class mean confidence and top-k classes"},
+        "min_confidence": {"type": "number", "minimum": 0, "maximum": 1,
+                           "description": "pixels under this confidence are unsure (255 / 65535 in the mask, "
+                                          "absent from RLE); default the bank recipe's, 0 = off"},
+        "explain": {"type": "boolean", "default": False,
+                    "description": "also return, per class, the prototypes that won most of its pixels (level, "
+                                   "extractor, support image indices and seeds)"}}}}}}}
 
 
 # ---------------------------------------------------------------------------------------------------- router
@@ -121,6 +142,34 @@ def router(backend: Backend, admin_token: str | None = None) -> APIRouter:
     @r.get("/favicon.ico", include_in_schema=False)
     async def favicon() -> Response:
         return Response(status_code=204)
+
+    @r.get("/v1/examples", include_in_schema=False)
+    async def examples_list(bank: str | None = None) -> JSONResponse:
+        """Example images for the page (toy scenes with ground truth, or bundled photos)."""
+        from . import examples
+
+        e = (await _catalog(backend)).resolve(bank)
+        return JSONResponse({"bank": e.key, "examples": examples.listing(tuple(e.names))})
+
+    @r.get("/v1/examples/{i}.png", include_in_schema=False)
+    async def example_image(i: int, bank: str | None = None) -> Response:
+        from . import examples
+
+        e = (await _catalog(backend)).resolve(bank)
+        data = await asyncio.to_thread(examples.image, tuple(e.names), tuple(e.kinds), i)
+        if data is None:
+            raise RequestError(404, f"no example {i}", None, "not_found")
+        return Response(data, media_type="image/png")
+
+    @r.get("/v1/examples/{i}/truth.png", include_in_schema=False)
+    async def example_truth(i: int, bank: str | None = None) -> Response:
+        from . import examples
+
+        e = (await _catalog(backend)).resolve(bank)
+        data = await asyncio.to_thread(examples.truth, tuple(e.names), tuple(e.kinds), i)
+        if data is None:
+            raise RequestError(404, f"example {i} has no ground truth", None, "not_found")
+        return Response(data, media_type="image/png")
 
     @r.get("/healthz", responses={200: {"model": HealthBody}, **error_responses(503)})
     async def healthz() -> JSONResponse:
@@ -160,7 +209,7 @@ def router(backend: Backend, admin_token: str | None = None) -> APIRouter:
                        **error_responses(400, 401, 403, 404, 408, 409, 413, 415, 429, 500, 503, 504)})
     async def segment(request: Request) -> JSONResponse:
         """Segment one image (multipart `image`; optional `classes`, `format`, `pamr`, `bank`, `missing`,
-        `regions`)."""
+        `regions`, `scores`, `min_confidence`, `explain`)."""
         t0 = time.perf_counter()
         cat = await _catalog(backend)
         lim = cat.limits
@@ -168,6 +217,9 @@ def router(backend: Backend, admin_token: str | None = None) -> APIRouter:
         fmt = parse_format(fields.get("format"))
         pamr = parse_bool("pamr", fields.get("pamr"))
         regions = parse_regions(fields.get("regions"))
+        want_conf = parse_bool("scores", fields.get("scores"))
+        minc = parse_min_confidence(fields.get("min_confidence"))
+        want_explain = parse_bool("explain", fields.get("explain"))
         entry, classes, accepted = await live.segment_classes(backend, request, cat, fields)  # missing=build
         if accepted is not None:
             return accepted
@@ -180,7 +232,8 @@ def router(backend: Backend, admin_token: str | None = None) -> APIRouter:
             t3 = time.perf_counter()
             try:
                 result = await backend.segment(entry.key, Job(dec.image, tuple(classes) if classes else None, pamr,
-                                                                regions=regions))
+                                                                regions=regions, confidence=want_conf,
+                                                                min_confidence=minc, explain=want_explain))
             except (RequestError, Overloaded):
                 raise
             except Exception:  # noqa: BLE001 - the details go to the log, never to the client
@@ -221,7 +274,6 @@ class _Depth:
             metrics.set_gauge("ovdiff_queue_depth", self.n)
 
 
-
 def record_stages(timing: dict) -> None:
     """A segment answer's `timing` (validate/admission/decode/segment/encode `_ms`, the segmenter's `stages_ms`) ->
     `ovdiff_segment_stage_seconds` observations, one per stage (any stage name the segmenter reports)."""
@@ -232,6 +284,19 @@ def record_stages(timing: dict) -> None:
             metrics.observe("ovdiff_segment_stage_seconds", v / 1000, {"stage": k[:-3]})
     for k, v in (timing.get("stages_ms") or {}).items():
         metrics.observe("ovdiff_segment_stage_seconds", v / 1000, {"stage": k})
+
+
+def parse_min_confidence(value: str | None) -> float | None:
+    """The `min_confidence` form field -> a number in [0, 1] (None when absent); else a 400 naming it."""
+    if value is None or not value.strip():
+        return None
+    from ..confidence import check_min_confidence
+
+    try:
+        return check_min_confidence(value.strip())
+    except ValueError as e:
+        raise RequestError(400, f"field 'min_confidence': {str(e).split(': ', 1)[1]}",
+                           {"field": "min_confidence", "value": value[:200]}, "bad_field") from None
 
 
 async def _health(backend: Backend) -> dict:

@@ -25,6 +25,9 @@ class BankArrays:
     kind: np.ndarray  # [R] uint8: 0 fg, 1 bg
     level: np.ndarray  # [R] uint8: 0 class, 1 instance, 2 part
     offsets: np.ndarray  # [C + 1] int64: rows of class c are offsets[c]:offsets[c+1]
+    source: np.ndarray | None = None  # [R] int16: support image of an instance row, -1 pooled (None: not kept)
+    members: np.ndarray | None = None  # [R] object: a part row's support images (in-memory banks; explain.py reads
+    #                                     a stored bank's from its shards)
 
     @property
     def dim(self) -> int:
@@ -32,6 +35,13 @@ class BankArrays:
 
     def rows_of(self, c: int) -> slice:
         return slice(int(self.offsets[c]), int(self.offsets[c + 1]))
+
+
+def _objects(items: list) -> np.ndarray:
+    out = np.empty(len(items), object)
+    for i, x in enumerate(items):
+        out[i] = x
+    return out
 
 
 @dataclass
@@ -86,7 +96,7 @@ class Bank:
         ex_names = [e.name for e in recipe.extractors]
         arrays = {}
         for ex in ex_names:
-            vecs, cidx, kind, level, offsets = [], [], [], [], [0]
+            vecs, cidx, kind, level, offsets, source, members = [], [], [], [], [0], [], []
             for c, p in enumerate(protos):
                 s = p.sets.get(ex)
                 n = 0 if s is None else len(s)
@@ -95,6 +105,8 @@ class Bank:
                     cidx.append(np.full(n, c, np.int32))
                     kind.append(np.array([KIND_CODES[k] for k in s.kind], np.uint8))
                     level.append(np.array([LEVEL_CODES[v] for v in s.level], np.uint8))
+                    source.append(np.asarray(s.source, np.int16))
+                    members += list(s.members) if s.members is not None else [None] * n
                 offsets.append(offsets[-1] + n)
             dim = next((p.sets[ex].dim for p in protos if ex in p.sets), 0)
             arrays[ex] = BankArrays(
@@ -103,6 +115,8 @@ class Bank:
                 kind=np.concatenate(kind) if kind else np.zeros(0, np.uint8),
                 level=np.concatenate(level) if level else np.zeros(0, np.uint8),
                 offsets=np.array(offsets, np.int64),
+                source=np.concatenate(source) if source else np.zeros(0, np.int16),
+                members=_objects(members),
             )
         return cls(bank_id, version, recipe, names, kinds, text, arrays, prompts=[p.prompt for p in protos])
 

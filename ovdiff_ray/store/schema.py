@@ -26,6 +26,8 @@ SHARD_SCHEMA = pa.schema([
     ("source", pa.int16()),  # support image index, -1 when pooled
     ("dim", pa.int32()),
     pa.field("vector", pa.binary(), metadata={b"encoding": b"float16-le", b"shape": b"[dim]"}),
+    # a part row's support images (most pixels first); null for other rows and in shards from before issue 21
+    ("members", pa.list_(pa.int16())),
 ], metadata={b"schema": SCHEMA_VERSION.encode()})
 MAX_MANIFEST_BYTES = 64 << 20
 MANIFEST_KEYS = ("schema", "bank_id", "version", "created", "recipe", "classes")

@@ -60,7 +60,8 @@ class ShardInfo:
         return e
 
 
-def _table(p: ClassPrototypes, class_id: int, extractor: str, vectors: np.ndarray, kind, level, source) -> pa.Table:
+def _table(p: ClassPrototypes, class_id: int, extractor: str, vectors: np.ndarray, kind, level, source,
+           members=None) -> pa.Table:
     n, d = vectors.shape
     data = pa.py_buffer(np.ascontiguousarray(vectors, "<f2").tobytes())
     offsets = pa.py_buffer(np.arange(0, (n + 1) * 2 * d, 2 * d, dtype=np.int32).tobytes())
@@ -73,6 +74,8 @@ def _table(p: ClassPrototypes, class_id: int, extractor: str, vectors: np.ndarra
         "source": pa.array(np.asarray(source, np.int16)),
         "dim": pa.array(np.full(n, d, np.int32)),
         "vector": pa.Array.from_buffers(pa.binary(), n, [None, offsets, data]),
+        "members": pa.array([None if m is None else list(m) for m in (members if members is not None else [None] * n)],
+                            pa.list_(pa.int16())),
     }, schema=SHARD_SCHEMA)
 
 
@@ -84,8 +87,8 @@ def encode_shard(p: ClassPrototypes, class_id: int) -> bytes:
         for ex in sorted(p.sets):
             s = p.sets[ex]
             order = sorted(range(len(s)), key=lambda i: (KIND_CODES[s.kind[i]], LEVEL_CODES[s.level[i]], i))
-            w.write_table(_table(p, class_id, ex, s.vectors[order], s.kind[order], s.level[order], s.source[order]),
-                          row_group_size=ROW_GROUP_ROWS)
+            w.write_table(_table(p, class_id, ex, s.vectors[order], s.kind[order], s.level[order], s.source[order],
+                                 None if s.members is None else s.members[order]), row_group_size=ROW_GROUP_ROWS)
         t = np.asarray(p.text, np.float32)[None]
         w.write_table(_table(p, class_id, "text", t, ["text"], ["class"], [-1]))
     return buf.getvalue()
@@ -265,7 +268,8 @@ def assemble(m: dict, entries: list[dict], tables: list[pa.Table], uri: str) -> 
                 continue
             kinds = sub.column("kind").to_numpy(zero_copy_only=False)
             levels = sub.column("level").to_numpy(zero_copy_only=False)
-            per_ex[ex].append((c, vec, kinds, levels, d))
+            source = sub.column("source").to_numpy(zero_copy_only=False).astype(np.int16)
+            per_ex[ex].append((c, vec, kinds, levels, d, source))
     arrays = {}
     for ex, parts in per_ex.items():
         dim = next((p[4] for p in parts if p[4]), int(m.get("extractors", {}).get(ex, {}).get("dim", 0)))
@@ -278,6 +282,7 @@ def assemble(m: dict, entries: list[dict], tables: list[pa.Table], uri: str) -> 
             kind=np.concatenate([_codes(p[2], KIND_CODES) for p in parts]) if parts else np.zeros(0, np.uint8),
             level=np.concatenate([_codes(p[3], LEVEL_CODES) for p in parts]) if parts else np.zeros(0, np.uint8),
             offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            source=np.concatenate([p[5] for p in parts]) if parts else np.zeros(0, np.int16),
         )
     text = np.stack(texts) if texts else np.zeros((0, 0), np.float32)
     return Bank(m["bank_id"], int(m["version"]), recipe, [e["name"] for e in entries], [e["kind"] for e in entries],

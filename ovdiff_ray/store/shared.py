@@ -61,6 +61,8 @@ def _write_entry(bank: Bank, target: Path) -> None:
             index[ex] = {"dim": a.dim}
             for f in FIELDS:
                 np.save(tmp / f"{ex}.{f}.npy", np.ascontiguousarray(getattr(a, f)))
+            if a.source is not None:  # provenance (issue 21); entries from before it map without
+                np.save(tmp / f"{ex}.source.npy", np.ascontiguousarray(a.source))
         np.save(tmp / "text.npy", np.ascontiguousarray(bank.text))
         meta = {"format": CACHE_FORMAT, "bank_id": bank.bank_id, "version": bank.version, "uri": bank.uri,
                 "names": bank.names, "kinds": bank.kinds, "extractors": index, "manifest": bank.manifest}
@@ -77,7 +79,9 @@ def _map_entry(d: Path) -> Bank:
     meta = json.loads((d / "meta.json").read_text())
     if meta.get("format") != CACHE_FORMAT:
         raise ManifestError(f"{d}: unknown bank cache format {meta.get('format')!r}")
-    arrays = {ex: BankArrays(**{f: np.load(d / f"{ex}.{f}.npy", mmap_mode="r") for f in FIELDS})
+    arrays = {ex: BankArrays(**{f: np.load(d / f"{ex}.{f}.npy", mmap_mode="r") for f in FIELDS},
+                             source=np.load(d / f"{ex}.source.npy", mmap_mode="r")
+                             if (d / f"{ex}.source.npy").is_file() else None)
               for ex in meta["extractors"]}
     m = meta["manifest"]
     return Bank(meta["bank_id"], int(meta["version"]), Bank.recipe_of(m), list(meta["names"]), list(meta["kinds"]),

@@ -32,7 +32,7 @@ def served(ray_local, toy_bank):
         serve.shutdown()
 
 
-def test_page_segments_an_upload_and_shows_errors(served, toy_bank, toy_scenes, tmp_path):
+def test_page_examples_picker_hover_and_provenance(served, toy_bank, toy_scenes, tmp_path):
     from ovdiff_ray.segment import Segmenter, read_image
     from ovdiff_ray.store.bank import Bank
 
@@ -45,18 +45,22 @@ def test_page_segments_an_upload_and_shows_errors(served, toy_bank, toy_scenes, 
     cls = max((v for v in full.classes if v), key=lambda v: (full.labels == v).sum())  # the biggest class found
     name = full.classes[cls]
     run = subprocess.run(["node", str(HERE / "page_check.js"), served, str(image), name, str(shot)],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
 
-    assert bank.bank_id in out["bank_line"] and out["hints"] == bank.names
-    assert out["classes_field"].strip(" ,") == name  # the clicked hint went into the field
+    assert out["before_result_hidden"]  # no broken image or empty legend before the first result
+    assert bank.bank_id in out["bank_line"] and out["picker"] == bank.names
+    assert len(out["examples"]) == 6 and out["truth_shown"] and out["example_legend"]
+    assert out["chips"] == [name]  # the picked class
     expected = seg.segment(read_image(image), classes=[name])
     found = sorted(set(expected.classes.values()) - {"background"})
-    assert found == [name] and out["legend"] == found  # the legend lists the classes the service found
+    assert found == [name] and [x for x in out["legend"] if not x.startswith("unsure")] == found
     h, w = read_image(image).shape[:2]
-    assert out["overlay_size"][0] == w and out["overlay_size"][1] >= h  # the picture, its legend strip below
-    assert "ms" in out["timing"]
-    assert "purple hexagon" in out["error"] and "unknown" in out["error"].lower()
-    assert out["page_errors"] == [] or all("400" in e for e in out["page_errors"])  # only the refused request
+    assert out["labels_size"] == [w, h] and "ms" in out["timing"]
+    assert out["found_pixel"]  # the class is drawn in its name's colour
+    assert out["hover"].startswith(name) and "confidence" in out["hover"] and "top:" in out["hover"]
+    assert name in out["explain"] and "support images" in out["explain"] and "%" in out["explain"]
+    assert "purple hexagon" in out["picker_error"] and "not a class" in out["picker_error"]
+    assert out["page_errors"] == []
     assert shot.stat().st_size > 10_000
