@@ -142,7 +142,7 @@ def test_class_bench_runs_small():
                           "--size", "recipe", "--n", "2", "--steps", "1", "--maskcut-images", "1"],
                          capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
-    vals = dict(re.findall(r"^([a-z_.]+): ([-0-9.e+infa]+)$", out.stdout, re.M))
+    vals = dict(re.findall(r"^([a-z0-9_.]+): ([-0-9.e+infa]+)$", out.stdout, re.M))
     for key in ("old.host_s_per_image", "new.host_s_per_image", "old.d2h_mb_per_image", "new.d2h_mb_per_image",
                 "new_vs_old.max_abs_mean_prototype_diff", "maskcut.old_s_per_image", "maskcut.new_s_per_image"):
         assert key in vals, (key, out.stdout)
