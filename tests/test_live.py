@@ -265,6 +265,7 @@ def _references(root: str, versions: list[int], data: bytes) -> dict[int, np.nda
 def test_requests_during_a_reload_all_succeed_on_one_version_each(client, live, scenes):
     base, root = live
     v0 = read_manifest(Location(root))["version"]
+    wait_for(lambda: served_version(client) == v0, 60, f"v{v0} served")  # an earlier test's commit reloaded first
     data = image_with(scenes, "yellow circle")
     results: list[tuple[int, httpx.Response | Exception]] = []
     stop = asyncio.Event()
@@ -427,7 +428,8 @@ def test_job_manager_killed_mid_job_resumes_from_its_record(client, live):
     assert last.json()["job"] == job and last.json()["committed"]
     final = names_of(root)
     assert all(final.count(n) == 1 for n in wanted) and len(set(final)) == len(final)
-    assert json.loads((Path(root) / "jobs" / f"{job}.json").read_text())["state"] == "done"
+    wait_for(lambda: json.loads((Path(root) / "jobs" / f"{job}.json").read_text())["state"] == "done", 30,
+             "the job's record to say done")  # written just after the job's state changes in memory
 
 
 def test_corrupt_new_version_keeps_the_old_one_serving(client, live, scenes):
