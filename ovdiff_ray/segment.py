@@ -13,7 +13,8 @@ and ablation names in switches.py, image reading and resizing in images.py.
 Ablations (recipe `segmentation.*` or the `ablate` argument): `no_background`, `no_prefilter`, `no_stuff_filter`,
 `class_mean_only`, `no_regions`, `only:<extractor>`; and for the switches beyond the paper (issue 10, off in paper.yaml):
 `no_stuff_filter_self` (`stuff_filter_rule: self`), `no_stuff_presence` (`stuff_min_area`: a stuff class is kept
-only where it wins part of the whole-image view) and `no_bounded_search` (`subset_search: greedy | beam`). With
+only where it wins part of the whole-image view) and `no_bounded_search` (`subset_search: greedy | beam`); issue 23's
+`no_stuff_opening` and `no_background_presence` (precedence.py). With
 the pre-filter off over more than `segmentation.retrieval_classes` classes, a faiss class-level retrieval (pooled
 image features vs class prototypes) bounds the classes matched.
 """
@@ -23,7 +24,7 @@ import argparse
 import sys
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -35,6 +36,7 @@ from .images import exif_upright, read_image, resize_short, to_rgb_array  # noqa
 from .matching import Gathered, gather, match, segment_max  # noqa: F401 (segment_max: re-exported)
 from .models.base import Classifier, Extractor
 from .pamr import pamr_affinity, pamr_refine  # noqa: F401 (re-exported)
+from .precedence import background_present, opened_shares
 from .prefilter import PreFilter, Selection
 from .regions import RegionsError, RegionSnapper
 from .store.bank import Bank
@@ -69,6 +71,7 @@ class _Item:
     acc: torch.Tensor | None = None  # [K + 1, h, w] summed view scores
     count: torch.Tensor | None = None  # [h, w] views covering each pixel
     whole: dict[str, torch.Tensor] = field(default_factory=dict)  # extractor -> whole-image features [1, D, h, w]
+    background: bool = True  # background matched (False: `segmentation.background_min_area` not reached)
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -299,13 +302,16 @@ class Segmenter:
                 t0 = time.perf_counter()
                 it.kept = self.retrieve(wf, ids, self.seg.retrieval_classes)
                 it.t["prefilter"] += time.perf_counter() - t0
-        if sw.prefilter and sw.stuff_presence and any(self.bank.kinds[c] == "stuff" for it in items for c in it.kept):
+        if sw.prefilter and (sw.background_presence or sw.stuff_presence and any(
+                self.bank.kinds[c] == "stuff" for it in items for c in it.kept)):
             self._stuff_presence(items, sw, exs)
 
     def _stuff_presence(self, items: list[_Item], sw: Switches, exs: list[str]) -> None:
         """The stuff half of the pre-filter (off with it): drop the kept stuff classes that win less than
         `segmentation.stuff_min_area` of the whole-image view (matched with every kept class, scores averaged over
-        extractors); the paper keeps every stuff class. The whole-image features are reused by `_accumulate`."""
+        extractors); the paper keeps every stuff class. The whole-image features are reused by `_accumulate`. The
+        same view decides whether background is matched (`segmentation.background_min_area`), and with
+        `segmentation.stuff_opening` a stuff class's won area is opened first (precedence.py)."""
         for it in items:
             it.acc = torch.zeros(len(it.kept) + 1, *it.x.shape[-2:], device=self.device)
         for ex in exs:
@@ -319,10 +325,12 @@ class Segmenter:
                                             align_corners=False)[0].clamp_(-1, 1)
                     it.t["prefilter"] += time.perf_counter() - t0
         for it in items:
-            win = it.acc.clamp_min(0).argmax(0)
-            share = torch.bincount(win.flatten(), minlength=len(it.kept) + 1).float() / win.numel()
-            it.kept = [c for j, c in enumerate(it.kept)
-                       if self.bank.kinds[c] != "stuff" or share[j + 1] >= self.seg.stuff_min_area]
+            if sw.background_presence:
+                it.background = background_present(it.acc, self.seg.background_min_area)
+            radius = round(self.seg.stuff_opening * min(it.x.shape[-2:])) if sw.stuff_opening else 0
+            share = opened_shares(it.acc.clamp_min(0).argmax(0), len(it.kept) + 1, radius)
+            it.kept = [c for j, c in enumerate(it.kept) if not sw.stuff_presence
+                       or self.bank.kinds[c] != "stuff" or share[j + 1] >= self.seg.stuff_min_area]
             it.acc = None
 
     def _view_features(self, ex: str, items: list[_Item]):
@@ -344,7 +352,7 @@ class Segmenter:
             gs = []
             for it in items:
                 t0 = time.perf_counter()
-                gs.append(self.gather(ex, it.kept, sw))
+                gs.append(self.gather(ex, it.kept, sw if it.background else replace(sw, background=False)))
                 it.t["matching"] += time.perf_counter() - t0
             for batch, f in self._view_features(ex, items):
                 j = 0

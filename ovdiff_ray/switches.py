@@ -2,7 +2,8 @@
 
 Ablations (recipe `segmentation.*` or the `ablate` argument of `Segmenter.segment`): `no_background`,
 `no_prefilter`, `no_stuff_filter`, `class_mean_only`, `no_regions`, `only:<extractor>`; and for the switches beyond
-the paper (issue 10, off in paper.yaml): `no_stuff_filter_self`, `no_stuff_presence`, `no_bounded_search`.
+the paper (off in paper.yaml): issue 10's `no_stuff_filter_self`, `no_stuff_presence`, `no_bounded_search`, and
+issue 23's `no_stuff_opening`, `no_background_presence` (precedence.py).
 
 `SegmentError` lives here (re-exported by segment.py) so that a bad ablation name is the segmenter's error.
 """
@@ -13,7 +14,9 @@ from typing import Sequence
 
 ABLATIONS = ("no_background", "no_prefilter", "no_stuff_filter", "class_mean_only", "no_regions",
              # issue 10's switches (ovdiff_ray/prefilter.py, ovdiff_ray/matching.py): each turns one off
-             "no_stuff_filter_self", "no_stuff_presence", "no_bounded_search")
+             "no_stuff_filter_self", "no_stuff_presence", "no_bounded_search",
+             # issue 23's (ovdiff_ray/precedence.py)
+             "no_stuff_opening", "no_background_presence")
 
 
 class SegmentError(ValueError):
@@ -22,7 +25,8 @@ class SegmentError(ValueError):
 
 @dataclass(frozen=True)
 class Switches:
-    """Which parts of the method run (the paper's ablations, then the issue-10 switches, each `no_<name>`)."""
+    """Which parts of the method run (the paper's ablations, then the switches of issues 10 and 23, each
+    `no_<name>`)."""
 
     background: bool = True
     prefilter: bool = True
@@ -33,6 +37,8 @@ class Switches:
     stuff_presence: bool = False  # segmentation.stuff_min_area > 0
     bounded_search: bool = False  # segmentation.subset_search != "exhaustive"
     regions: bool = True  # snap to the recipe's (or the request's) regions; `no_regions` turns it off
+    stuff_opening: bool = False  # segmentation.stuff_opening > 0
+    background_presence: bool = False  # segmentation.background_min_area > 0
 
     @classmethod
     def of(cls, seg, ablate: Sequence[str], extractors: Sequence[str]) -> "Switches":
@@ -40,7 +46,8 @@ class Switches:
         s = dict(background=seg.background, prefilter=seg.prefilter, stuff_filter=seg.stuff_filter,
                  class_mean_only=seg.class_mean_only, only=None, stuff_filter_self=seg.stuff_filter_rule == "self",
                  stuff_presence=seg.stuff_min_area > 0,
-                 bounded_search=seg.subset_search != "exhaustive")
+                 bounded_search=seg.subset_search != "exhaustive", stuff_opening=seg.stuff_opening > 0,
+                 background_presence=seg.background_min_area > 0)
         for a in ablate:
             if a.startswith("only:"):
                 name = a[5:]
