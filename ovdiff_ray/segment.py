@@ -14,8 +14,8 @@ Ablations (recipe `segmentation.*` or the `ablate` argument): `no_background`, `
 `class_mean_only`, `no_regions`, `only:<extractor>`; and for the switches beyond the paper (issue 10, off in paper.yaml):
 `no_stuff_filter_self` (`stuff_filter_rule: self`), `no_stuff_presence` (`stuff_min_area`: a stuff class is kept
 only where it wins part of the whole-image view) and `no_bounded_search` (`subset_search: greedy | beam`); issue 23's
-`no_stuff_opening` and `no_background_presence` (precedence.py). With
-the pre-filter off over more than `segmentation.retrieval_classes` classes, a faiss class-level retrieval (pooled
+`no_stuff_opening` and `no_background_presence` (precedence.py). With the pre-filter off over more than
+`segmentation.retrieval_classes` classes, a faiss class-level retrieval (pooled
 image features vs class prototypes) bounds the classes matched.
 """
 from __future__ import annotations
