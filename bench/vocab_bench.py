@@ -2,17 +2,20 @@
 
 Every toy class (8 colours x 6 shapes = 48 things, 8 x 5 textures = 40 stuff) is built once with the toy recipe into
 a bank folder in a temporary directory (prototypes depend only on the recipe seed and the class name); each
-vocabulary is a subset of it (`Bank.load(classes=...)`). Per size (about 10, 20, 40 classes and all 48 things + 12
-stuff; each drawn with a fixed seed), scenes are drawn from that vocabulary (`toy.make_scene`, fixed seeds) and
-segmented without PAMR. Printed per size and configuration: nanmean mIoU, mIoU with absent classes as 0,
-background IoU, seconds per image (noisy on a shared machine), the same with the pre-filter off, and the text
-prompts the pre-filter encoded per image. Configurations: `today` (the recipe's switches as `paper.yaml` has them:
-every switch of issue 10 off) and `new` (the switches as `toy.yaml` has them).
+vocabulary is a subset of it (`Bank.load(classes=...)`). Per size (about 10, 20, 40 classes, 48 things + 12 stuff,
+and the whole vocabulary, 48 + 40; each drawn with a fixed seed), scenes are drawn from that vocabulary
+(`toy.make_scene`, fixed seeds; twice `--scenes` from 60 classes up) and segmented without PAMR. Printed per size and
+configuration: nanmean mIoU, mIoU with absent classes as 0, background IoU, the tail (the 3 worst classes among
+those the scenes hold or the method predicts, background included, and the share of them under 0.70 IoU), seconds
+per image (noisy on a shared machine), the same with the pre-filter off, and the text prompts the pre-filter
+encoded per image. Configurations: `today` (every switch beyond the paper off, as `paper.yaml`), `before` (issue
+10's switches as `toy.yaml`, issue 23's off: the tail before issue 23) and `new` (all switches as `toy.yaml`).
 
-The vocabulary and scene seeds default to ones the method was not developed on (development used --seed 100).
+The vocabulary and scene seeds default to ones the method was not developed on (issue 10 developed with --seed 100,
+issue 23 with --seed 5000 and 6000).
 
-    python bench/vocab_bench.py [--sizes 10,20,40,60] [--scenes 48] [--seed 1000] [--configs today,new]
-                                [--no-prefilter-off] [--confusions 5]
+    python bench/vocab_bench.py [--sizes 10,20,40,60,88] [--scenes 48] [--seed 1000] [--configs today,before,new]
+                                [--regions none|superpixels] [--no-prefilter-off] [--confusions 5] [--bank DIR]
 """
 from __future__ import annotations
 
@@ -33,7 +36,17 @@ from ovdiff_ray.models import toy  # noqa: E402
 from ovdiff_ray.recipe import load_recipe  # noqa: E402
 
 # (things, stuff) per size
-SIZES = {10: (6, 4), 20: (16, 4), 40: (32, 8), 60: (48, 12)}
+SIZES = {10: (6, 4), 20: (16, 4), 40: (32, 8), 60: (48, 12), 88: (48, 40)}
+TAIL_FLOOR = 0.70  # the tail: share of classes under this IoU
+
+
+def tail(iou: np.ndarray, names: list[str], k: int = 3) -> tuple[list[tuple[str, float]], float]:
+    """(the `k` worst classes (name, IoU) among those the scenes hold or the method predicts (IoU not nan), worst
+    first; the share of those classes under TAIL_FLOOR). Background (index 0) is a class like the others."""
+    seen = [(names[i], float(v)) for i, v in enumerate(iou) if np.isfinite(v)]
+    seen.sort(key=lambda nv: (nv[1], nv[0]))
+    under = sum(v < TAIL_FLOOR for _, v in seen) / max(1, len(seen))
+    return seen[:k], under
 
 
 def out(name: str, value) -> None:
@@ -88,19 +101,27 @@ SWITCH_KEYS = {
                      "stuff_filter_rule", "stuff_min_area"),
     "classifier": (),
 }
+TAIL_KEYS = ("stuff_opening", "background_min_area")  # issue 23's switches (ovdiff_ray/precedence.py)
+CONFIGS = ("today", "before", "new")
 
 
 def configure(bank, config: str) -> None:
-    """Set the issue-10 switches on a loaded bank's recipe: `today` = as paper.yaml, `new` = as toy.yaml."""
-    src = load_recipe("paper" if config == "today" else "toy")
+    """Set the switches on a loaded bank's recipe: `today` = as paper.yaml (issue 10's and 23's off), `before` =
+    issue 10's as toy.yaml and issue 23's off (the tail before this issue), `new` = all as toy.yaml."""
+    if config not in CONFIGS:
+        raise SystemExit(f"unknown config {config!r} (known: {', '.join(CONFIGS)})")
+    paper, toy_r = load_recipe("paper"), load_recipe("toy")
+    src = paper if config == "today" else toy_r
     for section, keys in SWITCH_KEYS.items():
         for k in keys:
             if hasattr(getattr(src, section), k):
                 setattr(getattr(bank.recipe, section), k, getattr(getattr(src, section), k))
+    for k in TAIL_KEYS:
+        setattr(bank.recipe.segmentation, k, getattr((toy_r if config == "new" else paper).segmentation, k))
 
 
 def evaluate_vocab(uri: str, vocab: list[tuple[str, str]], scenes, config: str, ablate=(),
-                   overrides: dict | None = None) -> dict:
+                   overrides: dict | None = None, regions: str | None = None) -> dict:
     from ovdiff_ray.segment import Segmenter
     from ovdiff_ray.store.bank import Bank
 
@@ -117,12 +138,13 @@ def evaluate_vocab(uri: str, vocab: list[tuple[str, str]], scenes, config: str, 
     prompts0 = seg.prompts_encoded
     t0 = time.perf_counter()
     for img, lab in scenes:
-        res = seg.segment(img, names[1:], ablate=ablate)
+        res = seg.segment(img, names[1:], ablate=ablate, regions=regions)
         conf += evaluate.confusion(lab, lut[res.labels], len(names))
     dt = (time.perf_counter() - t0) / len(scenes)
     m, mn, iou = evaluate.miou(conf)
+    worst, under = tail(iou, names, 5)
     return {"nanmean": mn, "miou": m, "bg": float(iou[0]), "s_per_image": dt, "conf": conf, "names": names,
-            "prompts": (seg.prompts_encoded - prompts0) / len(scenes)}
+            "prompts": (seg.prompts_encoded - prompts0) / len(scenes), "worst": worst, "under": under}
 
 
 def lvis_prefilter(n_images: int, searches=("exhaustive", "greedy", "beam")) -> None:
@@ -167,10 +189,12 @@ def lvis_prefilter(n_images: int, searches=("exhaustive", "greedy", "beam")) -> 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="10,20,40,60", help=f"comma-separated sizes among {sorted(SIZES)}")
+    ap.add_argument("--sizes", default="10,20,40,60,88", help=f"comma-separated sizes among {sorted(SIZES)}")
     ap.add_argument("--scenes", type=int, default=48, help="scenes per size (96 for the whole vocabulary)")
     ap.add_argument("--seed", type=int, default=1000, help="vocabulary seed; scenes use seed + 1")
-    ap.add_argument("--configs", default="today,new")
+    ap.add_argument("--configs", default="today,before,new", help=f"comma-separated among {', '.join(CONFIGS)}")
+    ap.add_argument("--regions", choices=("none", "superpixels"), default=None,
+                    help="override the toy recipe's segmentation.regions (superpixels) for every run")
     ap.add_argument("--no-prefilter-off", action="store_true", help="skip the runs with the pre-filter off")
     ap.add_argument("--confusions", type=int, default=5, help="top confusions printed per size and config")
     ap.add_argument("--bank", default=None, help="keep the all-classes toy bank in this folder and reuse it")
@@ -199,20 +223,24 @@ def main(argv=None) -> int:
         for size in sizes:
             nt, ns = SIZES[size]
             vocab = draw_vocab(nt, ns, a.seed + size)
-            n_scenes = a.scenes * 2 if size == 60 else a.scenes
+            n_scenes = a.scenes * 2 if size >= 60 else a.scenes
             scenes = draw_scenes(vocab, n_scenes, a.seed + 1 + size)
             for config in configs:
-                r = evaluate_vocab(uri, vocab, scenes, config)
+                r = evaluate_vocab(uri, vocab, scenes, config, regions=a.regions)
                 key = f"{config}.{size}"
                 out(f"{key}.nanmean_miou", r["nanmean"])
                 out(f"{key}.miou", r["miou"])
                 out(f"{key}.background_iou", r["bg"])
                 out(f"{key}.s_per_image", r["s_per_image"])
                 out(f"{key}.prompts_per_image", r["prompts"])
-                row = [size, f"{nt}+{ns}", config, n_scenes, r["nanmean"], r["miou"], r["bg"], r["s_per_image"],
-                       r["prompts"]]
+                out(f"{key}.worst_iou", r["worst"][0][1])
+                out(f"{key}.share_under_{TAIL_FLOOR:.2f}", r["under"])
+                print(f"# {key} worst: " + ", ".join(f"{n} {v:.2f}" for n, v in r["worst"]), flush=True)
+                worst3 = ", ".join(f"{n} {v:.2f}" for n, v in r["worst"][:3])
+                row = [size, f"{nt}+{ns}", config, n_scenes, r["nanmean"], r["miou"], r["bg"], worst3, r["under"],
+                       r["s_per_image"], r["prompts"]]
                 if not a.no_prefilter_off:
-                    q = evaluate_vocab(uri, vocab, scenes, config, ablate=("no_prefilter",))
+                    q = evaluate_vocab(uri, vocab, scenes, config, ablate=("no_prefilter",), regions=a.regions)
                     out(f"{key}.no_prefilter.nanmean_miou", q["nanmean"])
                     out(f"{key}.no_prefilter.miou", q["miou"])
                     out(f"{key}.no_prefilter.background_iou", q["bg"])
@@ -223,7 +251,8 @@ def main(argv=None) -> int:
                     print("\n".join("#   " + line for line in
                                     evaluate.format_confusions(r["conf"], r["names"], a.confusions).splitlines()))
     print()
-    head = "| size | things+stuff | config | scenes | nanmean | mIoU | bg IoU | s/image | prompts/image |"
+    head = (f"| size | things+stuff | config | scenes | nanmean | mIoU | bg IoU | worst 3 | under {TAIL_FLOOR:.2f} "
+            "| s/image | prompts/image |")
     if not a.no_prefilter_off:
         head += " no pre-filter: nanmean | mIoU | bg IoU | s/image |"
     print(head)

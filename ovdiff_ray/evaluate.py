@@ -288,10 +288,18 @@ def run(segmenter, ds: Dataset, limit: int | None = None, ablate: Sequence[str] 
     return Scores(name, m, mn, per, len(items), time.perf_counter() - t0, conf, risk)
 
 
+def worst_first(per_class: dict[str, float | None]) -> list[tuple[str, float | None]]:
+    """`(class, IoU)` pairs, lowest IoU first (ties in dataset order), classes with no IoU (absent from both ground
+    truth and prediction) last in dataset order."""
+    seen = sorted(((c, v) for c, v in per_class.items() if v is not None), key=lambda cv: cv[1])
+    return seen + [(c, v) for c, v in per_class.items() if v is None]
+
+
 def format_table(rows: list[Scores], ds: Dataset) -> str:
-    """Per-class IoU of the first row, then one line per run with both mIoU conventions and the change."""
-    lines = [f"{'class':<28} {'IoU':>7}"]
-    for c, v in rows[0].per_class.items():
+    """Per-class IoU of the first row, worst first (classes absent from both ground truth and prediction last, as
+    `-`), then one line per run with both mIoU conventions and the change."""
+    lines = [f"{'class (worst first)':<28} {'IoU':>7}"]
+    for c, v in worst_first(rows[0].per_class):
         lines.append(f"{c[:28]:<28} {'-' if v is None else f'{100 * v:.2f}':>7}")
     lines.append("")
     lines.append(f"{'run':<28} {'mIoU':>7} {'nanmean':>8} {'delta':>7} {'images':>7}")
@@ -315,8 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="first N images only")
     ap.add_argument("--ablate", nargs="+", default=[], metavar="NAME",
                     help="also run each ablation: no_background no_prefilter no_stuff_filter class_mean_only "
-                         "no_regions only:<extractor>, and the issue-10 switches: no_stuff_filter_self "
-                         "no_stuff_presence no_bounded_search")
+                         "no_regions only:<extractor>, the issue-10 switches: no_stuff_filter_self "
+                         "no_stuff_presence no_bounded_search, and issue 23's: no_stuff_opening "
+                         "no_background_presence")
     ap.add_argument("--pamr", action="store_true")
     ap.add_argument("--regions", choices=("none", "superpixels", "sam"), default=None,
                     help="snap labels to class-agnostic regions (default: the bank recipe's segmentation.regions)")

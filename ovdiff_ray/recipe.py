@@ -166,6 +166,9 @@ class SegmentationConfig:
     subset_exhaustive_upto: int = 4  # bounded searches are exhaustive over at most this many candidates
     stuff_filter_rule: str = "fixed"  # fixed (paper: cosine > stuff_threshold) | self (per stuff class, its own spread)
     stuff_min_area: float = 0.0  # > 0: a stuff class is kept only if it wins this share of the whole-image view
+    # issue 23 (off in paper.yaml): see ovdiff_ray/precedence.py
+    stuff_opening: float = 0.0  # > 0: stuff presence counts won pixels after an opening of this radius (x short side)
+    background_min_area: float = 0.0  # > 0: background is matched only if it wins this share of the whole view
     pamr_iters: int = 10
     pamr_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 24])
     # labels snapped to class-agnostic regions (regions.py): none (the paper) | superpixels | sam
@@ -306,6 +309,10 @@ def _validate(r: Recipe) -> None:
         raise RecipeError("segmentation.sam.model: missing model reference for regions: sam")
     if not 1 <= sam.points_per_side <= 64 or sam.points_per_batch < 1:
         raise RecipeError("segmentation.sam.points_per_side must be in 1..64 and points_per_batch >= 1")
+    sg = r.segmentation
+    if not (0 <= sg.stuff_opening < 0.5 and 0 <= sg.background_min_area <= 1 and 0 <= sg.stuff_min_area <= 1):
+        raise RecipeError("segmentation: stuff_opening must be in [0, 0.5), stuff_min_area and background_min_area "
+                          f"in [0, 1] (got {sg.stuff_opening}, {sg.stuff_min_area}, {sg.background_min_area})")
     sp = r.segmentation.superpixels
     if sp.min_size < 1 or sp.n_segments < 1 or sp.scale <= 0:
         raise RecipeError("segmentation.superpixels: min_size and n_segments must be >= 1 and scale > 0")

@@ -7,13 +7,15 @@ upsample, clamp and average over views and extractors (one shared count map); op
 class-agnostic regions (regions.py, recipe `segmentation.regions`); upsample to the input size, scores <= 0 -> 0,
 argmax with ties to background.
 
-The pre-filter lives in prefilter.py, prototype gathering and matching in matching.py, PAMR in pamr.py.
+The pre-filter lives in prefilter.py, prototype gathering and matching in matching.py, PAMR in pamr.py, the switches
+and ablation names in switches.py, image reading and resizing in images.py.
 
 Ablations (recipe `segmentation.*` or the `ablate` argument): `no_background`, `no_prefilter`, `no_stuff_filter`,
 `class_mean_only`, `no_regions`, `only:<extractor>`; and for the switches beyond the paper (issue 10, off in paper.yaml):
 `no_stuff_filter_self` (`stuff_filter_rule: self`), `no_stuff_presence` (`stuff_min_area`: a stuff class is kept
-only where it wins part of the whole-image view) and `no_bounded_search` (`subset_search: greedy | beam`). With
-the pre-filter off over more than `segmentation.retrieval_classes` classes, a faiss class-level retrieval (pooled
+only where it wins part of the whole-image view) and `no_bounded_search` (`subset_search: greedy | beam`); issue 23's
+`no_stuff_opening` and `no_background_presence` (precedence.py). With the pre-filter off over more than
+`segmentation.retrieval_classes` classes, a faiss class-level retrieval (pooled
 image features vs class prototypes) bounds the classes matched.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import argparse
 import sys
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -30,22 +32,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .models.base import Classifier, Extractor
 from . import confidence
+from .images import exif_upright, read_image, resize_short, to_rgb_array  # noqa: F401 (re-exported)
 from .matching import Gathered, gather, match, segment_max  # noqa: F401 (segment_max: re-exported)
+from .models.base import Classifier, Extractor
 from .pamr import pamr_affinity, pamr_refine  # noqa: F401 (re-exported)
+from .precedence import background_present, opened_shares
 from .prefilter import PreFilter, Selection
 from .regions import RegionsError, RegionSnapper
 from .store.bank import Bank
+from .switches import ABLATIONS, SegmentError, Switches  # noqa: F401 (re-exported)
 
-ABLATIONS = ("no_background", "no_prefilter", "no_stuff_filter", "class_mean_only", "no_regions",
-             # issue 10's switches (ovdiff_ray/prefilter.py, ovdiff_ray/matching.py): each turns one off
-             "no_stuff_filter_self", "no_stuff_presence", "no_bounded_search")
 TIMING_KEYS = ("features", "prefilter", "matching", "upsample", "pamr", "regions")
-
-
-class SegmentError(ValueError):
-    """Bad input to the segmenter (unknown or empty classes, unreadable image, unknown ablation)."""
 
 
 @dataclass
@@ -59,41 +57,6 @@ class SegmentationResult:
     confidence: np.ndarray | None = None  # [H, W] float32 in [0, 1] of each pixel's label (confidence.py)
     topk: dict[int, list[tuple[int, float]]] | None = None  # label value -> best (label value, mean score) over
     #                                                        its pixels, best first (confidence.class_topk)
-
-
-@dataclass(frozen=True)
-class Switches:
-    """Which parts of the method run (the paper's ablations, then the issue-10 switches, each `no_<name>`)."""
-
-    background: bool = True
-    prefilter: bool = True
-    stuff_filter: bool = True
-    class_mean_only: bool = False
-    only: str | None = None
-    stuff_filter_self: bool = False  # segmentation.stuff_filter_rule == "self"
-    stuff_presence: bool = False  # segmentation.stuff_min_area > 0
-    bounded_search: bool = False  # segmentation.subset_search != "exhaustive"
-    regions: bool = True  # snap to the recipe's (or the request's) regions; `no_regions` turns it off
-
-    @classmethod
-    def of(cls, seg, ablate: Sequence[str], extractors: Sequence[str]) -> "Switches":
-        """From the recipe's `segmentation` section plus ablation names."""
-        s = dict(background=seg.background, prefilter=seg.prefilter, stuff_filter=seg.stuff_filter,
-                 class_mean_only=seg.class_mean_only, only=None, stuff_filter_self=seg.stuff_filter_rule == "self",
-                 stuff_presence=seg.stuff_min_area > 0,
-                 bounded_search=seg.subset_search != "exhaustive")
-        for a in ablate:
-            if a.startswith("only:"):
-                name = a[5:]
-                if name not in extractors:
-                    raise SegmentError(f"ablation {a!r}: unknown extractor {name!r} (bank has: {', '.join(extractors)})")
-                s["only"] = name
-            elif a in ABLATIONS:
-                key = a[3:] if a.startswith("no_") else a
-                s[key] = not a.startswith("no_")
-            else:
-                raise SegmentError(f"unknown ablation {a!r} (known: {', '.join(ABLATIONS)}, only:<extractor>)")
-        return cls(**s)
 
 
 View = tuple[int, int, int, int]  # (y0, x0, vh, vw) on the image at the short side
@@ -112,63 +75,10 @@ class _Item:
     acc: torch.Tensor | None = None  # [K + 1, h, w] summed view scores
     count: torch.Tensor | None = None  # [h, w] views covering each pixel
     whole: dict[str, torch.Tensor] = field(default_factory=dict)  # extractor -> whole-image features [1, D, h, w]
+    background: bool = True  # background matched (False: `segmentation.background_min_area` not reached)
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-
-def to_rgb_array(image) -> np.ndarray:
-    """PIL image or array ([H, W], [H, W, 3|4], uint8 or float in [0, 1]) -> `[H, W, 3]` uint8. A PIL image is
-    turned upright first (its EXIF orientation tag applied), so masks follow what viewers show."""
-    if hasattr(image, "convert"):
-        image = np.asarray(exif_upright(image).convert("RGB"))
-    a = np.asarray(image)
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, 2)
-    if a.ndim != 3 or a.shape[2] not in (3, 4) or min(a.shape[:2]) < 1:
-        raise SegmentError(f"expected an image [H, W, 3], got an array of shape {a.shape}")
-    a = a[..., :3]
-    if not a.flags.writeable:
-        a = a.copy()
-    if a.dtype != np.uint8:
-        a = np.clip(a.astype(np.float32) * (255 if a.max() <= 1.0 else 1), 0, 255).round().astype(np.uint8)
-    return np.ascontiguousarray(a)
-
-
-def exif_upright(im):
-    """A PIL image with its EXIF orientation applied (unchanged when it has none or the EXIF block is broken)."""
-    from PIL import ImageOps
-
-    try:
-        return ImageOps.exif_transpose(im) if int(im.getexif().get(0x0112, 1)) != 1 else im
-    except Exception:  # noqa: BLE001 - orientation is a hint; never refuse an image over it
-        return im
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """An image file -> `[H, W, 3]` uint8, EXIF orientation applied; anything else is a SegmentError naming the
-    file."""
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    if not p.is_file():
-        raise SegmentError(f"{p}: no such image file")
-    try:
-        with Image.open(p) as im:
-            im.load()
-            return to_rgb_array(im)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise SegmentError(f"{p}: not a readable image file ({e.__class__.__name__}: {e})") from None
-
-
-def resize_short(x: torch.Tensor, short: int) -> torch.Tensor:
-    """`x [C, H, W]` -> short side `short` (aspect kept)."""
-    h, w = x.shape[-2:]
-    s = short / min(h, w)
-    size = (max(1, round(h * s)), max(1, round(w * s)))
-    if size == (h, w):
-        return x
-    return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=s < 1)[0]
-
 
 def window_starts(length: int, size: int, stride: int) -> list[int]:
     """Window starts along one side; the last window is snapped to the border."""
@@ -396,13 +306,16 @@ class Segmenter:
                 t0 = time.perf_counter()
                 it.kept = self.retrieve(wf, ids, self.seg.retrieval_classes)
                 it.t["prefilter"] += time.perf_counter() - t0
-        if sw.prefilter and sw.stuff_presence and any(self.bank.kinds[c] == "stuff" for it in items for c in it.kept):
+        if sw.prefilter and (sw.background_presence or sw.stuff_presence and any(
+                self.bank.kinds[c] == "stuff" for it in items for c in it.kept)):
             self._stuff_presence(items, sw, exs)
 
     def _stuff_presence(self, items: list[_Item], sw: Switches, exs: list[str]) -> None:
         """The stuff half of the pre-filter (off with it): drop the kept stuff classes that win less than
         `segmentation.stuff_min_area` of the whole-image view (matched with every kept class, scores averaged over
-        extractors); the paper keeps every stuff class. The whole-image features are reused by `_accumulate`."""
+        extractors); the paper keeps every stuff class. The whole-image features are reused by `_accumulate`. The
+        same view decides whether background is matched (`segmentation.background_min_area`), and with
+        `segmentation.stuff_opening` a stuff class's won area is opened first (precedence.py)."""
         for it in items:
             it.acc = torch.zeros(len(it.kept) + 1, *it.x.shape[-2:], device=self.device)
         for ex in exs:
@@ -416,10 +329,12 @@ class Segmenter:
                                             align_corners=False)[0].clamp_(-1, 1)
                     it.t["prefilter"] += time.perf_counter() - t0
         for it in items:
-            win = it.acc.clamp_min(0).argmax(0)
-            share = torch.bincount(win.flatten(), minlength=len(it.kept) + 1).float() / win.numel()
-            it.kept = [c for j, c in enumerate(it.kept)
-                       if self.bank.kinds[c] != "stuff" or share[j + 1] >= self.seg.stuff_min_area]
+            if sw.background_presence:
+                it.background = background_present(it.acc, self.seg.background_min_area)
+            radius = round(self.seg.stuff_opening * min(it.x.shape[-2:])) if sw.stuff_opening else 0
+            share = opened_shares(it.acc.clamp_min(0).argmax(0), len(it.kept) + 1, radius)
+            it.kept = [c for j, c in enumerate(it.kept) if not sw.stuff_presence
+                       or self.bank.kinds[c] != "stuff" or share[j + 1] >= self.seg.stuff_min_area]
             it.acc = None
 
     def _view_features(self, ex: str, items: list[_Item]):
@@ -441,7 +356,7 @@ class Segmenter:
             gs = []
             for it in items:
                 t0 = time.perf_counter()
-                gs.append(self.gather(ex, it.kept, sw))
+                gs.append(self.gather(ex, it.kept, sw if it.background else replace(sw, background=False)))
                 it.t["matching"] += time.perf_counter() - t0
             for batch, f in self._view_features(ex, items):
                 j = 0

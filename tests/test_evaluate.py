@@ -112,6 +112,22 @@ def test_toy_table_output(toy_bank, tmp_path, capsys):
     assert "top confusions" in out
 
 
+def test_per_class_table_is_sorted_worst_first():
+    """The printed per-class IoU runs from the worst class up; classes with no IoU (absent from ground truth and
+    prediction) come last, as `-`; the runs table follows."""
+    per = {"background": 0.9, "a": 0.5, "b": None, "c": 0.2, "d": 0.5}
+    assert evaluate.worst_first(per) == [("c", 0.2), ("a", 0.5), ("d", 0.5), ("background", 0.9), ("b", None)]
+    rows = [evaluate.Scores("full", 0.42, 0.525, per, 3, 1.0),
+            evaluate.Scores("no_background", 0.30, 0.4, per, 3, 1.0)]
+    ds = evaluate.Dataset("toy", list(per), [], Path("."))
+    lines = evaluate.format_table(rows, ds).splitlines()
+    assert lines[0].split()[:3] == ["class", "(worst", "first)"]
+    assert [ln.split()[0] for ln in lines[1:6]] == ["c", "a", "d", "background", "b"]
+    assert lines[1].split()[-1] == "20.00" and lines[5].split()[-1] == "-"
+    runs = lines[lines.index("") + 1:]
+    assert runs[1].split()[:3] == ["full", "42.00", "52.50"] and runs[2].split()[-2] == "-12.00"
+
+
 # --------------------------------------------------------------------------------------------- VOC layout
 
 VOC_AS_TOY = ["red circle", "red square", "red triangle", "green star", "green ring", "green cross", "blue circle",

@@ -1,0 +1,184 @@
+"""Issue 23, no class left behind: each switch on a small constructed case (a thin thing beside stuff of its own
+colour keeps its pixels; a scene whose stuff the vocabulary names has no background pixels), the opening against a
+plain scipy loop, the recipes and ablation names, and a whole-vocabulary (48 + 40 classes) toy eval with a floor on
+the worst class."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from ovdiff_ray import evaluate
+from ovdiff_ray.models import toy
+from ovdiff_ray.precedence import background_present, opened_shares
+from ovdiff_ray.recipe import RecipeError, load_recipe, recipe_from_dict
+from ovdiff_ray.segment import ABLATIONS, Segmenter, Switches
+from ovdiff_ray.store.bank import Bank
+
+ALL = ([(f"{c} {s}", "thing") for c in toy.COLOURS for s in toy.SHAPES]
+       + [(f"{c} {t}", "stuff") for c in toy.COLOURS for t in toy.TEXTURES])
+NAMES = [n for n, _ in ALL]
+KINDS = [k for _, k in ALL]
+
+_CACHE: dict[str, object] = {}
+
+
+def protos_of(names_kinds):
+    """Toy-recipe prototypes, each class sampled once per test session."""
+    from ovdiff_ray.sample import SamplingModels, sample_class
+
+    recipe = load_recipe("toy")
+    todo = [(n, k) for n, k in names_kinds if n not in _CACHE]
+    if todo:
+        models = SamplingModels.load(recipe, "cpu")
+        for n, k in todo:
+            _CACHE[n] = sample_class(n, recipe, models, kind=k)
+    return [_CACHE[n] for n, _ in names_kinds]
+
+
+def segmenter(protos, **seg) -> Segmenter:
+    recipe = load_recipe("toy")
+    for k, v in seg.items():
+        setattr(recipe.segmentation, k, v)
+    return Segmenter.from_bank(Bank.from_prototypes(protos, recipe), "cpu")
+
+
+def whole_vocab_scene(seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scene `index` of the toy world's whole vocabulary drawn as bench/vocab_bench.py draws them (scene seed
+    `seed`); labels index NAMES from 1 (0 background, 255 ignore)."""
+    rng = np.random.default_rng(seed)
+    seeds = [rng.integers(2 ** 63) for _ in range(index + 1)]
+    return toy.make_scene(NAMES, KINDS, np.random.default_rng(seeds[index]), 128)
+
+
+def label_of(lab: np.ndarray, name: str) -> np.ndarray:
+    return lab == NAMES.index(name) + 1
+
+
+# ---------------------------------------------------------------------------------------------- the opening
+
+def reference_opened_shares(win: np.ndarray, n: int, radius: int) -> np.ndarray:
+    """Plain scipy: per row, erosion with a square (outside the image counts as inside), then dilation (outside
+    counts as outside), kept inside the row's own pixels."""
+    square = np.ones((2 * radius + 1, 2 * radius + 1), bool)
+    out = np.zeros(n)
+    for r in range(n):
+        m = win == r
+        opened = ndimage.binary_dilation(ndimage.binary_erosion(m, square, border_value=1), square) & m
+        out[r] = opened.sum() / win.size
+    return out
+
+
+def test_opening_drops_a_thin_ring_and_keeps_a_region():
+    h = w = 96
+    yy, xx = np.mgrid[:h, :w]
+    win = np.zeros((h, w), np.int64)
+    win[:, 60:] = 2  # a region 36 px wide
+    r = np.hypot(yy - 40, xx - 28)
+    win[(r >= 14) & (r <= 18)] = 1  # a ring 5 px wide
+    win[5, 5] = 3  # one stray pixel
+    t = torch.from_numpy(win)
+    plain = opened_shares(t, 4, 0).numpy()
+    assert np.allclose(plain, np.bincount(win.ravel(), minlength=4) / win.size)
+    for radius in (1, 2, 3, 5):
+        got = opened_shares(t, 4, radius).numpy()
+        assert np.allclose(got, reference_opened_shares(win, 4, radius), atol=1e-7), radius
+    got = opened_shares(t, 4, 3).numpy()
+    assert got[1] == 0 and got[3] == 0  # narrower than the 7 px square
+    assert got[2] == pytest.approx(plain[2])  # the region keeps every pixel, at the image border too
+
+
+def test_background_present_counts_the_argmax_with_ties_to_background():
+    s = torch.zeros(3, 10, 10)
+    s[1, :, :5] = 0.5  # class 1 wins half
+    s[2, :, 5:8] = -0.2  # negative scores count as 0: ties go to background (30% + 20%)
+    assert background_present(s, 0.5) and not background_present(s, 0.51)
+
+
+# ------------------------------------------------------------------------------- constructed cases, each switch
+
+# scene 36 of the whole vocabulary (scene seed 6089, a development draw): a blue ring on yellow grain beside purple
+# waves; blue checks, named but absent, wins most of the thin ring's pixels in the whole view
+RING_CASE = [("orange star", "thing"), ("blue ring", "thing"), ("yellow grain", "stuff"), ("blue checks", "stuff"),
+             ("purple waves", "stuff")]
+
+
+def test_stuff_opening_keeps_a_thin_thing_from_same_colour_stuff():
+    img, lab = whole_vocab_scene(6000 + 1 + 88, 36)
+    ring = label_of(lab, "blue ring")
+    assert ring.sum() > 800 and not label_of(lab, "blue checks").any()
+    protos = protos_of(RING_CASE)
+    on = segmenter(protos, stuff_opening=0.025)
+    off = segmenter(protos, stuff_opening=0.0)
+    value = on.bank.index("blue ring") + 1
+    res_on, res_off = on.segment(img), off.segment(img)
+    assert "blue checks" in res_off.kept and "blue checks" not in res_on.kept
+    assert (res_off.labels[ring] == value).mean() < 0.2  # without the opening, the ring goes to blue checks
+    assert (res_on.labels[ring] == value).mean() > 0.9
+    # the stuff that is there stays, and the ablation name turns the switch off again
+    assert {"yellow grain", "purple waves"} <= set(res_on.kept)
+    assert np.array_equal(on.segment(img, ablate=["no_stuff_opening"]).labels, res_off.labels)
+
+
+def test_background_presence_named_stuff_leaves_no_background():
+    """Scene 60 of the same draw: a green star on blue checks. With blue checks named, no pixel is background; the
+    star's background prototypes (its typical background is another texture) win 5% of them without the switch.
+    With blue checks not named, the background is real and stays."""
+    img, lab = whole_vocab_scene(6000 + 1 + 88, 60)
+    assert set(np.unique(lab)) - {255} == {NAMES.index("green star") + 1, NAMES.index("blue checks") + 1}
+    protos = protos_of([("green star", "thing"), ("blue checks", "stuff")])
+    on = segmenter(protos, background_min_area=0.15)
+    off = segmenter(protos, background_min_area=0.0)
+    assert (off.segment(img).labels == 0).mean() > 0.02
+    res = on.segment(img)
+    assert (res.labels == 0).sum() == 0
+    assert (res.labels[label_of(lab, "blue checks")] == on.bank.index("blue checks") + 1).mean() > 0.97
+    assert np.array_equal(on.segment(img, ablate=["no_background_presence"]).labels, off.segment(img).labels)
+    # only the star named: blue checks is background, and background is still matched
+    star = segmenter(protos[:1], background_min_area=0.15)
+    res = star.segment(img)
+    assert (res.labels[label_of(lab, "blue checks")] == 0).mean() > 0.9
+
+
+# ------------------------------------------------------------------------------------------ recipes and names
+
+def test_recipes_paper_off_toy_and_paper_plus_on_and_bad_values_refused():
+    for name, on in (("paper", False), ("paper-plus", True), ("toy", True)):
+        sw = Switches.of(load_recipe(name).segmentation, (), [])
+        assert (sw.stuff_opening, sw.background_presence) == (on, on), name
+    plus = load_recipe("paper-plus").segmentation
+    for name in ("no_stuff_opening", "no_background_presence"):
+        assert name in ABLATIONS
+        assert getattr(Switches.of(plus, [name], []), name[3:]) is False
+    d = load_recipe("toy").to_dict()
+    d["segmentation"]["stuff_opening"] = 0.7
+    with pytest.raises(RecipeError, match="stuff_opening must be in"):
+        recipe_from_dict(d, "bad.yaml")
+    d["segmentation"]["stuff_opening"], d["segmentation"]["background_min_area"] = 0.0, 1.5
+    with pytest.raises(RecipeError, match="background_min_area"):
+        recipe_from_dict(d, "bad.yaml")
+
+
+# --------------------------------------------------------------------------------- the whole vocabulary, a floor
+
+@pytest.mark.timeout(1800)  # 88 classes sampled + 24 scenes: about 45 s of CPU, far longer on a crowded machine
+def test_whole_vocabulary_toy_eval_holds_a_floor_on_the_tail():
+    """All 48 things and 40 stuff classes, 24 scenes of a draw used neither in development nor in the README
+    figures (scene seed 31337), the toy recipe as shipped: no background predicted (no scene holds any; without
+    issue 23's switches background is predicted, IoU 0, nanmean 0.897), and the tail above floors a little under
+    what it measures (nanmean 0.915, the 5th-worst class 0.55, 10% of the classes under 0.70). The worst classes
+    themselves are 0.00 here (so a floor on them would be 0): three things the pre-filter misses in the one scene
+    that holds each."""
+    protos = protos_of(ALL)
+    rng = np.random.default_rng(31337)
+    scenes = [toy.make_scene(NAMES, KINDS, np.random.default_rng(rng.integers(2 ** 63)), 128) for _ in range(24)]
+    s = segmenter(protos)
+    lut = np.array([0] + [NAMES.index(n) + 1 for n in s.bank.names])
+    conf = sum(evaluate.confusion(lab, lut[s.segment(img).labels], len(NAMES) + 1) for img, lab in scenes)
+    m, mn, iou = evaluate.miou(conf)
+    seen = np.sort(iou[np.isfinite(iou)])
+    under = float((seen < 0.70).mean())
+    worst = sorted(zip(seen.round(3), np.array(["background"] + NAMES)[np.isfinite(iou)]))[:6]
+    assert np.isnan(iou[0]), worst  # no scene holds background, and none is predicted
+    assert mn >= 0.90 and seen[4] >= 0.50 and under <= 0.16, (mn, under, worst)
