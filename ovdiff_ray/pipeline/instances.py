@@ -134,11 +134,11 @@ class DeviceMaskCut:
         keys = self.extractor(x).float()  # [b, D, g, g]
         cut = maskcut_batch(keys, self.cfg.maskcut_n, self.cfg.maskcut_tau)
         if not self.cfg.maskcut_crf:
-            g = cut.masks.shape[-2:]
-            up = F.interpolate(cut.masks.flatten(0, 1).float()[:, None], size=(h, w), mode="nearest")[:, 0] > 0.5
-            up = up.reshape(b, -1, h, w) if cut.masks.shape[1] else torch.zeros(b, 0, h, w, dtype=torch.bool,
-                                                                                  device=images.device)
-            del g
+            if cut.masks.shape[1] == 0:
+                up = torch.zeros(b, 0, h, w, dtype=torch.bool, device=images.device)
+            else:  # nearest upsampling of the grid masks, as the host path
+                up = F.interpolate(cut.masks.flatten(0, 1).float()[:, None], size=(h, w), mode="nearest")
+                up = up[:, 0].reshape(b, -1, h, w) > 0.5
             return InstanceBatch((h, w), images.device, masks=up)
         small = (x * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()  # [b, s, s, 3] uint8
         counts = cut.counts.cpu().tolist()
