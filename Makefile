@@ -29,12 +29,13 @@ prometheus:
 test: $(STAMP) prometheus
 	$(BIN)/python -m pytest -q -ra
 
-# The try-it page in headless Chromium (not in `make test`: a fresh machine has no Chromium). Installs Debian's
-# chromium when it is missing (needs root and the Debian registry) and playwright-core from tests/browser's lock file.
+# The try-it page and the demo's results page in headless Chromium (not in `make test`: a fresh machine has no
+# Chromium). Installs Debian's chromium when it is missing (needs root and the Debian registry) and playwright-core
+# from tests/browser's lock file.
 test-browser: $(STAMP)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium)
 	test -d tests/browser/node_modules/playwright-core || npm ci --prefix tests/browser --no-audit --no-fund
-	$(BIN)/python -m pytest -q -ra tests/browser/browser_check.py
+	$(BIN)/python -m pytest -q -ra tests/browser/browser_check.py tests/browser/results_check.py
 
 # A real Label Studio (PyPI, its own venv .venv-labelstudio; not in `make test`: ~1 GB and a database migration on
 # first start) started on 127.0.0.1: a project from label_dataset's labelstudio.xml, tasks.json imported, the Serve

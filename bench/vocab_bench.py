@@ -8,8 +8,8 @@ and the whole vocabulary, 48 + 40; each drawn with a fixed seed), scenes are dra
 configuration: nanmean mIoU, mIoU with absent classes as 0, background IoU, the tail (the 3 worst classes among
 those the scenes hold or the method predicts, background included, and the share of them under 0.70 IoU), seconds
 per image (noisy on a shared machine), the same with the pre-filter off, and the text prompts the pre-filter
-encoded per image. Configurations: `today` (every switch beyond the paper off, as `paper.yaml`), `before` (issue
-10's switches as `toy.yaml`, issue 23's off: the tail before issue 23) and `new` (all switches as `toy.yaml`).
+encoded per image. Configurations: `today` (every switch beyond the paper off, as `paper.yaml`), `before` (as
+`toy.yaml` with issue 27's thing proposals off: the tail before issue 27) and `new` (all switches as `toy.yaml`).
 
 The vocabulary and scene seeds default to ones the method was not developed on (issue 10 developed with --seed 100,
 issue 23 with --seed 5000 and 6000).
@@ -102,12 +102,13 @@ SWITCH_KEYS = {
     "classifier": (),
 }
 TAIL_KEYS = ("stuff_opening", "background_min_area")  # issue 23's switches (ovdiff_ray/precedence.py)
+RECALL_KEYS = ("thing_proposals", "proposal_grid", "proposal_min_share", "proposal_min_area")  # issue 27's
 CONFIGS = ("today", "before", "new")
 
 
 def configure(bank, config: str) -> None:
-    """Set the switches on a loaded bank's recipe: `today` = as paper.yaml (issue 10's and 23's off), `before` =
-    issue 10's as toy.yaml and issue 23's off (the tail before this issue), `new` = all as toy.yaml."""
+    """Set the switches on a loaded bank's recipe: `today` = as paper.yaml (every switch beyond the paper off),
+    `before` = as toy.yaml with issue 27's off (the tail before issue 27), `new` = all as toy.yaml."""
     if config not in CONFIGS:
         raise SystemExit(f"unknown config {config!r} (known: {', '.join(CONFIGS)})")
     paper, toy_r = load_recipe("paper"), load_recipe("toy")
@@ -117,6 +118,8 @@ def configure(bank, config: str) -> None:
             if hasattr(getattr(src, section), k):
                 setattr(getattr(bank.recipe, section), k, getattr(getattr(src, section), k))
     for k in TAIL_KEYS:
+        setattr(bank.recipe.segmentation, k, getattr(src.segmentation, k))
+    for k in RECALL_KEYS:
         setattr(bank.recipe.segmentation, k, getattr((toy_r if config == "new" else paper).segmentation, k))
 
 
@@ -199,6 +202,8 @@ def main(argv=None) -> int:
     ap.add_argument("--confusions", type=int, default=5, help="top confusions printed per size and config")
     ap.add_argument("--bank", default=None, help="keep the all-classes toy bank in this folder and reuse it")
     ap.add_argument("--lvis-images", type=int, default=8, help="images for the 1203-class pre-filter measure (0: skip)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a segmentation value in every config (repeatable; e.g. proposal_min_area=0.03)")
     ap.add_argument("--lvis-only", action="store_true", help="only the 1203-class pre-filter measure")
     a = ap.parse_args(argv)
     import torch
@@ -214,6 +219,12 @@ def main(argv=None) -> int:
         if s not in SIZES:
             ap.error(f"unknown size {s} (known: {sorted(SIZES)})")
     configs = a.configs.split(",")
+    overrides = {}
+    for kv in a.set:
+        k, _, v = kv.partition("=")
+        if not hasattr(recipe.segmentation, k) or not v:
+            ap.error(f"--set {kv!r}: not KEY=VALUE with KEY a segmentation field")
+        overrides[k] = type(getattr(recipe.segmentation, k))(v)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if a.bank and os.path.isfile(os.path.join(a.bank, "manifests", "latest")):
@@ -226,7 +237,7 @@ def main(argv=None) -> int:
             n_scenes = a.scenes * 2 if size >= 60 else a.scenes
             scenes = draw_scenes(vocab, n_scenes, a.seed + 1 + size)
             for config in configs:
-                r = evaluate_vocab(uri, vocab, scenes, config, regions=a.regions)
+                r = evaluate_vocab(uri, vocab, scenes, config, overrides=overrides, regions=a.regions)
                 key = f"{config}.{size}"
                 out(f"{key}.nanmean_miou", r["nanmean"])
                 out(f"{key}.miou", r["miou"])
@@ -240,7 +251,8 @@ def main(argv=None) -> int:
                 row = [size, f"{nt}+{ns}", config, n_scenes, r["nanmean"], r["miou"], r["bg"], worst3, r["under"],
                        r["s_per_image"], r["prompts"]]
                 if not a.no_prefilter_off:
-                    q = evaluate_vocab(uri, vocab, scenes, config, ablate=("no_prefilter",), regions=a.regions)
+                    q = evaluate_vocab(uri, vocab, scenes, config, ablate=("no_prefilter",), overrides=overrides,
+                                       regions=a.regions)
                     out(f"{key}.no_prefilter.nanmean_miou", q["nanmean"])
                     out(f"{key}.no_prefilter.miou", q["miou"])
                     out(f"{key}.no_prefilter.background_iou", q["bg"])

@@ -1,8 +1,10 @@
 """`ovdiff demo` (`make demo`): the main job on the embedded default, end to end on this machine in a few minutes.
 
 Builds the toy bank with `build_bank` on a local Ray, writes toy scenes with ground truth, starts the segmentation
-service (Ray Serve, 127.0.0.1), sends the scenes and one real photo over HTTP, writes the overlays and a results page
-to `demo-out/`, prints toy mIoU and request latencies, and shuts everything down.
+service (Ray Serve, 127.0.0.1), sends the scenes and one real photo over HTTP, writes the overlays and the results
+page `demo-out/index.html` (results_page.py: per scene image | prediction | ground truth | confidence, the per-class
+IoU chart worst first, the headline figures and how they were measured), prints toy mIoU and request latencies, and
+shuts everything down.
 """
 from __future__ import annotations
 
@@ -64,7 +66,8 @@ async def _send(base: str, jobs: list[tuple[str, bytes, dict]], concurrency: int
         return list(await asyncio.gather(*(one(c, *j) for j in jobs)))
 
 
-def _write_page(out: Path, rows: list[dict], photo: dict | None, summary: list[str]) -> Path:
+def _overlays_html(rows: list[dict], photo: dict | None) -> str:
+    """The service's own overlays and the real photo, below the results (results_page.py)."""
     cells = []
     for r in rows:
         cells.append(f"<figure><img src='{html.escape(r['overlay'])}' alt='{r['name']}'><figcaption>{r['name']}: "
@@ -75,16 +78,7 @@ def _write_page(out: Path, rows: list[dict], photo: dict | None, summary: list[s
         photo_html = (f"<h2>A real photo</h2><p>{html.escape(photo['note'])}</p><figure><img src='"
                       f"{html.escape(photo['overlay'])}' alt='photo'><figcaption>{html.escape(photo['caption'])}"
                       "</figcaption></figure>")
-    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>ovdiff demo</title>
-<style>body{{font:15px system-ui,sans-serif;margin:2rem auto;max-width:70rem;padding:0 1rem}}
-.grid{{display:flex;flex-wrap:wrap;gap:1rem}}figure{{margin:0;width:15rem}}figure img{{width:100%;
-border:1px solid #ccc;image-rendering:pixelated}}figcaption{{font-size:.85rem;color:#555}}pre{{white-space:pre-wrap;background:#f4f4f6;
-padding:.8rem}}</style></head><body><h1>ovdiff demo: the toy bank served over HTTP</h1>
-<pre>{html.escape(chr(10).join(summary))}</pre><h2>Toy scenes (overlays from the service)</h2>
-<div class="grid">{''.join(cells)}</div>{photo_html}</body></html>"""
-    path = out / "index.html"
-    path.write_text(page)
-    return path
+    return (f"<h2>Overlays as the service draws them</h2><div class='row'>{''.join(cells)}</div>{photo_html}")
 
 
 def run(a: argparse.Namespace) -> int:
@@ -93,13 +87,15 @@ def run(a: argparse.Namespace) -> int:
 
     from .build_bank import main as build_bank
     from .evaluate import confusion, load_dataset, miou, read_label
+    from .images import read_image
+    from .results_page import SceneView, write_results_page
     from .models.toy import scenes_main
     from .serve.app import APP_NAME, build_app
     from .serve.engine import decode_png
     from .vocab import fold
 
     out = Path(a.out).resolve()
-    for sub in ("bank", "scenes", "overlays"):
+    for sub in ("bank", "scenes", "overlays", "results"):
         shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     vocab = REPO_ROOT / "bank" / "vocab" / "toy.tsv"
@@ -141,7 +137,8 @@ def run(a: argparse.Namespace) -> int:
         ds = load_dataset("toy", out / "scenes")
         raw = {iid: img.read_bytes() for iid, img, _ in ds.items}
         asyncio.run(_send(base, [("warm-up", raw[ds.items[0][0]], {})], 1))  # the first request is not timed
-        masks = asyncio.run(_send(base, [(iid, raw[iid], {}) for iid, _, _ in ds.items], a.concurrency))
+        masks = asyncio.run(_send(base, [(iid, raw[iid], {"scores": "true"}) for iid, _, _ in ds.items],
+                                  a.concurrency))
         overlays = asyncio.run(_send(base, [(iid, raw[iid], {"format": "overlay"}) for iid, _, _ in ds.items],
                                      a.concurrency))
         bad = [(n, s, b) for n, _, b, s in masks + overlays if s != 200]
@@ -153,8 +150,12 @@ def run(a: argparse.Namespace) -> int:
         for c in info["classes"]:
             lut[c["id"]] = index.get(fold(c["name"]), 0)
         conf = np.zeros((len(ds.classes), len(ds.classes)), np.int64)
-        for (iid, _, lab), (_, _, body, _) in zip(ds.items, masks):
-            conf += confusion(read_label(lab), lut[decode_png(body["mask"])], len(ds.classes))
+        views = []
+        for (iid, img, lab), (_, secs, body, _) in zip(ds.items, masks):
+            truth, pred = read_label(lab), lut[decode_png(body["mask"])]
+            conf += confusion(truth, pred, len(ds.classes))
+            c = decode_png(body["confidence"]) / body["confidence_scale"] if "confidence" in body else None
+            views.append(SceneView(iid, read_image(img), pred, truth, c, 1000 * secs))
         m, m_nan, iou = miou(conf)
         (out / "overlays").mkdir(exist_ok=True)
         rows = []
@@ -198,7 +199,14 @@ def run(a: argparse.Namespace) -> int:
             f"bad request (not an image): HTTP {bad_status} {bad_body.get('error')!r}; service afterwards: "
             f"{health.json().get('status', health.status_code)}",
         ]
-        page = _write_page(out, rows, photo, summary)
+        headline = [f"toy mIoU {m:.3f} with absent classes as 0, nanmean {m_nan:.3f}: {len(ds)} toy scenes "
+                    f"(ovdiff toy-scenes --vocab bank/vocab/toy.tsv --n {a.scenes} --seed 0), the bank built by "
+                    "build_bank with recipe toy, each scene sent to the service (POST /v1/segment, scores=true), "
+                    "the returned mask scored against the scene's ground truth (ovdiff_ray.evaluate.confusion); "
+                    "regions as the recipe ships them, no PAMR"] + summary[2:]
+        page = write_results_page(out, views, list(ds.classes), iou, headline,
+                                  title="ovdiff demo: the toy bank served over HTTP",
+                                  extra_html=_overlays_html(rows, photo))
         for line in summary:
             print(line)
         print(f"files: {out / 'overlays'} ({len(rows) + (1 if photo else 0)} overlays), results page {page}, "

@@ -3,7 +3,8 @@
 Ablations (recipe `segmentation.*` or the `ablate` argument of `Segmenter.segment`): `no_background`,
 `no_prefilter`, `no_stuff_filter`, `class_mean_only`, `no_regions`, `only:<extractor>`; and for the switches beyond
 the paper (off in paper.yaml): issue 10's `no_stuff_filter_self`, `no_stuff_presence`, `no_bounded_search`, and
-issue 23's `no_stuff_opening`, `no_background_presence` (precedence.py).
+issue 23's `no_stuff_opening`, `no_background_presence` (precedence.py), issue 27's `no_thing_proposals`
+(proposals.py).
 
 `SegmentError` lives here (re-exported by segment.py) so that a bad ablation name is the segmenter's error.
 """
@@ -16,7 +17,9 @@ ABLATIONS = ("no_background", "no_prefilter", "no_stuff_filter", "class_mean_onl
              # issue 10's switches (ovdiff_ray/prefilter.py, ovdiff_ray/matching.py): each turns one off
              "no_stuff_filter_self", "no_stuff_presence", "no_bounded_search",
              # issue 23's (ovdiff_ray/precedence.py)
-             "no_stuff_opening", "no_background_presence")
+             "no_stuff_opening", "no_background_presence",
+             # issue 27's (ovdiff_ray/proposals.py)
+             "no_thing_proposals")
 
 
 class SegmentError(ValueError):
@@ -39,6 +42,7 @@ class Switches:
     regions: bool = True  # snap to the recipe's (or the request's) regions; `no_regions` turns it off
     stuff_opening: bool = False  # segmentation.stuff_opening > 0
     background_presence: bool = False  # segmentation.background_min_area > 0
+    thing_proposals: bool = False  # segmentation.thing_proposals > 0
 
     @classmethod
     def of(cls, seg, ablate: Sequence[str], extractors: Sequence[str]) -> "Switches":
@@ -47,7 +51,7 @@ class Switches:
                  class_mean_only=seg.class_mean_only, only=None, stuff_filter_self=seg.stuff_filter_rule == "self",
                  stuff_presence=seg.stuff_min_area > 0,
                  bounded_search=seg.subset_search != "exhaustive", stuff_opening=seg.stuff_opening > 0,
-                 background_presence=seg.background_min_area > 0)
+                 background_presence=seg.background_min_area > 0, thing_proposals=seg.thing_proposals > 0)
         for a in ablate:
             if a.startswith("only:"):
                 name = a[5:]
