@@ -190,6 +190,74 @@ def lvis_prefilter(n_images: int, searches=("exhaustive", "greedy", "beam")) -> 
             out(f"lvis1203.{how}.same_kept_as_exhaustive", sum(a == b for a, b in zip(kept, base[2])) / n_images)
 
 
+def synthetic_bank(recipe, names: list[str], kinds: list[str], text: np.ndarray, parts: int = 8, instances: int = 8):
+    """A bank over `names` with random unit prototypes at the recipe's extractor dims (the paper's row layout per
+    class: 1 class + `instances` instance + `parts` part fg rows; things also 1 + `parts` bg rows): what the
+    matching and the retrieval cost at that size, not what they find."""
+    import torch
+
+    from ovdiff_ray.models import build_extractors
+    from ovdiff_ray.store.bank import Bank, BankArrays
+
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for e in build_extractors(recipe, "cpu"):
+        dim = int(e(torch.rand(1, 3, 64, 64)).shape[1])
+        levels, kind, cidx, source, offsets = [], [], [], [], [0]
+        for c, k in enumerate(kinds):
+            lv = [0] + [1] * instances + [2] * parts + ([0] + [2] * parts if k == "thing" else [])
+            kd = [0] * (1 + instances + parts) + ([1] * (1 + parts) if k == "thing" else [])
+            levels += lv
+            kind += kd
+            cidx += [c] * len(lv)
+            source += [-1] + list(range(instances)) + [-1] * (len(lv) - 1 - instances)
+            offsets.append(offsets[-1] + len(lv))
+        v = rng.standard_normal((len(levels), dim)).astype(np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        arrays[e.name] = BankArrays(vectors=v.astype(np.float16), class_idx=np.array(cidx, np.int32),
+                                    kind=np.array(kind, np.uint8), level=np.array(levels, np.uint8),
+                                    offsets=np.array(offsets, np.int64), source=np.array(source, np.int16),
+                                    members=None)
+    return Bank("lvis-synthetic", 0, recipe, names, kinds, text, arrays)
+
+
+def lvis_segment(n_images: int, proposals: int = 3) -> None:
+    """Seconds per image to segment at 1203 classes (LVIS names, tiny recipe, random prototypes at its dims, toy.yaml's
+    switches, 96 px images, no regions) with the thing proposals off and on (`thing_proposals`), the same images in
+    the same run, and the classes the proposals added per image."""
+    import torch
+
+    from ovdiff_ray.models import build_classifier
+    from ovdiff_ray.segment import Segmenter
+    from ovdiff_ray.vocab import load_vocab
+
+    recipe = load_recipe("tiny")
+    toy_r = load_recipe("toy")
+    for k in SWITCH_KEYS["segmentation"] + TAIL_KEYS + RECALL_KEYS:
+        setattr(recipe.segmentation, k, getattr(toy_r.segmentation, k))
+    recipe.segmentation.max_candidates = load_recipe("paper").segmentation.max_candidates
+    recipe.segmentation.regions = "none"
+    vocab = load_vocab(os.path.join(os.path.dirname(__file__), "..", "bank", "vocab", "lvis1203.tsv"))
+    clf = build_classifier(recipe, "cpu")
+    text = np.asarray(clf.encode_text([recipe.classifier.text_template.format(name=c.text) for c in vocab.classes]),
+                      np.float32)
+    bank = synthetic_bank(recipe, vocab.names, [c.kind for c in vocab.classes], text)
+    g = torch.Generator().manual_seed(1)
+    images = [(torch.rand(96, 96, 3, generator=g) * 255).to(torch.uint8).numpy() for _ in range(n_images)]
+    seg = Segmenter.from_bank(bank, "cpu")
+    seg.segment(images[0])  # warm-up: models, text cache, gather caches
+    times = {}
+    for name, n in (("off", 0), ("proposals", proposals), ("off_again", 0)):
+        bank.recipe.segmentation.thing_proposals = n
+        t0 = time.perf_counter()
+        kept = [len(seg.segment(im).kept) for im in images]
+        times[name] = (time.perf_counter() - t0) / n_images
+        out(f"lvis1203.segment.{name}.s_per_image", times[name])
+        out(f"lvis1203.segment.{name}.kept_per_image", float(np.mean(kept)))
+    base = (times["off"] + times["off_again"]) / 2
+    out("lvis1203.segment.proposals_vs_off", times["proposals"] / base)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="10,20,40,60,88", help=f"comma-separated sizes among {sorted(SIZES)}")
@@ -211,6 +279,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     if a.lvis_images:
         lvis_prefilter(a.lvis_images)
+        lvis_segment(a.lvis_images)
     if a.lvis_only:
         return 0
     recipe = load_recipe("toy")

@@ -173,8 +173,8 @@ class SegmentationConfig:
     thing_proposals: int = 0  # > 0: at most this many thing classes the pre-filter dropped are proposed per image
     proposal_grid: int = 16  # cells on the short side of the whole view that vote for their nearest class
     proposal_min_share: float = 0.03  # a thing is proposed when it is the nearest class in this share of cells
-    proposal_min_area: float = 0.02  # a proposal stays if it wins this share of the whole view, fully matched,
-    proposal_margin: float = 0.05  # by at least this cosine over the best other row on those pixels
+    proposal_min_area: float = 0.02  # a proposal marks a region if it wins this share of the whole view
+    proposal_context: float = 0.25  # the region's box grows by this x its size before the classifier sees it
     pamr_iters: int = 10
     pamr_dilations: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 12, 24])
     # labels snapped to class-agnostic regions (regions.py): none (the paper) | superpixels | sam
@@ -320,11 +320,11 @@ def _validate(r: Recipe) -> None:
         raise RecipeError("segmentation: stuff_opening must be in [0, 0.5), stuff_min_area and background_min_area "
                           f"in [0, 1] (got {sg.stuff_opening}, {sg.stuff_min_area}, {sg.background_min_area})")
     if not (0 <= sg.thing_proposals <= 64 and 1 <= sg.proposal_grid <= 128 and 0 <= sg.proposal_min_share <= 1
-            and 0 <= sg.proposal_min_area <= 1 and 0 <= sg.proposal_margin <= 2):
+            and 0 <= sg.proposal_min_area <= 1 and 0 <= sg.proposal_context <= 4):
         raise RecipeError("segmentation: thing_proposals must be in 0..64, proposal_grid in 1..128, "
-                          "proposal_min_share and proposal_min_area in [0, 1], proposal_margin in [0, 2] (got "
+                          "proposal_min_share and proposal_min_area in [0, 1], proposal_context in [0, 4] (got "
                           f"{sg.thing_proposals}, {sg.proposal_grid}, {sg.proposal_min_share}, {sg.proposal_min_area}, "
-                          f"{sg.proposal_margin})")
+                          f"{sg.proposal_context})")
     sp = r.segmentation.superpixels
     if sp.min_size < 1 or sp.n_segments < 1 or sp.scale <= 0:
         raise RecipeError("segmentation.superpixels: min_size and n_segments must be >= 1 and scale > 0")

@@ -15,7 +15,7 @@ Ablations (recipe `segmentation.*` or the `ablate` argument): `no_background`, `
 `no_stuff_filter_self` (`stuff_filter_rule: self`), `no_stuff_presence` (`stuff_min_area`: a stuff class is kept
 only where it wins part of the whole-image view) and `no_bounded_search` (`subset_search: greedy | beam`); issue 23's
 `no_stuff_opening` and `no_background_presence` (precedence.py); issue 27's `no_thing_proposals` (proposals.py:
-thing classes the pre-filter dropped, proposed by the prototypes in the whole view). With the pre-filter off over more than
+the prototypes propose regions in the whole view, the classifier names their crops). With the pre-filter off over more than
 `segmentation.retrieval_classes` classes, a faiss class-level retrieval (pooled
 image features vs class prototypes) bounds the classes matched.
 """
@@ -40,7 +40,7 @@ from .models.base import Classifier, Extractor
 from .pamr import pamr_affinity, pamr_refine  # noqa: F401 (re-exported)
 from .precedence import background_present, opened_shares
 from .prefilter import PreFilter, Selection
-from .proposals import cell_queries, cell_similarities, clear_wins, propose
+from .proposals import cell_queries, cell_similarities, grid_size, propose, region_box
 from .regions import RegionsError, RegionSnapper
 from .store.bank import Bank
 from .switches import ABLATIONS, SegmentError, Switches  # noqa: F401 (re-exported)
@@ -319,12 +319,47 @@ class Segmenter:
         total = np.zeros((0, n), np.float32)
         for ex in exs:
             index, rows = self._class_index(ex)
-            sims = cell_similarities(index, rows, cell_queries(it.whole[ex][0], self.seg.proposal_grid), n,
-                                     max(16, self.seg.thing_proposals * 4))
+            q = cell_queries(it.whole[ex][0], grid_size(*it.x.shape[-2:], self.seg.proposal_grid))
+            sims = cell_similarities(index, rows, q, n, max(16, self.seg.thing_proposals * 4))
             total = sims if not len(total) else total + sims
         things = [c for c in ids if self.bank.kinds[c] != "stuff"]
         return propose(total, ids, it.kept, things, self.seg.proposal_min_share, self.seg.thing_proposals,
                        floor=-float(len(exs)))
+
+    def _whole_scores(self, it: _Item, kept: list[int], exs: list[str], sw: Switches) -> torch.Tensor:
+        """`[K + 1, h, w]` scores of the whole-image view (features in `it.whole`) for `kept`, summed over
+        extractors (each clamped to [-1, 1])."""
+        t0 = time.perf_counter()
+        acc = torch.zeros(len(kept) + 1, *it.x.shape[-2:], device=self.device)
+        for ex in exs:
+            sv = self.match(it.whole[ex], self.gather(ex, kept, sw))[0]
+            acc += F.interpolate(sv[None], size=acc.shape[-2:], mode="bilinear", align_corners=False)[0].clamp_(-1, 1)
+        it.t["prefilter"] += time.perf_counter() - t0
+        return acc
+
+    def _recall(self, it: _Item, ids: list[int], exs: list[str], sw: Switches) -> list[int]:
+        """Issue 27's recall past the pre-filter (proposals.py): the prototypes propose thing classes the pre-filter
+        dropped; each proposal that wins `proposal_min_area` of the whole view (matched with the kept classes) marks
+        a region, and the classifier names the region's crop (its best thing class among `ids`); a name the
+        pre-filter had not kept is added. Returns the added classes."""
+        props = self._propose(it, ids, exs)
+        if not props:
+            return []
+        allk = sorted(set(it.kept) | set(props))
+        win = self._whole_scores(it, allk, exs, sw).clamp_min(0).argmax(0)  # [h, w]
+        things = [c for c in ids if self.bank.kinds[c] != "stuff"]
+        crops = []
+        for p in props:
+            m = win == allk.index(p) + 1
+            if float(m.float().mean()) < self.seg.proposal_min_area:
+                continue
+            crops.append(it.x[(slice(None),) + region_box(m, self.seg.proposal_context)])
+        if not crops:
+            return []
+        t0 = time.perf_counter()
+        named = [things[int(np.argmax(self.bank.text[things] @ e))] for e in self._prefilter.image_embeddings(crops)]
+        it.t["prefilter"] += time.perf_counter() - t0
+        return sorted(set(named) - set(it.kept))
 
     def _stuff_presence(self, items: list[_Item], sw: Switches, exs: list[str], ids: list[int]) -> None:
         """The stuff half of the pre-filter (off with it): drop the kept stuff classes that win less than
@@ -332,38 +367,23 @@ class Segmenter:
         extractors); the paper keeps every stuff class. The whole-image features are reused by `_accumulate`. The
         same view decides whether background is matched (`segmentation.background_min_area`), and with
         `segmentation.stuff_opening` a stuff class's won area is opened first (precedence.py). With
-        `segmentation.thing_proposals` the same view first proposes thing classes the pre-filter dropped, matched
-        here with the kept classes and kept where they win `proposal_min_area` of it (proposals.py)."""
+        `segmentation.thing_proposals` the same view first recalls thing classes the pre-filter dropped
+        (`_recall`, proposals.py)."""
         for ex in exs:
             for batch, f in self._features(ex, items, lambda it: [(0, 0, *it.x.shape[-2:])]):
                 for (i, _), fi in zip(batch, f):
                     items[i].whole[ex] = fi[None]  # reused by `_accumulate`
-        proposed: list[set[int]] = [set() for _ in items]
-        for it, p in zip(items, proposed):
+        for it in items:
             if sw.thing_proposals:
-                t0 = time.perf_counter()
-                p.update(self._propose(it, ids, exs))
-                it.kept = sorted(set(it.kept) | p)
-                it.t["prefilter"] += time.perf_counter() - t0
-            it.acc = torch.zeros(len(it.kept) + 1, *it.x.shape[-2:], device=self.device)
-        for ex in exs:
-            for it in items:
-                t0 = time.perf_counter()
-                sv = self.match(it.whole[ex], self.gather(ex, it.kept, sw))[0]
-                it.acc += F.interpolate(sv[None], size=it.acc.shape[-2:], mode="bilinear",
-                                        align_corners=False)[0].clamp_(-1, 1)
-                it.t["prefilter"] += time.perf_counter() - t0
-        for it, p in zip(items, proposed):
+                it.kept = sorted(set(it.kept) | set(self._recall(it, ids, exs, sw)))
+            it.acc = self._whole_scores(it, it.kept, exs, sw)
+        for it in items:
             if sw.background_presence:
                 it.background = background_present(it.acc, self.seg.background_min_area)
             radius = round(self.seg.stuff_opening * min(it.x.shape[-2:])) if sw.stuff_opening else 0
             share = opened_shares(it.acc.clamp_min(0).argmax(0), len(it.kept) + 1, radius)
-            clear = clear_wins(it.acc / len(exs), [j + 1 for j, c in enumerate(it.kept) if c in p],
-                               self.seg.proposal_margin) if p else {}
-            it.kept = [c for j, c in enumerate(it.kept)
-                       if (c not in p or clear[j + 1] >= self.seg.proposal_min_area)
-                       and (not sw.stuff_presence or self.bank.kinds[c] != "stuff"
-                            or share[j + 1] >= self.seg.stuff_min_area)]
+            it.kept = [c for j, c in enumerate(it.kept) if not sw.stuff_presence
+                       or self.bank.kinds[c] != "stuff" or share[j + 1] >= self.seg.stuff_min_area]
             it.acc = None
 
     def _view_features(self, ex: str, items: list[_Item]):
