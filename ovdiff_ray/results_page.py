@@ -136,8 +136,8 @@ text-align:right;font-variant-numeric:tabular-nums}}</style></head><body>
 <p>{len(classes)} classes; {len(finite)} in the scenes or predicted (red: under 0.80), the rest n/a.</p>
 <ol id="chart">{_chart(classes, iou)}</ol>
 <h2>Scenes: image | prediction | ground truth | confidence</h2>
-<p>Confidence is grey (brighter = surer); hatched red where unsure (under {min_confidence:g}). Ground truth grey =
-not scored.</p>
+<p>Label colours are per class (the chart's swatches), not the objects' own colours; ground truth grey = not
+scored. Confidence is grey (brighter = surer), hatched red where unsure (under {min_confidence:g}).</p>
 {''.join(cards)}{extra_html}</body></html>"""
     path = out / "index.html"
     path.write_text(page)
