@@ -474,7 +474,9 @@ def print_check(args: argparse.Namespace, pf: preflight.Preflight, state: BuildS
                f"{preflight.human_seconds(total / args.workers)} on {args.workers} worker(s)")
     head = "first " if args.limit is not None else ""
     names = ", ".join(p["name"] for p in pending[:5]) + (", ..." if len(pending) > 5 else "")
-    print(f"build_bank --check: would build {len(pending)} classes ({head}{names}); {skipped} already in "
+    n_re = sum(bool(p.get("rebuild")) for p in pending)
+    rebuilt = f", {n_re} of them rebuilt in place" if n_re else ""
+    print(f"build_bank --check: would build {len(pending)} classes ({head}{names}){rebuilt}; {skipped} already in "
           f"v{state.version}")
     print(f"build_bank --check: would write bank {state.bank_id} v{state.version + 1} to {args.out} "
           f"(shards/, manifests/), a version every {args.commit_every} classes; {args.workers} worker(s) x "
