@@ -55,6 +55,19 @@ def test_remove_tombstones_a_class_and_keeps_every_label_value(toy_bank, tmp_pat
     m1 = read_manifest(Location(uri))
     names = [c["name"] for c in m1["classes"]]
     gone = names.index("green star")
+    import argparse
+
+    from ovdiff_ray.label.plan import resolve_job
+    from ovdiff_ray.store.fs import StorageConfig
+
+    def plan_labels(out: Path):
+        args = argparse.Namespace(bank=uri, classes=None, bank_version=None, out=str(out), pamr=False,
+                                  min_confidence=None)
+        return resolve_job(args, Location(str(out)), StorageConfig.from_env())
+
+    started = tmp_path / "started"  # a labelling job started before the removal
+    started.mkdir()
+    (started / "job.json").write_text(json.dumps(plan_labels(started)[0]))
     assert bank_main(["remove", uri, "Green Star"]) == 0
     out = capsys.readouterr().out
     assert "removed 1 class (green star)" in out and f"v{m1['version'] + 1}" in out
@@ -77,16 +90,12 @@ def test_remove_tombstones_a_class_and_keeps_every_label_value(toy_bank, tmp_pat
         seen |= set(np.unique(labels).tolist())
         assert gone + 1 not in labels  # even where the scene shows a green star
     assert seen - {0}, "the other classes are still predicted"
-    # label outputs: the classes of a labelling job skip the removed value and keep every other one
-    import argparse
-
-    from ovdiff_ray.label.plan import resolve_job
-    from ovdiff_ray.store.fs import StorageConfig
-
-    args = argparse.Namespace(bank=uri, classes=None, bank_version=None, out=str(tmp_path / "labels"), pamr=False,
-                              min_confidence=None)
-    job, classes, kinds_of, _ = resolve_job(args, Location(str(tmp_path / "labels")), StorageConfig.from_env())
-    assert classes == {i + 1: n for i, n in enumerate(names) if i != gone}
+    # label outputs: the classes of a new labelling job skip the removed value and keep every other one; a job
+    # started before keeps the version it started with
+    job, classes, _, _ = plan_labels(tmp_path / "labels")
+    assert job["bank_version"] == m2["version"] and classes == {i + 1: n for i, n in enumerate(names) if i != gone}
+    job, classes, _, _ = plan_labels(started)
+    assert job["bank_version"] == m1["version"] and classes == {i + 1: n for i, n in enumerate(names)}
     from ovdiff_ray.label.labelstudio import label_config
 
     assert "green star" not in label_config(list(classes.values()))
