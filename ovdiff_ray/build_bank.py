@@ -6,6 +6,7 @@ models once, writes its class's shard and returns metadata only; the driver comm
 classes + new ones, every `--commit-every` classes and at the end.
 
     build_bank --vocab bank/vocab/toy.tsv --recipe toy --out ./banks/toy
+    build_bank --vocab bank/vocab/toy.tsv --recipe toy --out ./banks/toy --rebuild "red circle"   # in place
     build_bank --vocab lvis_v1_val.json --recipe paper --out s3://bucket/banks/lvis --check
     ray job submit --address http://HEAD:8265 -- build_bank --vocab bank/vocab/lvis1203.tsv --recipe paper \\
         --out s3://bucket/banks/lvis --gpus-per-worker 1 --workers 8
