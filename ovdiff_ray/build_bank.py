@@ -6,6 +6,7 @@ models once, writes its class's shard and returns metadata only; the driver comm
 classes + new ones, every `--commit-every` classes and at the end.
 
     build_bank --vocab bank/vocab/toy.tsv --recipe toy --out ./banks/toy
+    build_bank --vocab bank/vocab/toy.tsv --recipe toy --out ./banks/toy --rebuild "red circle"   # in place
     build_bank --vocab lvis_v1_val.json --recipe paper --out s3://bucket/banks/lvis --check
     ray job submit --address http://HEAD:8265 -- build_bank --vocab bank/vocab/lvis1203.tsv --recipe paper \\
         --out s3://bucket/banks/lvis --gpus-per-worker 1 --workers 8
@@ -31,6 +32,7 @@ from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
 from .store.fs import CommitConflict, Location, StorageConfig, StoreError
 from .store.schema import ManifestError
 from .store.retry import is_storage_error, with_retries
+from .store.edits import EditError, effective_prompt, is_removed, merge_built, name_index
 from .store.shards import commit_manifest, new_manifest, read_manifest, write_shard
 from .vocab import VocabError, Vocabulary, fold
 from .vocab_import import read_vocabulary
@@ -180,6 +182,9 @@ class BuildState:
     failed: list[dict] = field(default_factory=list)
     built: int = 0
     fatal: str = ""  # a permanent failure that stopped the build
+    rebuild_ids: set[int] = field(default_factory=set)  # ids of classes rebuilt in place (`--rebuild`)
+    rebuilt: list[str] = field(default_factory=list)  # rebuilt classes committed so far
+    changed: list[dict] = field(default_factory=list)  # classes whose prompt/kind changed, not rebuilt this run
 
     @classmethod
     def of(cls, loc: Location, manifest: dict, vocab: Vocabulary) -> "BuildState":
@@ -188,19 +193,20 @@ class BuildState:
                    list(manifest["classes"]), int(manifest["version"]))
 
     def commit(self) -> bool:
-        """Commit previous classes + new ones as v(N+1); on a conflict merge with the winner and retry."""
+        """Commit the manifest it extends + the built classes as v(N+1) (`store.edits.merge_built`: rebuilt classes in
+        place, new ones appended with ids re-derived from that manifest); on a conflict merge with the winner and
+        retry. A class lands once; ids never repeat."""
         if not self.pending_entries:
             return False
         for _ in range(10):
-            have = {fold(c["name"]) for c in self.committed}
-            # vocabulary order, not completion order: ids were handed out in vocabulary order
-            new = sorted((e for e in self.pending_entries if fold(e["name"]) not in have), key=lambda e: e["id"])
-            if not new:
+            merged = merge_built(self.committed, self.pending_entries, self.rebuild_ids)
+            if not merged.added and not merged.rebuilt:
                 self.pending_entries = []
                 return False
-            m = new_manifest(self.bank_id, self.version + 1, self.recipe.to_dict(), self.committed + new,
+            m = new_manifest(self.bank_id, self.version + 1, self.recipe.to_dict(), merged.classes,
                              recipe_sha256=self.recipe.sha256(), vocab_sha256=self.vocab.sha256,
-                             models=model_hashes(self.recipe), failed=self.failed)
+                             models=model_hashes(self.recipe), failed=self.failed,
+                             change={"added": merged.added, "rebuilt": merged.rebuilt})
             try:
                 with_retries(lambda: commit_manifest(self.loc, m), f"{self.loc.uri}: commit of v{self.version + 1}")
             except CommitConflict:
@@ -210,6 +216,7 @@ class BuildState:
                 self.committed, self.version = latest["classes"], latest["version"]
                 continue
             self.committed, self.version = m["classes"], m["version"]
+            self.rebuilt += merged.rebuilt
             self.pending_entries = []
             return True
         raise StoreError(f"{self.loc.uri}: could not commit after 10 conflicting writers")
@@ -249,25 +256,105 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--commit-every", type=int, default=16, help="commit a version every N built classes (default 16)")
     ap.add_argument("--new-bank", action="store_true", help="start a new bank at --out even if its recipe differs")
     ap.add_argument("--limit", type=int, default=None, help="build at most N pending classes this run")
+    ap.add_argument("--rebuild", nargs="+", default=None, metavar="NAME",
+                    help="rebuild these classes of the bank (or bring back removed ones) from the vocabulary's kind "
+                         "and prompt, in place: same label values, every other class's shard unchanged, one new "
+                         "version. Without it, classes whose prompt or kind changed are named, not rebuilt")
     ap.add_argument("--check", action="store_true",
                     help="run only the preflight and print what the build would do; start and write nothing")
     return ap.parse_args(argv)
 
 
-def pending_classes(committed: list[dict], classes, first_id: int | None = None) -> list[dict]:
-    """The classes (VocabClass) not in `committed` (manifest entries), in order, with new class ids: the rows the
-    ClassWorker takes (`class_id`, `name`, `kind`, `prompt`)."""
-    have = {fold(c["name"]) for c in committed}
-    next_id = max((c.get("id", i) for i, c in enumerate(committed)), default=-1) + 1
-    next_id = max(next_id, first_id or 0)
-    pending = []
+def pending_classes(committed: list[dict], classes, first_id: int | None = None,
+                    rebuild: set[int] | frozenset = frozenset()) -> list[dict]:
+    """The rows the ClassWorker takes (`class_id`, `name`, `kind`, `prompt`, `rebuild`), in vocabulary order:
+    classes (VocabClass) not in `committed` (manifest entries; a name or an alias matches, a removed class is not
+    brought back), with proposed new ids (the commit re-derives them from the manifest it extends); and the
+    classes at the positions in `rebuild` (tombstones included), with their own name and id, drawn from the
+    vocabulary's kind and prompt."""
+    index = name_index(committed)
+    nid = max(max((int(c.get("id", i)) for i, c in enumerate(committed)), default=-1) + 1, first_id or 0)
+    pending, seen = [], set()
     for c in classes:
-        if fold(c.name) not in have:
-            pending.append({"class_id": next_id, "name": c.name, "kind": c.kind, "prompt": c.prompt})
-            have.add(fold(c.name))
-            next_id += 1
+        i = index.get(fold(c.name))
+        if i is not None and i in rebuild and i not in seen:
+            e = committed[i]
+            pending.append({"class_id": int(e.get("id", i)), "name": e["name"], "kind": c.kind, "prompt": c.prompt,
+                            "rebuild": True})
+            seen.add(i)
+        elif i is None and fold(c.name) not in seen:
+            pending.append({"class_id": nid, "name": c.name, "kind": c.kind, "prompt": c.prompt, "rebuild": False})
+            seen.add(fold(c.name))
+            nid += 1
     return pending
 
+
+def changed_classes(committed: list[dict], classes) -> list[dict]:
+    """Vocabulary classes (VocabClass) in `committed` whose definition there differs: the words they were drawn
+    from (`prompt`, else the name) or their kind. Removed classes are listed with `removed` (a plain build skips
+    them). Each: `position`, `name` (the bank's), `from`/`to` prompts, `kind_from`/`kind_to`."""
+    index = name_index(committed)
+    out, seen = [], set()
+    for c in classes:
+        i = index.get(fold(c.name))
+        if i is None or i in seen:
+            continue
+        seen.add(i)
+        e = committed[i]
+        was, now = effective_prompt(e), " ".join((c.prompt or e["name"]).split())
+        if is_removed(e):
+            out.append({"position": i, "name": e["name"], "removed": e["removed"]})
+        elif was != now or e["kind"] != c.kind:
+            out.append({"position": i, "name": e["name"], "from": was, "to": now, "kind_from": e["kind"],
+                        "kind_to": c.kind})
+    return out
+
+
+def rebuild_positions(committed: list[dict], names: list[str], vocab: Vocabulary, where: str,
+                      vocab_path: str) -> set[int]:
+    """`--rebuild` names -> positions of the bank's classes; each must be a class of the bank (or a removed one)
+    and in the vocabulary, which gives its prompt. EditError names the first bad input."""
+    index = name_index(committed)
+    in_vocab = {index.get(fold(c.name)) for c in vocab.classes} | {None}
+    out = set()
+    for n in names:
+        i = index.get(fold(n))
+        if i is None:
+            raise EditError(f"--rebuild {n!r}: not a class of {where}")
+        if i not in in_vocab:
+            raise EditError(f"--rebuild {n!r}: not in --vocab {vocab_path} (a rebuilt class is drawn from the "
+                            "vocabulary's kind and prompt)")
+        out.add(i)
+    return out
+
+
+def rebuild_command(args: argparse.Namespace, names: list[str]) -> str:
+    """The command line that rebuilds `names` with this run's vocabulary, recipe and bank."""
+    import shlex
+
+    return (f"build_bank --vocab {shlex.quote(args.vocab)} --recipe {shlex.quote(args.recipe)} --out "
+            f"{shlex.quote(args.out)} --rebuild {' '.join(shlex.quote(n) for n in names)}")
+
+
+def changed_lines(args: argparse.Namespace, state: "BuildState", prefix: str = "build_bank") -> list[str]:
+    """What a plain build says about classes whose vocabulary definition changed (never skipped silently)."""
+    lines, todo = [], []
+    for c in state.changed:
+        if "removed" in c:
+            lines.append(f"{prefix}: class {c['name']!r} was removed in v{c['removed']}: skipped (its label value "
+                         f"{c['position'] + 1} stays reserved; `--rebuild` brings it back there)")
+            continue
+        what = []
+        if c["from"] != c["to"]:
+            what.append(f"prompt {c['from']!r} in the bank, {c['to']!r} in the vocabulary")
+        if c["kind_from"] != c["kind_to"]:
+            what.append(f"kind {c['kind_from']} in the bank, {c['kind_to']} in the vocabulary")
+        lines.append(f"{prefix}: class {c['name']!r} changed ({'; '.join(what)}): not rebuilt")
+        todo.append(c["name"])
+    if todo:
+        lines.append(f"{prefix}: to rebuild {'it' if len(todo) == 1 else 'them'} in place (same label value"
+                     f"{'s' * (len(todo) != 1)}, one new version): {rebuild_command(args, todo)}")
+    return lines
 
 
 def same_recipe(stored: dict, recipe) -> bool:
@@ -297,10 +384,17 @@ def plan(args: argparse.Namespace) -> tuple[BuildState, list[dict]]:
                               "mixes recipes (pass --new-bank to start a new bank there, or choose another --out)")
         if not args.new_bank:
             committed, bank_id = latest["classes"], latest["bank_id"]
-    pending = pending_classes(committed, vocab.classes)
+    rebuild = set()
+    if args.rebuild:
+        where = f"bank {bank_id} v{version} at {args.out}" if committed else f"{args.out} (no committed bank there)"
+        rebuild = rebuild_positions(committed, args.rebuild, vocab, where, args.vocab)
+    pending = pending_classes(committed, vocab.classes, rebuild=rebuild)
     if args.limit is not None:
         pending = pending[: args.limit]
-    return BuildState(loc, bank_id, recipe, vocab, committed, version), pending
+    state = BuildState(loc, bank_id, recipe, vocab, committed, version,
+                       rebuild_ids={int(committed[i].get("id", i)) for i in rebuild})
+    state.changed = [c for c in changed_classes(committed, vocab.classes) if c["position"] not in rebuild]
+    return state, pending
 
 
 def run_preflight(args: argparse.Namespace) -> tuple[preflight.Preflight, BuildState | None, list[dict], bool]:
@@ -324,6 +418,9 @@ def run_preflight(args: argparse.Namespace) -> tuple[preflight.Preflight, BuildS
         return pf, None, [], False
     try:
         state, pending = plan(args)
+    except EditError as e:
+        pf.add("--rebuild", str(e))
+        return pf, None, [], False
     except (VocabError, RecipeError, ManifestError, StoreError) as e:
         pf.add("--out", str(e))
         return pf, None, [], False
@@ -359,6 +456,8 @@ def print_check(args: argparse.Namespace, pf: preflight.Preflight, state: BuildS
     for note in pf.notes:
         print(f"build_bank --check: {note}")
     skipped = len(state.vocab) - len(pending)
+    for line in changed_lines(args, state, "build_bank --check"):
+        print(line)
     if not pending:
         print(f"build_bank --check: nothing to build: all {len(state.vocab)} classes are in bank {state.bank_id} "
               f"v{state.version} at {args.out}")
@@ -376,7 +475,9 @@ def print_check(args: argparse.Namespace, pf: preflight.Preflight, state: BuildS
                f"{preflight.human_seconds(total / args.workers)} on {args.workers} worker(s)")
     head = "first " if args.limit is not None else ""
     names = ", ".join(p["name"] for p in pending[:5]) + (", ..." if len(pending) > 5 else "")
-    print(f"build_bank --check: would build {len(pending)} classes ({head}{names}); {skipped} already in "
+    n_re = sum(bool(p.get("rebuild")) for p in pending)
+    rebuilt = f", {n_re} of them rebuilt in place" if n_re else ""
+    print(f"build_bank --check: would build {len(pending)} classes ({head}{names}){rebuilt}; {skipped} already in "
           f"v{state.version}")
     print(f"build_bank --check: would write bank {state.bank_id} v{state.version + 1} to {args.out} "
           f"(shards/, manifests/), a version every {args.commit_every} classes; {args.workers} worker(s) x "
@@ -401,12 +502,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"summary: preflight ok, {len(pending)} classes to build; nothing was started or written (--check)")
         return 0
     skipped = len(state.vocab) - len(pending)
+    n_re = sum(bool(p.get("rebuild")) for p in pending)
     print(f"build_bank: bank {state.bank_id} at {args.out}: {len(state.vocab)} classes in vocab, {skipped} already "
-          f"in v{state.version}, {len(pending)} to build (recipe {state.recipe.name})", flush=True)
+          f"in v{state.version}, {len(pending)} to build{f' ({n_re} rebuilt in place)' if n_re else ''} "
+          f"(recipe {state.recipe.name})", flush=True)
+    for line in changed_lines(args, state):
+        print(line, file=sys.stderr, flush=True)
     if not pending:
         print(f"build_bank: nothing to build: committed nothing, bank {args.out} stays at v{state.version}")
-        print(f"summary: built 0, skipped {skipped}, failed 0, wall {time.perf_counter() - t_start:.1f}s, "
-              f"bank {args.out} v{state.version}")
+        n_changed = sum("removed" not in c for c in state.changed)
+        print(f"summary: built 0, skipped {skipped}{f' ({n_changed} changed, not rebuilt)' if n_changed else ''}, "
+              f"failed 0, wall {time.perf_counter() - t_start:.1f}s, bank {args.out} v{state.version}")
         return 0
     import ray
 
@@ -429,8 +535,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"failed: {f['name']}: {f['error'].splitlines()[0]}", file=sys.stderr)
     if state.fatal:
         print(f"build_bank: error: {state.fatal}", file=sys.stderr)
-    print(f"summary: built {state.built}, skipped {skipped}, failed {len(state.failed)}, wall {wall:.1f}s, "
-          f"bank {args.out} v{state.version}{' (interrupted)' if interrupted else ''}"
+    n_changed = sum("removed" not in c for c in state.changed)
+    print(f"summary: built {state.built}{f' ({len(state.rebuilt)} rebuilt in place)' if state.rebuilt else ''}, "
+          f"skipped {skipped}{f' ({n_changed} changed, not rebuilt)' if n_changed else ''}, failed "
+          f"{len(state.failed)}, wall {wall:.1f}s, bank {args.out} v{state.version}"
+          f"{' (interrupted)' if interrupted else ''}"
           f"{' (stopped: a failure no retry can fix)' if state.fatal else ''}")
     if storage_error:
         print(f"build_bank: error: {storage_error}; nothing past v{state.version} was committed (shards written "

@@ -235,7 +235,8 @@ def bank_classes(bank, ds: Dataset) -> list[str]:
     from .vocab import fold
 
     names = ds.classes[1:]
-    have = {fold(n) for n in bank.names}
+    have = {fold(n) for i, n in enumerate(bank.names) if i not in getattr(bank, "removed", ())}  # removed: not covered
+    have |= {fold(a) for a in getattr(bank, "aliases", {})}
     missing = [n for n in names if fold(n) not in have]
     if missing:
         raise DatasetError(f"bank {bank.bank_id} v{bank.version} does not cover {len(missing)} of the {len(names)} "

@@ -121,7 +121,7 @@ def test_help_mentions_every_flag(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--vocab", "--recipe", "--out", "--workers", "--gpus-per-worker", "--cpus-per-worker", "--address",
-                 "--bank-id", "--max-failures", "--commit-every", "--new-bank", "ray job submit"):
+                 "--bank-id", "--max-failures", "--commit-every", "--new-bank", "--rebuild", "ray job submit"):
         assert flag in text
 
 

@@ -460,3 +460,103 @@ def test_corrupt_new_version_keeps_the_old_one_serving(client, live, scenes):
     h = client.get("/healthz").json()
     assert h["status"] == "ok" and "bank_reload" not in h["checks"]
     assert json.loads(loc.read_bytes("manifests/latest")) == {"version": v + 2, "manifest": f"manifests/v{v + 2:06d}.json"}
+
+
+def test_a_job_and_build_bank_adding_different_classes_get_unique_ids(client, live, tmp_path, monkeypatch, capsys):
+    """Issue 26: a job and `build_bank` plan against the same version, so both propose the same next class id for
+    different classes; the job commits first, and `build_bank`'s conditional write re-derives its id from the
+    manifest it actually extends: both classes land once, with different ids."""
+    from ovdiff_ray import build_bank as bb
+
+    root = live[1]
+    names = names_of(root)
+    voc = tmp_path / "more.tsv"
+    voc.write_text("name\tkind\n" + "".join(f"{n}\tthing\n" for n in names) + "orange star\tthing\n")
+    planned, job_done, seen = threading.Event(), threading.Event(), {}
+    real_plan, real_commit = bb.plan, bb.BuildState.commit
+
+    def plan(args):
+        state, pending = real_plan(args)
+        seen["proposed"] = [p["class_id"] for p in pending]
+        planned.set()
+        return state, pending
+
+    def commit(self):
+        if not job_done.wait(240):
+            raise AssertionError("the job did not finish while build_bank waited to commit")
+        return real_commit(self)
+
+    monkeypatch.setattr(bb, "plan", plan)
+    monkeypatch.setattr(bb.BuildState, "commit", commit)
+    rc = {}
+    t = threading.Thread(target=lambda: rc.setdefault("rc", bb.main(
+        ["--vocab", str(voc), "--recipe", "toy", "--out", root, "--workers", "1", "--cpus-per-worker", "0.5"])))
+    t.start()
+    assert planned.wait(120)
+    r = client.post("/v1/classes", headers=AUTH, json={"classes": [{"name": "purple triangle"}]})
+    assert r.status_code == 202 and r.json()["pending"] == ["purple triangle"], r.text
+    job = wait_job(client, r.json()["job"])
+    job_done.set()
+    t.join(300)
+    assert rc.get("rc") == 0 and job["state"] == "done" and job["committed"], job
+    m = read_manifest(Location(root))
+    by = {c["name"]: c for c in m["classes"]}
+    assert by["purple triangle"]["id"] == seen["proposed"][0]  # the same id was proposed to both writers ...
+    assert by["orange star"]["id"] != by["purple triangle"]["id"]  # ... and the later commit re-derived its own
+    ids = [c["id"] for c in m["classes"]]
+    assert len(ids) == len(set(ids)) and names_of(root).count("orange star") == 1
+
+
+def test_rebuild_remove_and_rename_over_http(client, live, scenes):
+    """`POST /v1/classes` names a changed prompt instead of skipping it, rebuilds in place with `rebuild: true`;
+    the remove and rename routes commit one version each; no other entry changes; token protected."""
+    _, root = live
+    loc = Location(root)
+    m0 = read_manifest(loc)
+    pos = {c["name"]: i for i, c in enumerate(m0["classes"])}
+    # a changed prompt without rebuild: present, named, with a hint; nothing committed
+    r = client.post("/v1/classes", headers=AUTH, json={"classes": [{"name": "red square", "prompt": "blue star"}]})
+    assert r.status_code == 202, r.text
+    b = r.json()
+    assert b["present"] == ["red square"] and b["prompt_changed"] == ["red square"] and b["pending"] == []
+    c = b["classes"][0]
+    assert c["prompt_changed"]["asked"] == "blue star" and "rebuild: true" in c["hint"]
+    assert read_manifest(loc)["version"] == m0["version"]
+    # rebuild: true for a class the bank lacks is a 400 naming it
+    r = client.post("/v1/classes", headers=AUTH, json={"rebuild": True, "classes": [{"name": "teal blob"}]})
+    assert r.status_code == 400 and "teal blob" in r.json()["error"]
+    # rebuild: true: one version, the class in place, everything else as it was
+    r = client.post("/v1/classes", headers=AUTH, json={"rebuild": True, "classes": [
+        {"name": "red square", "prompt": "blue star"}]})
+    assert r.status_code == 202 and r.json()["pending"] == ["red square"], r.text
+    job = wait_job(client, r.json()["job"])
+    assert job["state"] == "done" and job["committed"] and job["rebuild"] and job["version"] == m0["version"] + 1, job
+    m1 = read_manifest(loc)
+    i = pos["red square"]
+    assert [c for j, c in enumerate(m1["classes"]) if j != i] == [c for j, c in enumerate(m0["classes"]) if j != i]
+    assert m1["classes"][i]["prompt"] == "blue star" and m1["classes"][i]["id"] == m0["classes"][i]["id"]
+    assert m1["classes"][i]["shard"] != m0["classes"][i]["shard"]
+    # remove: token protected, unknown names are a 400 naming them with nothing written
+    assert client.post("/v1/classes/remove", json={"classes": ["red square"]}).status_code == 401
+    r = client.post("/v1/classes/remove", headers=AUTH, json={"classes": ["red square", "teal blob"]})
+    assert r.status_code == 400 and "remove 'teal blob': no such class in the bank" in r.json()["error"]
+    assert read_manifest(loc)["version"] == m1["version"]
+    r = client.post("/v1/classes/remove", headers=AUTH, json={"classes": ["red square"]})
+    assert r.status_code == 200 and r.json()["version"] == m1["version"] + 1, r.text
+    m2 = read_manifest(loc)
+    assert m2["classes"][i]["removed"] == m2["version"] and len(m2["classes"]) == len(m1["classes"])
+    assert [c for j, c in enumerate(m2["classes"]) if j != i] == [c for j, c in enumerate(m1["classes"]) if j != i]
+    wait_for(lambda: served_version(client) == m2["version"], 60, f"v{m2['version']} served")
+    listed = [c["name"] for c in client.get("/v1/bank").json()["classes"]]
+    assert "red square" not in listed and len(listed) == len(m2["classes"]) - 1
+    r = segment(client, image(scenes), classes="red square, red circle")
+    assert r.status_code == 400 and "red square" in r.json()["error"]
+    r = segment(client, image(scenes))
+    assert r.status_code == 200 and str(i + 1) not in r.json()["classes"]
+    # rename: the label value stays; the old name no longer resolves
+    r = client.post("/v1/classes/rename", headers=AUTH, json={"name": "blue star", "to": "azure star"})
+    assert r.status_code == 200 and "renamed 'blue star' to 'azure star'" in r.json()["summary"], r.text
+    m3 = read_manifest(loc)
+    assert m3["classes"][pos["blue star"]]["name"] == "azure star" and m3["version"] == m2["version"] + 1
+    wait_for(lambda: served_version(client) == m3["version"], 60, f"v{m3['version']} served")
+    assert segment(client, image(scenes), classes="azure star").status_code == 200

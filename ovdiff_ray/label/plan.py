@@ -135,7 +135,8 @@ def resolve_job(args: argparse.Namespace, out: Location, storage: StorageConfig)
     m = read_manifest(Location(args.bank, storage), version)
     if m is None:
         raise LabelError(f"--bank {args.bank}: no committed bank there (no manifests/)")
-    position = {fold(c["name"]): i for i, c in enumerate(m["classes"])}
+    live = [i for i, c in enumerate(m["classes"]) if c.get("removed") is None]  # removed classes: never labelled
+    position = {fold(n): i for i in live for n in [m["classes"][i]["name"], *m["classes"][i].get("aliases", [])]}
     names = requested if requested is not None else (old or {}).get("classes")
     if names is not None:
         unknown = [n for n in names if fold(n) not in position]
@@ -144,7 +145,7 @@ def resolve_job(args: argparse.Namespace, out: Location, storage: StorageConfig)
                              f"{', '.join(unknown)}")
         ids = sorted({position[fold(n)] for n in names})
     else:
-        ids = list(range(len(m["classes"])))
+        ids = live
     job = {"tool": "label_dataset", "bank": args.bank, "bank_id": m["bank_id"], "bank_version": m["version"],
            "bank_manifest": manifest_key(m["version"]),
            "classes": [m["classes"][i]["name"] for i in ids] if names is not None else None, "pamr": args.pamr}

@@ -138,8 +138,11 @@ class ServeBackend:
             self._jobs = serve.get_deployment_handle(JOBS, app_name=app)
         return self._jobs
 
-    async def submit_classes(self, uri: str, classes: list[dict]) -> dict:
-        return await self._call(self.jobs.submit.remote(uri, classes), 60.0)
+    async def submit_classes(self, uri: str, classes: list[dict], rebuild: bool = False) -> dict:
+        return await self._call(self.jobs.submit.remote(uri, classes, rebuild), 60.0)
+
+    async def edit_classes(self, uri: str, action: str, names: list[str]) -> dict:
+        return await self._call(self.jobs.edit.remote(uri, action, names), 60.0)
 
     async def job(self, job_id: str) -> dict | None:
         return await self._call(self.jobs.get.remote(job_id), 30.0)

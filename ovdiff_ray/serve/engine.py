@@ -113,12 +113,21 @@ class BankEntry:
     kinds: list[str]
     summary: dict
     live: bool = False  # follows `latest`: `version` is the one being served now
+    removed: frozenset = frozenset()  # positions of removed classes (tombstones): never listed, never predicted
+    aliases: dict = field(default_factory=dict)  # alias -> class name
+
+    @property
+    def requestable(self) -> list[str]:
+        """Names a request may use: live classes' names and aliases."""
+        return [n for i, n in enumerate(self.names) if i not in self.removed] + list(self.aliases)
 
     def public(self, with_classes: bool = True) -> dict:
         d = {"key": self.key, "id": self.bank_id, "version": self.version, "name": self.name,
-             "num_classes": len(self.names), "mask_dtype": mask_dtype(len(self.names)), "live": self.live}
+             "num_classes": len(self.names) - len(self.removed), "mask_dtype": mask_dtype(len(self.names)),
+             "live": self.live}
         if with_classes:
-            d["classes"] = [{"id": i + 1, "name": n, "kind": k} for i, (n, k) in enumerate(zip(self.names, self.kinds))]
+            d["classes"] = [{"id": i + 1, "name": n, "kind": k} for i, (n, k) in enumerate(zip(self.names, self.kinds))
+                            if i not in self.removed]
             d["recipe"] = self.summary.get("recipe")
             d["extractors"] = self.summary.get("extractors")
             d["created"] = self.summary.get("created")
@@ -142,7 +151,9 @@ def entry_of(m: dict, uri: str, name: str | None, live: bool = False) -> BankEnt
 
     key = f"{m['bank_id']}@latest" if live else f"{m['bank_id']}@v{m['version']}"
     return BankEntry(key, m["bank_id"], int(m["version"]), uri, name, [c["name"] for c in m["classes"]],
-                     [c["kind"] for c in m["classes"]], summarize(m), live)
+                     [c["kind"] for c in m["classes"]], summarize(m), live,
+                     frozenset(i for i, c in enumerate(m["classes"]) if c.get("removed") is not None),
+                     {a: c["name"] for c in m["classes"] if c.get("removed") is None for a in c.get("aliases", [])})
 
 
 @dataclass
@@ -440,13 +451,15 @@ class Catalog:
         return {"default": self.default, "limits": self.limits.to_dict(), "request_timeout_s": self.request_timeout_s,
                 "admin": self.admin,
                 "banks": {k: {"id": e.bank_id, "version": e.version, "name": e.name, "uri": e.uri, "names": e.names,
-                              "kinds": e.kinds, "summary": e.summary, "live": e.live}
+                              "kinds": e.kinds, "summary": e.summary, "live": e.live, "removed": sorted(e.removed),
+                              "aliases": e.aliases}
                           for k, e in self.banks.items()}}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Catalog":
         banks = {k: BankEntry(k, b["id"], int(b["version"]), b["uri"], b.get("name"), list(b["names"]),
-                              list(b["kinds"]), b["summary"], bool(b.get("live", False)))
+                              list(b["kinds"]), b["summary"], bool(b.get("live", False)),
+                              frozenset(b.get("removed") or ()), dict(b.get("aliases") or {}))
                  for k, b in d["banks"].items()}
         return cls(banks, d["default"], Limits.from_dict(d["limits"]), float(d["request_timeout_s"]),
                    dict(d.get("admin") or {}))

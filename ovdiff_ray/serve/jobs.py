@@ -103,6 +103,7 @@ class Job:
     committed: bool = False  # this job's commit made that version
     error: str = ""
     to_build: list[dict] = field(default_factory=list)  # the classes as submitted (name, kind, prompt): for resuming
+    rebuild_ids: list[int] = field(default_factory=list)  # `rebuild: true`: ids of the classes rebuilt in place
 
     def public(self) -> dict:
         classes = []
@@ -119,6 +120,7 @@ class Job:
                     d["reason"] = t.error
             classes.append(d)
         return {"job": self.id, "state": self.state, "bank": {"id": self.bank_id, "uri_hash": _uri_hash(self.uri)},
+                "rebuild": bool(self.rebuild_ids),
                 "base_version": self.base_version, "version": self.version, "committed": self.committed,
                 "classes": classes, "created": round(self.created, 3),
                 "finished": None if self.finished is None else round(self.finished, 3),
@@ -207,17 +209,33 @@ class JobManager:
         self.uris: list[str] = []  # the followed banks: where job records are looked up and resumed from
 
     # -- API ---------------------------------------------------------------------------------------------------
-    async def submit(self, uri: str, classes: list[dict], job_id: str | None = None) -> dict:
+    async def submit(self, uri: str, classes: list[dict], job_id: str | None = None, rebuild: bool = False) -> dict:
         """Classes (`name`, `kind`, `prompt`, already validated) for the bank at `uri` -> the job's first answer.
-        `job_id`: a job resumed from its record keeps its id."""
+        `job_id`: a job resumed from its record keeps its id. `rebuild`: every class must be in the bank (or
+        removed from it); each is drawn again from its kind and prompt here and replaces its entry in place (same
+        label value). Without it, a class in the bank whose prompt or kind differs is `present` with
+        `prompt_changed` and a hint, never rebuilt silently."""
+        from ..build_bank import changed_classes
+        from ..store.edits import name_index
         from ..vocab import VocabClass, fold
 
         if len(classes) > self.settings.max_classes_per_request:
             raise ValueError(f"too many classes: {len(classes)}, at most {self.settings.max_classes_per_request} "
                              "per request")
         m = await asyncio.to_thread(self._manifest, uri)
-        have = {fold(c["name"]) for c in m["classes"]}
+        index = name_index(m["classes"])
         wanted = [VocabClass(c["name"], c.get("kind", "thing"), c.get("prompt", "")) for c in classes]
+        positions: set[int] = set()
+        if rebuild:
+            absent = [c.name for c in wanted if fold(c.name) not in index]
+            if absent:
+                raise ValueError(f"rebuild: not classes of bank {m['bank_id']} v{m['version']}: "
+                                 f"{', '.join(repr(n) for n in absent)} (add them without `rebuild`)")
+            positions = {index[fold(c.name)] for c in wanted}
+            have = set()
+        else:
+            have = set(index)
+        changed = {fold(c["name"]): c for c in changed_classes(m["classes"], wanted)}
         new = [c for c in wanted if fold(c.name) not in have and (uri, fold(c.name)) not in self.inflight]
         pending_now = sum(t.state in ("queued", "running") for t in self.inflight.values())
         if pending_now + len(new) > self.settings.max_pending_classes:
@@ -227,22 +245,35 @@ class JobManager:
                   to_build=[{k: c[k] for k in ("name", "kind", "prompt") if c.get(k)} for c in classes])
         from ..build_bank import pending_classes
 
-        first = self.next_id.get(uri, 0)
-        rows = {fold(r["name"]): r for r in pending_classes(m["classes"], new, first)}
-        if rows:
-            self.next_id[uri] = max(r["class_id"] for r in rows.values()) + 1
+        first = self.next_id.get(uri, 0)  # a proposal only: the commit re-derives new ids from what it extends
+        found = pending_classes(m["classes"], new, first, rebuild=positions)
+        rows = {fold(r["name"]): r for r in found}
+        rows.update({fold(c.name): r for c in new for r in found if r["rebuild"]
+                     and index.get(fold(c.name)) == index.get(fold(r["name"]))})  # asked for by an alias
+        if any(not r["rebuild"] for r in found):
+            self.next_id[uri] = max(r["class_id"] for r in found if not r["rebuild"]) + 1
+        job.rebuild_ids = sorted(int(r["class_id"]) for r in found if r["rebuild"])
         for c in wanted:
             k = fold(c.name)
             entry = {"key": k, "name": c.name, "kind": c.kind}
             if c.prompt:
                 entry["prompt"] = c.prompt
             if k in have:
-                entry["outcome"] = "present"
+                ch = changed.get(fold(m["classes"][index[k]]["name"]))
+                entry["outcome"] = "removed" if ch is not None and "removed" in ch else "present"
+                if ch is not None and "removed" in ch:
+                    entry["hint"] = (f"removed in v{ch['removed']}; its label value {ch['position'] + 1} stays "
+                                     "reserved: send it again with `rebuild: true` to bring it back there")
+                elif ch is not None:
+                    entry["prompt_changed"] = {"bank": ch["from"], "asked": ch["to"], "kind_bank": ch["kind_from"],
+                                               "kind_asked": ch["kind_to"]}
+                    entry["hint"] = ("the bank drew this class from other words or kind: send it again with "
+                                     "`rebuild: true` to rebuild it in place (same label value)")
             else:
                 t = self.inflight.get((uri, k))
                 if t is None:
                     r = rows[k]
-                    t = Task(c.name, c.kind, c.prompt, r["class_id"], job.id)
+                    t = Task(r["name"], c.kind, c.prompt, r["class_id"], job.id)
                     self.inflight[(uri, k)] = t
                     asyncio.create_task(self._build(uri, m["recipe"], t))
                 job.tasks[k] = t
@@ -261,7 +292,29 @@ class JobManager:
         out = job.public()
         out["pending"] = [c["name"] for c in job.classes if c["outcome"] == "pending"]
         out["present"] = [c["name"] for c in job.classes if c["outcome"] == "present"]
+        out["prompt_changed"] = [c["name"] for c in job.classes if "prompt_changed" in c]
         return out
+
+    async def edit(self, uri: str, action: str, names: list[str]) -> dict:
+        """`remove` (names), `rename` ([old, new]) or `alias` ([name, alias]) as one new version of the bank at
+        `uri` (`store.edits.commit_edit`), under the bank's commit lock; followers reload as after a job.
+        EditError (a ValueError) names the bad input; nothing is written then."""
+        from ..store import edits
+        from ..store.fs import Location
+
+        ops = {"remove": lambda c, v: edits.remove(c, names, v), "rename": lambda c, v: edits.rename(c, *names),
+               "alias": lambda c, v: edits.alias(c, *names)}
+        if action not in ops:
+            raise ValueError(f"unknown edit {action!r} (known: {', '.join(ops)})")
+        change = {"removed": names} if action == "remove" else {f"{action}d": [names]}
+        async with self.locks.setdefault(uri, asyncio.Lock()):
+            m, summary = await asyncio.to_thread(edits.commit_edit, Location(uri, self.storage), ops[action], change)
+        async with self.changed:
+            self.seq += 1
+            self.last_commit = {"bank_id": m["bank_id"], "version": m["version"], "edit": action}
+            self.changed.notify_all()
+        log.info("bank %s v%d: %s", m["bank_id"], m["version"], summary)
+        return {"version": int(m["version"]), "bank_id": m["bank_id"], "summary": summary}
 
     def get(self, job_id: str) -> dict | None:
         j = self.jobs.get(job_id)
@@ -380,7 +433,7 @@ class JobManager:
                 if rec["job"] in self.jobs:
                     continue
                 try:
-                    await self.submit(uri, rec["resume"]["classes"], job_id=rec["job"])
+                    await self.submit(uri, rec["resume"]["classes"], job_id=rec["job"], rebuild=bool(rec.get("rebuild")))
                     resumed.append(rec["job"])
                     log.info("job %s resumed from its record (%d classes)", rec["job"],
                              len(rec["resume"]["classes"]))
@@ -447,8 +500,11 @@ class JobManager:
                            [c.get("prompt", "") for c in job.classes])
         state = BuildState.of(loc, m, vocab)
         state.pending_entries, state.failed = list(entries), list(failed)
+        state.rebuild_ids = set(job.rebuild_ids)
         committed = state.commit() if entries else False
-        return state.version, committed, {fold(c["name"]) for c in state.committed}
+        from ..store.edits import name_index
+
+        return state.version, committed, set(name_index([c for c in state.committed if c.get("removed") is None]))
 
     def _forget_old(self) -> None:
         done = [j for j in self.jobs.values() if j.finished is not None]
@@ -478,13 +534,19 @@ class BankJobsDeployment:
         else:  # keep the jobs; new settings apply to new workers
             self.manager.settings = BuildSettings.from_dict(user_config.get("build"))
 
-    async def submit(self, uri: str, classes: list[dict]) -> dict:
+    async def submit(self, uri: str, classes: list[dict], rebuild: bool = False) -> dict:
         try:
-            return {"status": 202, **(await self.manager.submit(uri, classes))}
+            return {"status": 202, **(await self.manager.submit(uri, classes, rebuild=rebuild))}
         except Busy as e:
             return {"status": 429, "error": str(e), "code": "busy", "detail": {"retry_after_s": 5}}
         except ValueError as e:
             return {"status": 400, "error": str(e), "code": "bad_request", "detail": None}
+
+    async def edit(self, uri: str, action: str, names: list[str]) -> dict:
+        try:
+            return {"status": 200, **(await self.manager.edit(uri, action, names))}
+        except ValueError as e:
+            return {"status": 400, "error": str(e), "code": "bad_edit", "detail": None}
 
     async def get(self, job_id: str) -> dict | None:
         found = self.manager.get(job_id)

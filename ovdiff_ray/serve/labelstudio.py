@@ -84,6 +84,12 @@ class LabelMap:
     unknown: list[str]  # Label values that match no bank class
 
 
+def live_names(entry) -> list[str]:
+    """A catalog entry's classes that are not removed (a removed class's label is unknown to the bank)."""
+    removed = getattr(entry, "removed", frozenset())
+    return [n for i, n in enumerate(entry.names) if i not in removed]
+
+
 def parse_label_config(xml: str, bank_names: list[str]) -> LabelMap:
     """The first `BrushLabels` (and the `Image` it points at) of a config, its labels mapped onto the bank."""
     from ..vocab import fold
@@ -265,7 +271,7 @@ def mount_labelstudio(app: FastAPI, backend, settings: LabelStudioSettings | Non
             return unauthorized()
         body = await json_body(request)
         cat, e = await entry_of(body)
-        lm = parse_label_config(body.get("schema") or body.get("label_config"), e.names)
+        lm = parse_label_config(body.get("schema") or body.get("label_config"), live_names(e))
         if lm.unknown:
             log.warning("label studio project %s: labels not in bank %s: %s", str(body.get("project"))[:40], e.key,
                         ", ".join(lm.unknown[:50]))
@@ -294,7 +300,7 @@ def mount_labelstudio(app: FastAPI, backend, settings: LabelStudioSettings | Non
             raise RequestError(413, f"{len(tasks)} tasks in one request, at most {s.max_tasks} (OVDIFF_LS_MAX_TASKS)",
                                {"max_tasks": s.max_tasks}, "too_many_tasks")
         cat, e = await entry_of(body)
-        lm = parse_label_config(body.get("label_config"), e.names)
+        lm = parse_label_config(body.get("label_config"), live_names(e))
         if not lm.labels:
             raise RequestError(400, f"none of the config's labels is a class of bank {e.key}: "
                                     f"{', '.join(lm.unknown[:20]) or '(no Label)'}",

@@ -5,6 +5,12 @@ time, behind an admin Bearer token.
   -> 202 `{"job", "pending", "present", "state", ...}` (+ `Location: /v1/jobs/ID`); the classes are validated as
   vocabulary lines are, and built and committed by the job manager (`jobs.py`) as a new version of a bank the
   service follows (`follow_latest`).
+- `POST /v1/classes` with `"rebuild": true`: the classes (all in the bank, or removed from it) are drawn again from
+  the given kind and prompt and replace their entries in place (same label values, one new version). Without it a
+  class whose prompt or kind differs from the bank's is `present`, listed in `prompt_changed` with a hint.
+- `POST /v1/classes/remove` `{"classes": [names]}`, `POST /v1/classes/rename` `{"name", "to"}`, `POST
+  /v1/classes/alias` `{"name", "alias"}` -> 200 `{"version", "summary"}`: one new version each (tombstone, new name,
+  extra name; no label value moves, `store/edits.py`); an unknown or taken name is a 400 naming it.
 - `GET /v1/jobs/ID` -> state (`queued | running | done | failed`), per class outcome (`present | pending | built |
   failed`, with reasons, attempts, lost workers), and the version that holds the classes.
 - `POST /v1/segment` with `missing=build`: unknown class names are submitted as a job (things) -> 202 with the job,
@@ -96,6 +102,39 @@ class ClassesIn(BaseModel):
 
     classes: list[ClassIn] = Field(min_length=1)
     bank: str | None = None
+    rebuild: bool = False  # draw classes of the bank again from these kinds/prompts, in place (same label values)
+
+
+class RemoveIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    classes: list[str] = Field(min_length=1)
+    bank: str | None = None
+
+
+class RenameIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    to: str
+    bank: str | None = None
+
+
+class AliasIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    alias: str
+    bank: str | None = None
+
+
+class EditDone(BaseModel):
+    """An edit of the bank's classes committed as one new version."""
+
+    model_config = ConfigDict(extra="allow")
+
+    version: int
+    summary: str
 
 
 class JobAccepted(BaseModel):
@@ -135,6 +174,17 @@ async def read_json(request: Request) -> Any:
         raise RequestError(400, f"body is not valid JSON: {e}", None, "bad_json") from None
 
 
+def parse_body(model, raw: Any):
+    """A JSON body -> `model`; 400 naming every bad field."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        errs = [{"field": ".".join(str(x) for x in err.get("loc", ())), "problem": err.get("msg")}
+                for err in e.errors()]
+        raise RequestError(400, "invalid body: " + "; ".join(f"{x['field']}: {x['problem']}" for x in errs),
+                           errs, "bad_field") from None
+
+
 def validate_classes(raw: list[ClassIn], max_classes: int) -> list[dict]:
     """Request classes -> dicts, each checked as a vocabulary line is; errors name the item (`classes[i]`)."""
     from ..vocab import VocabError, check_class, fold
@@ -167,10 +217,11 @@ def live_entry(cat, ref: str | None):
     return e
 
 
-async def submit(backend, cat, entry, classes: list[dict]) -> JSONResponse:
+async def submit(backend, cat, entry, classes: list[dict], rebuild: bool = False) -> JSONResponse:
     if not hasattr(backend, "submit_classes"):
         raise RequestError(503, "adding classes needs the Serve application (its job manager)", None, "no_jobs")
-    r = await backend.submit_classes(entry.uri, classes)
+    r = await (backend.submit_classes(entry.uri, classes, rebuild) if rebuild else
+               backend.submit_classes(entry.uri, classes))
     status = r.pop("status", 202)
     if status != 202:
         retry = (r.get("detail") or {}).get("retry_after_s") if isinstance(r.get("detail"), dict) else None
@@ -194,15 +245,47 @@ def add_live_routes(app: FastAPI, backend) -> None:
     async def add_classes(request: Request) -> JSONResponse:
         cat = await backend.catalog()
         authorize(request, cat.admin)
-        try:
-            body = ClassesIn.model_validate(await read_json(request))
-        except ValidationError as e:
-            errs = [{"field": ".".join(str(x) for x in err.get("loc", ())), "problem": err.get("msg")}
-                    for err in e.errors()]
-            raise RequestError(400, "invalid body: " + "; ".join(f"{x['field']}: {x['problem']}" for x in errs),
-                               errs, "bad_field") from None
+        body = parse_body(ClassesIn, await read_json(request))
         classes = validate_classes(body.classes, int(cat.admin.get("max_classes_per_request", 16)))
-        return await submit(backend, cat, live_entry(cat, body.bank), classes)
+        return await submit(backend, cat, live_entry(cat, body.bank), classes, body.rebuild)
+
+    async def edit(request: Request, model, action: str, names) -> JSONResponse:
+        cat = await backend.catalog()
+        authorize(request, cat.admin)
+        body = parse_body(model, await read_json(request))
+        entry = live_entry(cat, body.bank)
+        names = names(body)
+        if len(names) > int(cat.admin.get("max_classes_per_request", 16)) or any(len(n) > 200 for n in names):
+            raise RequestError(400, "too many or too long class names in one edit", {"count": len(names)},
+                               "too_many_classes")
+        if not hasattr(backend, "edit_classes"):
+            raise RequestError(503, "editing classes needs the Serve application (its job manager)", None, "no_jobs")
+        r = await backend.edit_classes(entry.uri, action, names)
+        status = r.pop("status", 200)
+        if status != 200:
+            raise RequestError(status, r.get("error", "edit refused"), r.get("detail"), r.get("code", "bad_edit"))
+        log.info("bank %s: %s", entry.key, r["summary"])
+        return JSONResponse({**r, "bank": {"key": entry.key, "id": entry.bank_id}})
+
+    edit_errors = {200: {"model": EditDone}, **error_responses(400, 401, 403, 404, 409, 413, 415, 503)}
+
+    @app.post("/v1/classes/remove", responses=edit_errors, openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": RemoveIn.model_json_schema()}}}})
+    async def remove_classes(request: Request) -> JSONResponse:
+        """Tombstone classes: a new version where they are never predicted; every label value stays."""
+        return await edit(request, RemoveIn, "remove", lambda b: list(b.classes))
+
+    @app.post("/v1/classes/rename", responses=edit_errors, openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": RenameIn.model_json_schema()}}}})
+    async def rename_class(request: Request) -> JSONResponse:
+        """A class's new name, same label value and prototypes (a new version)."""
+        return await edit(request, RenameIn, "rename", lambda b: [b.name, b.to])
+
+    @app.post("/v1/classes/alias", responses=edit_errors, openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": AliasIn.model_json_schema()}}}})
+    async def alias_class(request: Request) -> JSONResponse:
+        """Another name for a class (a new version)."""
+        return await edit(request, AliasIn, "alias", lambda b: [b.name, b.alias])
 
     @app.get("/v1/jobs/{job}", responses={200: {"model": JobBody}, **error_responses(401, 403, 404, 503)})
     async def get_job(job: str, request: Request) -> JSONResponse:
@@ -230,7 +313,7 @@ async def segment_classes(backend, request: Request, cat, fields: dict) -> tuple
     def known(cat):  # (entry, checked classes or None when some are unknown, the unknown-classes error)
         entry = cat.resolve(fields.get("bank"))
         try:
-            return entry, check_classes(names, entry.names, entry.key), None
+            return entry, check_classes(names, entry.requestable, entry.key), None
         except RequestError as e:
             if e.code != "unknown_classes":
                 raise
@@ -251,7 +334,7 @@ async def segment_classes(backend, request: Request, cat, fields: dict) -> tuple
     entry = live_entry(cat, fields.get("bank"))
     from ..vocab import fold
 
-    have = {fold(n) for n in entry.names}
+    have = {fold(n) for n in entry.requestable}
     unknown = [n for n in names if fold(n) not in have]
     classes = validate_classes([ClassIn(name=n) for n in unknown], int(cat.admin.get("max_classes_per_request", 16)))
     return entry, None, await submit(backend, cat, entry, classes)

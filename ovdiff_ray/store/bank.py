@@ -58,16 +58,28 @@ class Bank:
     prompts: list[str] = field(default_factory=list)  # per class, the words for prompts (pre-filter text)
 
     def __post_init__(self):
-        """Missing prompts ("" or none) resolve as at build time: the recipe's `prompt_names`, else the name."""
+        """Missing prompts ("" or none) resolve as at build time: the recipe's `prompt_names`, else the name.
+        Removed classes (tombstones) and aliases come from the manifest's entries (`store/edits.py`)."""
         given = list(self.prompts) + [""] * (len(self.names) - len(self.prompts))
         self.prompts = [self.recipe.generation.prompt_name(n, p) for n, p in zip(self.names, given)]
+        entries = {c["name"]: c for c in (self.manifest or {}).get("classes", [])}
+        self.removed = frozenset(i for i, n in enumerate(self.names)
+                                 if entries.get(n, {}).get("removed") is not None)
+        self.aliases = {a: n for n in self.names for a in entries.get(n, {}).get("aliases", [])}
+
+    @property
+    def live(self) -> list[int]:
+        """Ids of the classes that are not removed (segmentation only ever considers these)."""
+        return [i for i in range(len(self.names)) if i not in self.removed]
 
     def _folded(self) -> dict[str, int]:
-        """Case/space-folded name -> class id, built once."""
+        """Case/space-folded name or alias -> class id (removed classes left out), built once."""
         from ..vocab import fold
 
         if "_index" not in self.__dict__:
-            self._index = {fold(n): i for i, n in enumerate(self.names)}
+            self._index = {fold(n): i for i, n in enumerate(self.names) if i not in self.removed}
+            self._index.update({fold(a): self._index[fold(n)] for a, n in self.aliases.items()
+                                if fold(n) in self._index})
         return self._index
 
     def index(self, name: str) -> int:
@@ -78,7 +90,7 @@ class Bank:
     def resolve(self, classes: list[str] | None) -> list[int]:
         """Class names -> ids; unknown names raise a KeyError that lists them all."""
         if classes is None:
-            return list(range(len(self.names)))
+            return self.live
         from ..vocab import fold
 
         index = self._folded()

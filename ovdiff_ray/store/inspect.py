@@ -22,8 +22,10 @@ def summarize(m: dict) -> dict:
     g = r.get("generation", {})
     return {
         "bank_id": m["bank_id"], "version": m["version"], "created": m.get("created"),
-        "num_classes": len(m["classes"]), "classes": [c["name"] for c in m["classes"]],
-        "kinds": {k: sum(c["kind"] == k for c in m["classes"]) for k in ("thing", "stuff")},
+        "num_classes": sum(c.get("removed") is None for c in m["classes"]),
+        "classes": [c["name"] for c in m["classes"] if c.get("removed") is None],
+        "removed": [c["name"] for c in m["classes"] if c.get("removed") is not None],
+        "kinds": {k: sum(c["kind"] == k and c.get("removed") is None for c in m["classes"]) for k in ("thing", "stuff")},
         "extractors": extractors, "bytes": sum(int(c.get("bytes", 0)) for c in m["classes"]),
         "recipe": {"name": r.get("name"), "generator": g.get("generator"), "n_images": g.get("n_images"),
                    "steps": g.get("steps"), "masks": r.get("masks", {}).get("method"),
@@ -34,7 +36,15 @@ def summarize(m: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="ovdiff bank", description="Inspect a committed prototype bank.")
+    from .edit_cli import ACTIONS
+
+    if argv and argv[0] in ACTIONS:  # remove | rename | alias | diff (store/edit_cli.py)
+        from .edit_cli import main as edit_main
+
+        return edit_main(argv)
+    ap = argparse.ArgumentParser(prog="ovdiff bank", description="Inspect a committed prototype bank.",
+                                 epilog="Fix one: ovdiff bank remove | rename | alias URI ..., and ovdiff bank diff URI "
+                                        "A B (`ovdiff bank remove --help`); rebuild: build_bank --rebuild NAME ...")
     sub = ap.add_subparsers(dest="action", required=True)
     ins = sub.add_parser("inspect", help="show a bank's version, classes, extractors and size")
     ins.add_argument("uri", help="bank location: local folder, file:// or s3://bucket/prefix")
@@ -59,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         info = summarize(m)
         if a.verify:
             for c in m["classes"]:
-                read_shard_bytes(loc, c)
+                if c.get("removed") is None:  # a tombstone has no shard
+                    read_shard_bytes(loc, c)
             info["verified"] = True
         if a.report:
             from ..build_report import report

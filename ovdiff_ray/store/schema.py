@@ -17,6 +17,8 @@ from typing import Any
 import pyarrow as pa
 
 SCHEMA_VERSION = "ovdiff-bank/1"
+SCHEMA_TOMBSTONES = "ovdiff-bank/2"  # a manifest with a removed class (store/edits.py): older readers refuse it
+KNOWN_SCHEMAS = (SCHEMA_VERSION, SCHEMA_TOMBSTONES)
 SHARD_SCHEMA = pa.schema([
     ("class_id", pa.int32()),
     ("class_name", pa.string()),
@@ -56,8 +58,9 @@ def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
         raise ManifestError(f"{where}: manifest does not parse: {e}") from None
     if not isinstance(m, dict):
         raise ManifestError(f"{where}: manifest is not a JSON object")
-    if m.get("schema") != SCHEMA_VERSION:
-        raise ManifestError(f"{where}: unknown manifest schema {m.get('schema')!r} (this reader knows {SCHEMA_VERSION})")
+    if m.get("schema") not in KNOWN_SCHEMAS:
+        raise ManifestError(f"{where}: unknown manifest schema {m.get('schema')!r} (this reader knows "
+                            f"{', '.join(KNOWN_SCHEMAS)})")
     missing = [k for k in MANIFEST_KEYS if k not in m]
     if missing:
         raise ManifestError(f"{where}: manifest lacks {', '.join(missing)}")

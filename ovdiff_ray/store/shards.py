@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 from ..prototypes import ClassPrototypes
 from .bank import KIND_CODES, LEVEL_CODES, Bank, BankArrays
 from .fs import Location, StorageConfig, StoreError
-from .schema import (LATEST_KEY, MAX_MANIFEST_BYTES, SCHEMA_VERSION, SHARD_SCHEMA, ManifestError, dump_manifest,
-                     manifest_key, parse_manifest, slug)
+from .schema import (LATEST_KEY, MAX_MANIFEST_BYTES, SCHEMA_TOMBSTONES, SCHEMA_VERSION, SHARD_SCHEMA, ManifestError,
+                     dump_manifest, manifest_key, parse_manifest, slug)
 
 MAX_SHARD_BYTES = 2 << 30
 ROW_GROUP_ROWS = 4096
@@ -173,16 +173,17 @@ def read_manifest(loc: Location, version: int | None = None) -> dict[str, Any] |
 def new_manifest(bank_id: str, version: int, recipe: dict, classes: list[dict], **extra) -> dict[str, Any]:
     from .. import __version__
 
-    return {"schema": SCHEMA_VERSION, "bank_id": bank_id, "version": version,
+    removed = any(c.get("removed") is not None for c in classes)
+    return {"schema": SCHEMA_TOMBSTONES if removed else SCHEMA_VERSION, "bank_id": bank_id, "version": version,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "package_version": __version__, "recipe": recipe, **extra, "classes": classes}
 
 
 def commit_manifest(loc: Location, manifest: dict[str, Any]) -> int:
     """Create manifests/v<N>.json if absent (CommitConflict otherwise), then move `latest` forward."""
-    names = [c["name"] for c in manifest["classes"]]
-    if len(set(names)) != len(names):
-        raise ManifestError("refusing to commit a manifest that lists a class twice")
+    from .edits import check_classes
+
+    check_classes(manifest["classes"])
     v = int(manifest["version"])
     loc.put_if_absent(manifest_key(v), dump_manifest(manifest))
     for _ in range(20):  # move the pointer forward unless a newer version already did
@@ -213,14 +214,19 @@ def load_bank(uri: str, version: int | None = None, classes: list[str] | None = 
     if classes is not None:
         from ..vocab import fold
 
-        by = {fold(c["name"]): c for c in entries}
+        by = {fold(n): i for i, c in enumerate(entries) if c.get("removed") is None
+              for n in [c["name"], *c.get("aliases", [])]}
         unknown = [c for c in classes if fold(c) not in by]
         if unknown:
             raise KeyError(f"unknown classes (not in bank {m['bank_id']} v{m['version']}): {', '.join(unknown)}")
-        wanted = {fold(c) for c in classes}
-        entries = [c for c in entries if fold(c["name"]) in wanted]
+        wanted = {by[fold(c)] for c in classes}
+        entries = [c for i, c in enumerate(entries) if i in wanted]
+
+    def read(e: dict) -> pa.Table | None:  # a removed class (tombstone) has no shard
+        return None if e.get("removed") is not None else _decode(read_shard_bytes(loc, e), loc.display(e["shard"]))
+
     with ThreadPoolExecutor(max(1, min(threads, len(entries)))) as ex:  # pyarrow decodes without the GIL
-        tables = list(ex.map(lambda e: _decode(read_shard_bytes(loc, e), loc.display(e["shard"])), entries))
+        tables = list(ex.map(read, entries))
     return assemble(m, entries, tables, uri)
 
 
@@ -246,12 +252,16 @@ def _codes(values: np.ndarray, table: dict[str, int]) -> np.ndarray:
     return out
 
 
-def assemble(m: dict, entries: list[dict], tables: list[pa.Table], uri: str) -> Bank:
+def assemble(m: dict, entries: list[dict], tables: list[pa.Table | None], uri: str) -> Bank:
+    """Shards (None for a removed class: no rows, a zero text row) -> a Bank whose class c is `entries[c]`."""
     recipe = Bank.recipe_of(m)
     ex_names = [e.name for e in recipe.extractors]
     per_ex: dict[str, list] = {e: [] for e in ex_names}
-    texts = []
+    texts: list[np.ndarray | None] = []
     for c, t in enumerate(tables):
+        if t is None:
+            texts.append(None)
+            continue
         exs = t.column("extractor").to_numpy(zero_copy_only=False)
         for ex in ex_names + ["text"]:
             idx = np.nonzero(exs == ex)[0]
@@ -284,6 +294,8 @@ def assemble(m: dict, entries: list[dict], tables: list[pa.Table], uri: str) -> 
             offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
             source=np.concatenate([p[5] for p in parts]) if parts else np.zeros(0, np.int16),
         )
-    text = np.stack(texts) if texts else np.zeros((0, 0), np.float32)
+    e_dim = next((len(t) for t in texts if t is not None), 0)
+    text = np.stack([np.zeros(e_dim, np.float32) if t is None else t for t in texts]) if texts else \
+        np.zeros((0, 0), np.float32)
     return Bank(m["bank_id"], int(m["version"]), recipe, [e["name"] for e in entries], [e["kind"] for e in entries],
                 text, arrays, manifest=m, uri=uri, prompts=[e.get("prompt", "") for e in entries])
