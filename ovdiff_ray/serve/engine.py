@@ -58,7 +58,7 @@ class ServiceConfig:
     batch_wait_timeout_s: float = 0.005
     device: str | None = None  # None: cuda when the replica has a GPU, else cpu
     torch_threads: int | None = None  # None: the replica's CPUs (at least 1)
-    request_timeout_s: float = 120.0  # ingress -> segmenter call
+    request_timeout_s: float = 120.0  # ingress -> segmenter call (`ovdiff serve --request-timeout`)
     storage: dict | None = None  # S3 settings (StorageConfig fields); None: from the environment
     follow_latest: bool = False  # banks without a version follow their `latest` pointer (hot reload)
     reload_poll_s: float = 10.0  # how often a replica reads `latest` of the banks it follows
@@ -266,6 +266,21 @@ class Engine:
         """A followed bank now serves `bank` (a newer version): its catalog entry says so (one assignment)."""
         e = self.catalog.banks[key]
         self.catalog.banks[key] = entry_of(bank.manifest, e.uri, e.name, e.live)
+
+    def warm_up(self, seg) -> float:
+        """Segment one image at the recipe's short side (fixed noise) and return the seconds it took; when that is
+        already over the request timeout, say so in one warning line (every request would get 504)."""
+        side = seg.seg.short_side
+        img = np.random.default_rng(0).integers(0, 256, (side, side * 4 // 3, 3), dtype=np.uint8)
+        t0 = time.perf_counter()
+        seg.segment(img, confidence=False)
+        dt = time.perf_counter() - t0
+        limit = self.config.request_timeout_s
+        if dt > limit:
+            log.warning("warm-up segmentation took %.1fs, longer than the request timeout of %gs: requests will "
+                        "get 504; raise the timeout (ovdiff serve --request-timeout S, config request_timeout_s) or "
+                        "give the replica a GPU", dt, limit)
+        return dt
 
     # -- work ------------------------------------------------------------------------------------------------
     def run(self, seg, jobs: Sequence[Job]) -> list[dict]:
