@@ -30,6 +30,9 @@ from ..recipe import MasksConfig
 from .maskcut import maskcut_batch
 
 
+CHILD_ARGS = ("-P",)  # python flags of a CRF child: -P, no script folder on sys.path
+
+
 class CrfChildDied(RuntimeError):
     """A CRF child died on the same job twice (each time replaced by a fresh one): transient for the class."""
 
@@ -41,7 +44,7 @@ class _Child:
     def __init__(self):
         import ovdiff_ray.densecrf as crf
 
-        self.proc = subprocess.Popen([sys.executable, "-P", crf.__file__], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, *CHILD_ARGS, crf.__file__], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, bufsize=0)
 
     @property
