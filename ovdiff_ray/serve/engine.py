@@ -273,7 +273,10 @@ class Engine:
         side = seg.seg.short_side
         img = np.random.default_rng(0).integers(0, 256, (side, side * 4 // 3, 3), dtype=np.uint8)
         t0 = time.perf_counter()
-        seg.segment(img, confidence=False)
+        try:
+            seg.segment(img, confidence=False)
+        except Exception as e:  # noqa: BLE001 - the requests will say what is wrong; the start goes on
+            log.warning("warm-up segmentation failed: %s: %s", type(e).__name__, str(e)[:300])
         dt = time.perf_counter() - t0
         limit = self.config.request_timeout_s
         if dt > limit:
