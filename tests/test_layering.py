@@ -18,7 +18,9 @@ from ovdiff_ray.recipe import load_recipe
 from ovdiff_ray.sample import SamplingModels, sample_class
 from ovdiff_ray.store.bank import Bank
 
+from dataclasses import replace
 r = load_recipe("toy")
+r = replace(r, generation=replace(r.generation, n_images=4))  # a small support set: this checks imports, not quality
 m = SamplingModels.load(r, "cpu")
 vocab = [("red circle", "thing"), ("yellow checks", "stuff")]
 bank = Bank.from_prototypes([sample_class(n, r, m, kind=k) for n, k in vocab], r)
