@@ -144,6 +144,18 @@ def crf_workers(recipe: Recipe, cpus_per_worker: float) -> int:
     return max(1, int(cpus_per_worker))
 
 
+def actor_memory(recipe: Recipe, gpu: bool) -> int:
+    """Bytes of memory each class worker asks Ray for: what the recipe's models take (models/footprint.py), at
+    most the largest node's memory resource (so the pool can always be placed)."""
+    import ray
+
+    from .models.footprint import worker_memory
+
+    want = worker_memory(recipe, gpu)
+    nodes = [n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")]
+    return int(min(want, max(nodes))) if nodes and max(nodes) > 0 else want
+
+
 def permanent(e: BaseException) -> bool:
     """A failure that will not go away on retry: a model reference that names nothing or does not load, weights
     that fail their sha256, a recipe this worker's code cannot read, a library that is not installed."""
@@ -569,7 +581,8 @@ def execute(args: argparse.Namespace, state: BuildState, pending: list[dict]) ->
         fn_constructor_kwargs={"recipe": state.recipe.to_dict(), "uri": args.out, "storage": storage,
                                "retries": args.retries, "device": args.worker_device,
                                "crf_workers": crf_workers(state.recipe, args.cpus_per_worker)},
-        num_gpus=args.gpus_per_worker, num_cpus=args.cpus_per_worker)
+        num_gpus=args.gpus_per_worker, num_cpus=args.cpus_per_worker,
+        memory=actor_memory(state.recipe, args.worker_device != "cpu" and bool(args.gpus_per_worker)))
     old = signal.getsignal(signal.SIGINT)
     last_commit, since = time.monotonic(), 0
     bar = tqdm(total=len(pending), unit="class", desc="build_bank", dynamic_ncols=True, file=sys.stderr,

@@ -56,18 +56,23 @@ def count_runs(loc, name: str) -> int:
 
 
 def worker_device(models_device: str) -> tuple[str, float]:
-    """(`cpu` or `cuda:<Ray's GPU ids>`, GPUs held by this worker) for the record."""
+    """(`cpu` or `cuda:<Ray's GPU ids>`, GPUs held by this worker) for the record. A fractional GPU counts as its
+    fraction (`--gpus-per-worker 0.5`: 0.5, from the resources Ray assigned, not the ids it lists)."""
     gpus: list = []
+    held = 0.0
     try:
         import ray
 
         if ray.is_initialized():
             gpus = list(ray.get_gpu_ids())
+            held = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
     except Exception:  # noqa: BLE001 - outside Ray
-        gpus = []
+        gpus, held = [], 0.0
+    if gpus and not held:  # a task or driver Ray lists GPUs for without an assignment record
+        held = float(len(gpus))
     if str(models_device).startswith("cuda") and gpus:
-        return "cuda:" + ",".join(str(g) for g in gpus), float(len(gpus))
-    return str(models_device), float(len(gpus))
+        return "cuda:" + ",".join(str(g) for g in gpus), round(held, 6)
+    return str(models_device), round(held, 6)
 
 
 def class_record(stage_seconds: dict, write_s: float, seconds: float, worker_seconds: float, attempts: int,
@@ -99,8 +104,10 @@ def record_row(bank_id: str, row: dict, entry: dict | None) -> None:
 
 
 def device_seconds(rec: dict) -> float:
-    """Seconds of the devices a class held: worker seconds x GPUs (a CPU worker counts as one device)."""
-    return float(rec.get("worker_seconds", rec.get("seconds", 0.0))) * max(1.0, float(rec.get("gpus") or 0.0))
+    """Seconds of the devices a class held: worker seconds x GPUs, a fraction of a GPU as its fraction (a CPU
+    worker, 0 GPUs, counts as one device)."""
+    gpus = float(rec.get("gpus") or 0.0)
+    return float(rec.get("worker_seconds", rec.get("seconds", 0.0))) * (gpus if gpus > 0 else 1.0)
 
 
 @dataclass

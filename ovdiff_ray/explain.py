@@ -8,8 +8,8 @@ to 1 over its rows; each extractor is reported on its own). A row names its leve
 extractor and its support images:
 
 - instance rows: the one support image (`source`) they are the mean of;
-- part rows: the support images whose pixels are nearest their k-means centre (recorded at build time; a bank built
-  before that says so in `note`);
+- part rows: the support images whose pixels are nearest their k-means centre (recorded at build time, loaded with
+  the bank; a bank built before that says so in `note`);
 - class rows: every kept support image (`pooled`).
 
 Support images are named by index and by the seed they were drawn from (`models.base.image_seed(recipe seed, class
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .labelmaps import upscale_labels
 from .models.base import image_seed
 from .store.bank import LEVEL_CODES
 
@@ -70,65 +71,57 @@ class ClassExplanation:
 
 
 class MembersReader:
-    """Part rows' support images: from an in-memory bank's arrays, or read once per class from a stored bank's
-    shard (`members` column; None when the shard predates it)."""
+    """Part rows' support images, from the bank's `members` (loaded once with the bank: never read from storage
+    per request). None for a class whose shard was written before part members were recorded."""
 
     def __init__(self, bank):
         self.bank = bank
-        self._cache: dict[tuple[str, int], list | None] = {}
 
     def __call__(self, ex: str, c: int) -> list | None:
         """Members per row of class `c` in extractor `ex` (bank row order of the class), or None."""
         a = self.bank.extractors[ex]
-        if a.members is not None:
-            return list(a.members[a.rows_of(c)])
-        key = (ex, c)
-        if key not in self._cache:
-            self._cache[key] = self._read(ex, c)
-        return self._cache[key]
+        return None if a.members is None else a.members.rows(a.rows_of(c))
 
-    def _read(self, ex: str, c: int) -> list | None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        from .store.fs import Location
-        from .store.shards import read_shard_bytes
+def whole_features(seg, image):
+    """The whole-image view's features of every extractor, as `Segmenter.segment_batch(keep_features=True)` keeps
+    them (one pass per extractor: for results segmented without `keep_features`)."""
+    from .segment import WholeFeatures
 
-        if not self.bank.uri:
-            return None
-        entry = next((e for e in self.bank.manifest.get("classes", []) if e["name"] == self.bank.names[c]), None)
-        if entry is None:
-            return None
-        t = pq.read_table(pa.BufferReader(read_shard_bytes(Location(self.bank.uri), entry)))
-        if "members" not in t.column_names:
-            return None
-        exs = t.column("extractor").to_numpy(zero_copy_only=False)
-        return [None if m is None else tuple(m) for m, e in zip(t.column("members").to_pylist(), exs) if e == ex]
+    x = seg._prepare(image).x
+    h, w = x.shape[-2:]
+    feats = {}
+    for ex, e in seg.extractors.items():
+        size = seg._view_size(ex, h, w)
+        crop = x[None] if size == (h, w) else F.interpolate(x[None], size=size, mode="bilinear", align_corners=False,
+                                                            antialias=size[0] < h)
+        feats[ex] = e(crop).float()[0]
+    return WholeFeatures((h, w), feats)
 
 
 @torch.no_grad()
 def explain(seg, image, result, top: int = 3, members: MembersReader | None = None) -> dict[int, ClassExplanation]:
     """`seg` a Segmenter, `image` what was segmented, `result` its SegmentationResult -> per label value present, the
-    `top` rows that won most of its pixels for each extractor (ranked by share)."""
-    from .serve.engine import upscale_labels
+    `top` rows that won most of its pixels for each extractor (ranked by share).
 
+    Uses the whole-image features the segmentation kept (`segment_batch(..., keep_features=True)`; otherwise one
+    extractor pass here) and works on their device: only the per-row pixel counts come back to the host."""
     bank = seg.bank
     members = members or MembersReader(bank)
-    it = seg._prepare(image)
-    x = it.x
-    h, w = x.shape[-2:]
-    lab = torch.from_numpy(upscale_labels(np.asarray(result.labels), w, h).astype(np.int64))
+    whole = result.features if result.features is not None else whole_features(seg, image)
+    h, w = whole.size
+    lab_np = upscale_labels(np.asarray(result.labels), w, h).astype(np.int64)  # [h, w] at the short side
     kept = [bank.index(n) for n in result.kept]
-    values = [int(v) for v in np.unique(lab.numpy())]
+    values = [int(v) for v in np.unique(lab_np)]
     out = {v: ClassExplanation(result.classes.get(v, "background" if v == 0 else bank.names[v - 1]),
-                               int((lab == v).sum())) for v in values}
-    for ex, e in seg.extractors.items():
+                               int((lab_np == v).sum())) for v in values}
+    for ex in [e for e in seg.extractors if e in whole.feats]:
         a = bank.extractors[ex]
-        size = seg._view_size(ex, h, w)
-        crop = x[None] if size == (h, w) else F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)
-        f = e(crop).float()[0]  # [D, fh, fw]
+        f = whole.feats[ex].float()  # [D, fh, fw] on the segmenter's device
+        dev = f.device
         d, fh, fw = f.shape
         flat = f.reshape(d, -1)
+        lab = torch.from_numpy(lab_np).to(dev)
         for v in values:
             if v == 0:
                 rows = np.concatenate([np.arange(*a.rows_of(c).indices(len(a.vectors)))[
@@ -138,11 +131,10 @@ def explain(seg, image, result, top: int = 3, members: MembersReader | None = No
                 rows = r[a.kind[r] == 0]
             if not len(rows):
                 continue
-            vec = torch.from_numpy(np.asarray(a.vectors[rows], np.float32))
+            vec = torch.from_numpy(np.asarray(a.vectors[rows], np.float32)).to(dev)
             best = (vec @ flat).argmax(0).reshape(1, 1, fh, fw).float()
             best = F.interpolate(best, size=(h, w), mode="nearest")[0, 0].long()
-            m = lab == v
-            counts = torch.bincount(best[m], minlength=len(rows)).numpy()
+            counts = torch.bincount(best[lab == v], minlength=len(rows)).cpu().numpy()
             total = max(int(counts.sum()), 1)
             for j in np.argsort(-counts, kind="stable")[:top]:
                 if counts[j] == 0:

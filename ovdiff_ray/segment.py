@@ -59,6 +59,15 @@ class SegmentationResult:
     confidence: np.ndarray | None = None  # [H, W] float32 in [0, 1] of each pixel's label (confidence.py)
     topk: dict[int, list[tuple[int, float]]] | None = None  # label value -> best (label value, mean score) over
     #                                                        its pixels, best first (confidence.class_topk)
+    features: "WholeFeatures | None" = None  # `keep_features`: the whole-image view's features (explain.py)
+
+
+@dataclass
+class WholeFeatures:
+    """The features the segmentation computed for the whole-image view, kept for `explain` (no second pass)."""
+
+    size: tuple[int, int]  # (h, w) of the image at the short side
+    feats: dict[str, torch.Tensor]  # extractor -> `[D, fh, fw]` float, on the segmenter's device
 
 
 View = tuple[int, int, int, int]  # (y0, x0, vh, vw) on the image at the short side
@@ -78,6 +87,8 @@ class _Item:
     count: torch.Tensor | None = None  # [h, w] views covering each pixel
     whole: dict[str, torch.Tensor] = field(default_factory=dict)  # extractor -> whole-image features [1, D, h, w]
     background: bool = True  # background matched (False: `segmentation.background_min_area` not reached)
+    want_confidence: bool = True  # compute the confidence map and top-k (upsampled and copied to the host)
+    kept_feats: dict[str, torch.Tensor] | None = None  # keep_features: extractor -> whole-view features [D, fh, fw]
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -417,12 +428,18 @@ class Segmenter:
                     s = self.match(f[j:j + n], gs[i])
                     t1 = time.perf_counter()
                     it.t["matching"] += t1 - t0
-                    for (_, (y0, x0, vh, vw)), sv in zip(batch[j:j + n], s):
+                    for k, ((_, (y0, x0, vh, vw)), sv) in enumerate(zip(batch[j:j + n], s)):
+                        if it.kept_feats is not None and (y0, x0, vh, vw) == (0, 0, *it.x.shape[-2:]):
+                            it.kept_feats[ex] = f[j + k].clone()
                         up = F.interpolate(sv[None], size=(vh, vw), mode="bilinear", align_corners=False)[0]
                         it.acc[:, y0:y0 + vh, x0:x0 + vw] += up.clamp_(-1, 1)
                         it.count[y0:y0 + vh, x0:x0 + vw] += 1
                     it.t["upsample"] += time.perf_counter() - t1
                     j += n
+            need = [it for it in items if it.kept_feats is not None and ex not in it.kept_feats]
+            for batch, f in self._features(ex, need, lambda it: [(0, 0, *it.x.shape[-2:])]):  # no whole view
+                for (i, _), fi in zip(batch, f):
+                    need[i].kept_feats[ex] = fi.clone()
 
     def _snap(self, it: _Item, scores: torch.Tensor, regions: str) -> torch.Tensor:
         if regions == "none":
@@ -451,9 +468,12 @@ class Segmenter:
             scores = self._snap(it, scores, regions)
         t0 = time.perf_counter()
         h0, w0 = it.h0, it.w0
-        conf = confidence.upsample_confidence(confidence.pixel_confidence(raw, scores), h0, w0)
-        values = [0] + [c + 1 for c in it.kept]
-        topk = {values[r]: [(values[j], s) for j, s in best] for r, best in confidence.class_topk(raw, scores).items()}
+        conf = topk = None
+        if it.want_confidence:  # upsampled and copied to the host only when asked for
+            conf = confidence.upsample_confidence(confidence.pixel_confidence(raw, scores), h0, w0)
+            values = [0] + [c + 1 for c in it.kept]
+            topk = {values[r]: [(values[j], s) for j, s in best]
+                    for r, best in confidence.class_topk(raw, scores).items()}
         if return_scores:
             if scores.shape[-2:] != (h0, w0):
                 scores = F.interpolate(scores[None], size=(h0, w0), mode="bilinear", align_corners=False)[0]
@@ -465,22 +485,29 @@ class Segmenter:
         t["upsample"] += time.perf_counter() - t0
         present = np.unique(labels)
         names = {int(v): ("background" if v == 0 else self.bank.names[v - 1]) for v in present}
+        feats = None if it.kept_feats is None else WholeFeatures(tuple(it.x.shape[-2:]), it.kept_feats)
         return SegmentationResult(labels, names, scores.cpu().numpy().astype(np.float32) if return_scores else None,
-                                  [self.bank.names[c] for c in it.kept], t, conf, topk)
+                                  [self.bank.names[c] for c in it.kept], t, conf, topk, feats)
 
     # -- the whole thing -----------------------------------------------------------------------------------
     def segment(self, image, classes: list[str] | None = None, pamr: bool = False, ablate: Sequence[str] = (),
-                return_scores: bool = False, regions: str | None = None) -> SegmentationResult:
+                return_scores: bool = False, regions: str | None = None, confidence: bool = True,
+                keep_features: bool = False) -> SegmentationResult:
         """One image (`[H, W, 3]` uint8 array or PIL image) -> SegmentationResult at the input size."""
-        return self.segment_batch([image], classes, pamr, ablate, return_scores, regions)[0]
+        return self.segment_batch([image], classes, pamr, ablate, return_scores, regions, confidence,
+                                  keep_features)[0]
 
     @torch.no_grad()
     def segment_batch(self, images, classes: list[str] | None = None, pamr: bool = False,
                       ablate: Sequence[str] = (), return_scores: bool = False,
-                      regions: str | None = None) -> list[SegmentationResult]:
+                      regions: str | None = None, confidence: bool | Sequence[bool] = True,
+                      keep_features: bool | Sequence[bool] = False) -> list[SegmentationResult]:
         """Several images (any sizes) -> one SegmentationResult each. The pre-filter's image encoder runs once for
         the batch, and views of all images go through each extractor together (`view_batch` per forward pass).
-        `regions` overrides the recipe's `segmentation.regions` (none | superpixels | sam | on | off)."""
+        `regions` overrides the recipe's `segmentation.regions` (none | superpixels | sam | on | off).
+        `confidence` (one flag, or one per image): compute `confidence` and `topk` (else None: nothing upsampled or
+        copied to the host for them). `keep_features` (likewise): keep the whole-image view's features in
+        `result.features` for `explain.explain` (computed in the same passes; no second extractor pass)."""
         ids = self.resolve(classes)
         sw = Switches.of(self.seg, ablate, list(self.extractors))
         try:
@@ -491,9 +518,23 @@ class Segmenter:
         items = [self._prepare(im) for im in images]
         if not items:
             return []
+        want = _flags(confidence, len(items), "confidence")
+        keep = _flags(keep_features, len(items), "keep_features")
+        for it, c, k in zip(items, want, keep):
+            it.want_confidence, it.kept_feats = c, ({} if k else None)
         self._keep(items, ids, sw, exs)
         self._accumulate(items, sw, exs)
         return [self._finish(it, pamr, return_scores, method) for it in items]
+
+
+def _flags(x: bool | Sequence[bool], n: int, what: str) -> list[bool]:
+    """One flag for every image, or one per image."""
+    if isinstance(x, (bool, np.bool_)):
+        return [bool(x)] * n
+    x = [bool(v) for v in x]
+    if len(x) != n:
+        raise ValueError(f"{what}: {len(x)} flags for {n} images")
+    return x
 
 
 # ------------------------------------------------------------------------------------------------- pictures

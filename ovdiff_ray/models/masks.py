@@ -119,40 +119,9 @@ def maskcut(feats: np.ndarray, n: int, tau: float = 0.15, min_frac: float = 0.01
     return np.stack(masks) if masks else np.zeros((0, h, w), bool)
 
 
-# MaskCut's CRF (CutLER maskcut/crf.py values): 10 mean-field iterations, a Gaussian and a bilateral kernel
-CRF_ITERS, CRF_POS_W, CRF_POS_XY, CRF_BI_W, CRF_BI_XY, CRF_BI_RGB = 10, 7, 3, 10, 50, 5
 
 
-def require_crf():
-    """pydensecrf2's module, or a RuntimeError that says how to get it."""
-    try:
-        import pydensecrf.densecrf as dcrf
-    except ImportError as e:
-        raise RuntimeError("masks.maskcut_crf needs a dense CRF: pip install pydensecrf2 (or `pip install -e .[crf]`; "
-                           f"it builds with a C++ compiler), or set masks.maskcut_crf: false ({e})") from None
-    return dcrf
-
-
-def crf_refine(image: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
-    """MaskCut's post-processing of one mask: `image [H, W, 3]` uint8 and `mask [H, W]` bool at the same size ->
-    the dense-CRF mask with holes filled, or None when it overlaps the input by IoU < 0.5 (the mask is dropped)."""
-    import torch
-
-    dcrf = require_crf()
-    h, w = mask.shape
-    fg = mask.astype(np.float32)
-    probs = torch.softmax(torch.from_numpy(np.stack([1 - fg, fg])), 0).numpy()  # bg, fg
-    unary = np.ascontiguousarray(-np.log(probs.reshape(2, -1)).astype(np.float32))
-    d = dcrf.DenseCRF2D(w, h, 2)
-    d.setUnaryEnergy(unary)
-    d.addPairwiseGaussian(sxy=CRF_POS_XY, compat=CRF_POS_W)
-    d.addPairwiseBilateral(sxy=CRF_BI_XY, srgb=CRF_BI_RGB, rgbim=np.ascontiguousarray(image, np.uint8), compat=CRF_BI_W)
-    q = np.array(d.inference(CRF_ITERS)).reshape(2, h, w)
-    out = ndimage.binary_fill_holes(q.argmax(0) == 1)
-    union = (out | mask).sum()
-    if union == 0 or (out & mask).sum() / union < 0.5:
-        return None
-    return out
+from ..densecrf import crf_refine, require_crf  # noqa: E402,F401 (re-exported: MaskCut's CRF lives there)
 
 
 class MaskCut:

@@ -11,30 +11,97 @@ Every result is `[b, M, H, W]` bool on the device, padded with empty masks.
 """
 from __future__ import annotations
 
-import multiprocessing
+import atexit
+import queue
+import struct
+import subprocess
+import sys
+import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..densecrf import crf_image, read_arrays, write_arrays  # noqa: F401 (crf_image re-exported)
 from ..recipe import MasksConfig
 from .maskcut import maskcut_batch
 
 
-def crf_image(image: np.ndarray, grid_masks: np.ndarray) -> np.ndarray:
-    """One image's CRF job (runs in a pool process): `image [s, s, 3]` uint8 and `grid_masks [M, g, g]` bool ->
-    the refined masks `[M', s, s]` bool that overlap their input by IoU >= 0.5 (MaskCut's rule)."""
-    from ..models.masks import crf_refine
+CHILD_ARGS = ("-P",)  # python flags of a CRF child: -P, no script folder on sys.path
 
-    s = image.shape[0]
-    if len(grid_masks) == 0:
-        return np.zeros((0, s, s), bool)
-    up = F.interpolate(torch.from_numpy(grid_masks).float()[None], size=(s, s), mode="nearest")[0].numpy() > 0.5
-    kept = [r for r in (crf_refine(image, m) for m in up) if r is not None]
-    return np.stack(kept) if kept else np.zeros((0, s, s), bool)
+
+class CrfChildDied(RuntimeError):
+    """A CRF child died on the same job twice (each time replaced by a fresh one): transient for the class."""
+
+
+class _Child:
+    """One CRF child: `python -P densecrf.py` (a clean main module: numpy, scipy.ndimage and pydensecrf2 only, never
+    torch or Ray), jobs over its stdin/stdout; it exits when its stdin closes."""
+
+    def __init__(self):
+        import ovdiff_ray.densecrf as crf
+
+        self.proc = subprocess.Popen([sys.executable, *CHILD_ARGS, crf.__file__], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, bufsize=0)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def run(self, image: np.ndarray, grid_masks: np.ndarray) -> np.ndarray:
+        """One job; EOFError / BrokenPipeError when the child is gone (killed, crashed)."""
+        w = _Writer(self.proc.stdin)
+        write_arrays(w, [image, grid_masks])
+        r = _Reader(self.proc.stdout)
+        status = r.read(1)
+        if not status:
+            raise EOFError("CRF child gone")
+        if status == b"\x01":
+            (n,) = struct.unpack("<I", r.read(4))
+            raise RuntimeError(f"dense CRF failed: {r.read(n).decode(errors='replace')}")
+        return read_arrays(r)[0]
+
+    def close(self, timeout: float = 5.0) -> None:
+        try:
+            self.proc.stdin.close()  # end of input: the child returns
+            self.proc.wait(timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        finally:
+            self.proc.stdout.close()
+
+
+class _Writer:
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, b: bytes) -> None:
+        view = memoryview(b)
+        while view:
+            n = self.f.write(view)
+            view = view[n:]
+
+    def flush(self) -> None:
+        pass
+
+
+class _Reader:
+    def __init__(self, f):
+        self.f = f
+
+    def read(self, n: int) -> bytes:
+        parts, got = [], 0
+        while got < n:
+            b = self.f.read(n - got)
+            if not b:
+                break
+            parts.append(b)
+            got += len(b)
+        return b"".join(parts)
 
 
 class _Done:
@@ -48,13 +115,20 @@ class _Done:
 
 
 class CrfPool:
-    """`workers` processes (spawned: never forked from a process holding a CUDA context) running `crf_image`;
-    `workers=0` runs each job inline when submitted. `waited` accumulates the seconds a caller blocked on results."""
+    """`workers` CRF child processes (pipeline-fed, never forked from a process holding a CUDA context) running
+    `crf_image`; `workers=0` runs each job inline when submitted. A child that dies (OOM killer, segfault) is
+    replaced and its job run again once on the new child; a second death on the same job raises `CrfChildDied`
+    (the class fails as transient and is retried, the pool stays usable). `waited` accumulates the seconds a caller
+    blocked on results, `restarts` counts replaced children. `close()` (also at exit) ends the children."""
 
     def __init__(self, workers: int = 0):
         self.workers = max(0, int(workers))
-        self._pool: ProcessPoolExecutor | None = None
         self.waited = 0.0
+        self.restarts = 0
+        self._threads: ThreadPoolExecutor | None = None
+        self._idle: queue.SimpleQueue | None = None
+        self._children: list[_Child] = []
+        self._lock = threading.Lock()
 
     def submit(self, image: np.ndarray, grid_masks: np.ndarray):
         if self.workers == 0:
@@ -62,9 +136,47 @@ class CrfPool:
             out = _Done(crf_image(image, grid_masks))
             self.waited += time.perf_counter() - t0
             return out
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-        return self._pool.submit(crf_image, image, grid_masks)
+        with self._lock:
+            if self._threads is None:
+                self._idle = queue.SimpleQueue()
+                for _ in range(self.workers):
+                    self._idle.put(self._spawn())
+                self._threads = ThreadPoolExecutor(self.workers, thread_name_prefix="ovdiff-crf")
+                atexit.register(self.close)
+        return self._threads.submit(self._job, np.ascontiguousarray(image, np.uint8),
+                                    np.ascontiguousarray(grid_masks, bool))
+
+    def _spawn(self) -> _Child:
+        c = _Child()
+        self._children.append(c)
+        return c
+
+    def _job(self, image: np.ndarray, grid_masks: np.ndarray) -> np.ndarray:
+        child = self._idle.get()
+        try:
+            for attempt in (1, 2):
+                try:
+                    return self._call(child, image, grid_masks)
+                except (EOFError, BrokenPipeError, OSError, struct.error, ValueError) as e:
+                    if child.proc.poll() is None and not isinstance(e, (EOFError, BrokenPipeError)):
+                        raise
+                    with self._lock:  # the child is gone: a fresh one takes its place (and this job, once)
+                        self._children.remove(child)
+                        child.close(0.1)
+                        child = self._spawn()
+                        self.restarts += 1
+                    if attempt == 2:
+                        raise CrfChildDied(f"a dense-CRF child died twice on one job ({e.__class__.__name__})") from None
+        finally:
+            self._idle.put(child)
+        raise AssertionError("unreachable")
+
+    def _call(self, child: _Child, image: np.ndarray, grid_masks: np.ndarray) -> np.ndarray:
+        """One job on one child (a test hook: tests/test_crf_pool.py kills the child here)."""
+        return child.run(image, grid_masks)
+
+    def pids(self) -> list[int]:
+        return [c.pid for c in self._children]
 
     def wait(self, futures: list) -> list[np.ndarray]:
         t0 = time.perf_counter()
@@ -73,9 +185,13 @@ class CrfPool:
         return out
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-            self._pool = None
+        with self._lock:
+            if self._threads is not None:
+                self._threads.shutdown(wait=True, cancel_futures=True)
+                self._threads = None
+            for c in self._children:
+                c.close()
+            self._children = []
 
     def __del__(self):  # pragma: no cover - interpreter shutdown
         try:

@@ -38,6 +38,7 @@ up to `OVDIFF_MAX_BANKS_PER_REPLICA` (3) banks, and banks whose recipes name the
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import math
 import os
@@ -148,6 +149,8 @@ class SegmenterDeployment:
             self.live.stop()
         self.engine, self.default, self.live = engine, default, live
         live.start(initial)
+        # in the background (ready meanwhile; requests queue behind it): one line when it is over the timeout
+        self._warmup = asyncio.ensure_future(self.worker(engine.warm_up, default))
         self._batch.set_max_batch_size(cfg.max_batch_size)
         self._batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         _check_batching(cfg.max_batch_size)
@@ -382,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
                          "cpu)")
     ap.add_argument("--device", choices=DEVICES, default="auto", help=device_help("replica"))
     ap.add_argument("--max-batch-size", type=int, default=4)
+    ap.add_argument("--request-timeout", type=float, default=120.0, metavar="S",
+                    help="seconds a request's segmentation may take before the answer is 504 (default 120; the "
+                         "service says at start when its warm-up segmentation already takes longer)")
     ap.add_argument("--max-queued-requests", type=int, default=None,
                     help="segmenter queue (default: sized from --latency-budget)")
     ap.add_argument("--latency-budget", type=float, default=4.0, metavar="S",
@@ -413,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
                  "`ray start --metrics-export-port`")
     if a.metrics_port is not None and not 0 < a.metrics_port < 65536:
         ap.error(f"--metrics-port {a.metrics_port}: not a TCP port")
+    if not a.request_timeout > 0:
+        ap.error(f"--request-timeout {a.request_timeout:g}: must be > 0 seconds")
     if a.max_replicas is not None and a.replicas is not None:
         ap.error("--max-replicas goes with --min-replicas, not --replicas")
     banks = []
@@ -429,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = dict(banks=banks, num_replicas=a.replicas, min_replicas=lo, max_replicas=max(lo, a.max_replicas or lo, 1),
                 num_cpus=a.num_cpus, num_gpus=a.num_gpus, max_batch_size=a.max_batch_size,
-                max_queued_requests=a.max_queued_requests, latency_budget_s=a.latency_budget,
+                request_timeout_s=a.request_timeout, max_queued_requests=a.max_queued_requests, latency_budget_s=a.latency_budget,
                 follow_latest=a.follow, reload_poll_s=a.reload_poll_s, admin_token_file=a.admin_token_file,
                 device=None if a.device == "auto" else a.device,
                 build={"gpus_per_worker": a.build_gpus_per_worker, "workers": a.build_workers})

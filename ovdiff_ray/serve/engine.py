@@ -7,8 +7,6 @@ into the JSON body (PNG mask, COCO RLE or overlay); the ingress runs it, so a re
 """
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 import re
@@ -20,6 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..labelmaps import b64png, decode_png, encode_png, mask_dtype, upscale_labels  # noqa: F401 (re-exported)
 from .limits import Limits, RequestError
 
 log = logging.getLogger("ovdiff.serve")
@@ -59,7 +58,7 @@ class ServiceConfig:
     batch_wait_timeout_s: float = 0.005
     device: str | None = None  # None: cuda when the replica has a GPU, else cpu
     torch_threads: int | None = None  # None: the replica's CPUs (at least 1)
-    request_timeout_s: float = 120.0  # ingress -> segmenter call
+    request_timeout_s: float = 120.0  # ingress -> segmenter call (`ovdiff serve --request-timeout`)
     storage: dict | None = None  # S3 settings (StorageConfig fields); None: from the environment
     follow_latest: bool = False  # banks without a version follow their `latest` pointer (hot reload)
     reload_poll_s: float = 10.0  # how often a replica reads `latest` of the banks it follows
@@ -172,34 +171,6 @@ class Job:
 
 # ----------------------------------------------------------------------------------------------- encoders
 
-def mask_dtype(num_classes: int) -> str:
-    """uint8 while every label value (0..num_classes) fits, else uint16; fixed per bank so clients can rely on it."""
-    return "uint8" if num_classes < 255 else "uint16"  # 255 (65535) is the "unsure" value
-
-
-def b64png(img) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False, compress_level=1)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def encode_png(labels: np.ndarray, num_classes: int) -> str:
-    """Label map -> base64 PNG (mode L for uint8, I;16 for uint16; 255 / 65535 = unsure)."""
-    from PIL import Image
-
-    if mask_dtype(num_classes) == "uint8":
-        return b64png(Image.fromarray(labels.astype(np.uint8), mode="L"))
-    return b64png(Image.fromarray(labels.astype(np.uint16)))
-
-
-def decode_png(b64: str) -> np.ndarray:
-    """base64 PNG mask -> `[H, W]` int64 label values (the inverse of `encode_png`)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(base64.b64decode(b64))) as im:
-        return np.asarray(im).astype(np.int64)
-
-
 def encode_rle(labels: np.ndarray, skip: int | None = None) -> dict[str, dict]:
     """COCO RLE (pycocotools, counts as ASCII) per label value present, background (and `skip`: the unsure
     value) excluded."""
@@ -307,13 +278,32 @@ class Engine:
         e = self.catalog.banks[key]
         self.catalog.banks[key] = entry_of(bank.manifest, e.uri, e.name, e.live)
 
+    def warm_up(self, seg) -> float:
+        """Segment one image at the recipe's short side (fixed noise) and return the seconds it took; when that is
+        already over the request timeout, say so in one warning line (every request would get 504)."""
+        side = seg.seg.short_side
+        img = np.random.default_rng(0).integers(0, 256, (side, side * 4 // 3, 3), dtype=np.uint8)
+        t0 = time.perf_counter()
+        try:
+            seg.segment(img, confidence=False)
+        except Exception as e:  # noqa: BLE001 - the requests will say what is wrong; the start goes on
+            log.warning("warm-up segmentation failed: %s: %s", type(e).__name__, str(e)[:300])
+        dt = time.perf_counter() - t0
+        limit = self.config.request_timeout_s
+        if dt > limit:
+            log.warning("warm-up segmentation took %.1fs, longer than the request timeout of %gs: requests will "
+                        "get 504; raise the timeout (ovdiff serve --request-timeout S, config request_timeout_s) or "
+                        "give the replica a GPU", dt, limit)
+        return dt
+
     # -- work ------------------------------------------------------------------------------------------------
     def run(self, seg, jobs: Sequence[Job]) -> list[dict]:
         """Segment a batch (grouped by classes and PAMR for `segment_batch`); model work only, no encoding.
 
         Each result: `status` 200, `labels` (uint8 or uint16 per bank), `classes` {value: name}, `kept`, `bank`,
         `timing`. A job that fails gets an error dict (`status`, `error`, `detail`, `code`) and never fails the
-        others.
+        others: a batch whose model call raises is run again one image at a time, and everything after the model
+        call (confidence fields, explain, the result dict) runs per job, its failure that job's alone.
         """
         out: list[dict | None] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
@@ -323,14 +313,37 @@ class Engine:
             t0 = time.perf_counter()
             try:
                 results = seg.segment_batch([jobs[i].image for i in idx], list(classes) if classes else None, pamr,
-                                            return_scores=scores, regions=regions)
+                                            return_scores=scores, regions=regions,
+                                            confidence=[self.wants_confidence(seg, jobs[i]) for i in idx],
+                                            keep_features=[jobs[i].explain for i in idx])
             except Exception:  # noqa: BLE001 - isolate the failing image: run the group one by one
                 results = None
             dt = (time.perf_counter() - t0) / len(idx)
             for k, i in enumerate(idx):
-                out[i] = (self._result(seg, results[k], dt, len(jobs), jobs[i]) if results is not None
+                out[i] = (self._isolated(seg, results[k], dt, len(jobs), jobs[i]) if results is not None
                           else self._one(seg, jobs[i], len(jobs)))
+                if results is not None:
+                    results[k] = None  # its features (explain) and maps go as soon as its response is made
         return out  # type: ignore[return-value]
+
+    @staticmethod
+    def wants_confidence(seg, job: Job) -> bool:
+        """Whether a job's response needs the confidence map (scores, or a min_confidence of its own or the
+        recipe's): only then is it upsampled and copied to the host."""
+        return bool(job.confidence or job.min_confidence or seg.seg.min_confidence)
+
+    def _isolated(self, seg, res, seconds: float, batch: int, job: Job) -> dict:
+        """`_result` for one job; what it raises becomes that job's error (the batch's other jobs are untouched)."""
+        from ..segment import SegmentError
+
+        try:
+            return self._result(seg, res, seconds, batch, job)
+        except SegmentError as e:
+            return {"status": 400, "error": str(e), "detail": None, "code": "bad_request"}
+        except Exception:  # noqa: BLE001 - one request's post-processing never fails the others
+            log.error("post-processing a segmentation failed: %s", traceback.format_exc())
+            return {"status": 500, "error": "post-processing the segmentation failed (details in the service log)",
+                    "detail": None, "code": "internal"}
 
     def _one(self, seg, job: Job, batch: int) -> dict:
         from ..segment import SegmentError
@@ -338,14 +351,15 @@ class Engine:
         t0 = time.perf_counter()
         try:
             res = seg.segment(job.image, list(job.classes) if job.classes else None, job.pamr,
-                              return_scores=job.scores, regions=job.regions)
+                              return_scores=job.scores, regions=job.regions,
+                              confidence=self.wants_confidence(seg, job), keep_features=job.explain)
         except SegmentError as e:
             return {"status": 400, "error": str(e), "detail": None, "code": "bad_request"}
         except Exception:  # noqa: BLE001 - one bad image never takes the replica down
             log.error("segmentation failed: %s", traceback.format_exc())
             return {"status": 500, "error": "segmentation failed (details in the service log)", "detail": None,
                     "code": "internal"}
-        return self._result(seg, res, time.perf_counter() - t0, batch, job)
+        return self._isolated(seg, res, time.perf_counter() - t0, batch, job)
 
     @staticmethod
     def _result(seg, res, seconds: float, batch: int, job: "Job | None" = None) -> dict:
@@ -356,7 +370,7 @@ class Engine:
 
             own = own_scores(res)
             extra["region_scores"] = {int(v): float(own[res.labels == v].mean()) for v in res.classes if v}
-        if job is not None and (job.confidence or job.min_confidence or seg.seg.min_confidence):
+        if job is not None and Engine.wants_confidence(seg, job):
             from .outputs import confidence_fields
 
             extra.update(confidence_fields(seg, res, job))
@@ -369,16 +383,6 @@ class Engine:
                 "bank": {"id": seg.bank.bank_id, "version": seg.bank.version, "num_classes": n},
                 "timing": {"segment_ms": round(1000 * seconds, 1), "batch_size": batch,
                            "stages_ms": {k: round(1000 * v, 1) for k, v in res.timings.items()}}}
-
-
-def upscale_labels(labels: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Nearest-neighbour resize of a label map to `[height, width]` (pixel centres; no new label values)."""
-    h, w = labels.shape
-    if (h, w) == (height, width):
-        return labels
-    rows = np.minimum(((np.arange(height) + 0.5) * (h / height)).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(width) + 0.5) * (w / width)).astype(np.int64), w - 1)
-    return labels[rows][:, cols]
 
 
 def encode(image: np.ndarray, result: dict, fmt: str, size: tuple[int, int] | None = None) -> dict:

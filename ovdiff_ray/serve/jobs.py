@@ -146,13 +146,15 @@ class _Pool:
     def _new(self):
         import ray
 
-        from ..build_bank import ClassWorker
+        from ..build_bank import ClassWorker, crf_workers
+        from ..recipe import recipe_from_dict
 
         s = self.manager.settings
+        crf = crf_workers(recipe_from_dict(self.recipe, "bank recipe"), s.cpus_per_worker)  # MaskCut's CRF beside it
         actor = ray.remote(ClassWorker).options(
             name=f"{WORKER_PREFIX}{uuid.uuid4().hex[:12]}", num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker,
             max_restarts=0, max_task_retries=0,
-        ).remote(self.recipe, self.uri, self.manager.storage, s.retries)
+        ).remote(self.recipe, self.uri, self.manager.storage, s.retries, crf_workers=crf)
         self.count += 1
         return actor
 

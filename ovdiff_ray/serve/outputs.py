@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..confidence import unsure_value
+from ..labelmaps import b64png, mask_dtype, upscale_labels
 from ..riskcoverage import LEVELS, quantize
 
 
@@ -34,15 +35,11 @@ def confidence_fields(seg, res, job) -> dict:
 
 def upscale(a: np.ndarray, width: int, height: int) -> np.ndarray:
     """Nearest-neighbour resize to `[height, width]` (pixel centres, as the label map is upscaled)."""
-    from .engine import upscale_labels
-
     return upscale_labels(a, width, height)
 
 
 def apply_confidence(labels: np.ndarray, result: dict, num_classes: int) -> tuple[np.ndarray, dict]:
     """`labels [H, W]` at the mask's size -> (labels with unsure pixels set to the unsure value, body fields)."""
-    from .engine import b64png, mask_dtype
-
     conf = result.get("confidence")
     body: dict = {}
     if conf is None:
@@ -68,6 +65,4 @@ def apply_confidence(labels: np.ndarray, result: dict, num_classes: int) -> tupl
 
 def rle_skip(num_classes: int) -> int:
     """The label value RLE leaves out besides background: the unsure value."""
-    from .engine import mask_dtype
-
     return unsure_value(mask_dtype(num_classes))

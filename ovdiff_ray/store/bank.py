@@ -26,8 +26,7 @@ class BankArrays:
     level: np.ndarray  # [R] uint8: 0 class, 1 instance, 2 part
     offsets: np.ndarray  # [C + 1] int64: rows of class c are offsets[c]:offsets[c+1]
     source: np.ndarray | None = None  # [R] int16: support image of an instance row, -1 pooled (None: not kept)
-    members: np.ndarray | None = None  # [R] object: a part row's support images (in-memory banks; explain.py reads
-    #                                     a stored bank's from its shards)
+    members: "Members | None" = None  # a part row's support images (explain.py); None: not recorded
 
     @property
     def dim(self) -> int:
@@ -37,11 +36,46 @@ class BankArrays:
         return slice(int(self.offsets[c]), int(self.offsets[c + 1]))
 
 
-def _objects(items: list) -> np.ndarray:
-    out = np.empty(len(items), object)
-    for i, x in enumerate(items):
-        out[i] = x
-    return out
+@dataclass
+class Members:
+    """Part rows' support images, ragged (CSR, so a node's processes can map one copy): row r's are
+    `flat[offsets[r]:offsets[r + 1]]` when `state[r] == 1`; 0: none (not a part row); -1: unknown (the row's shard
+    was written before part members were recorded)."""
+
+    flat: np.ndarray  # [M] int16 support image indices, most pixels first per row
+    offsets: np.ndarray  # [R + 1] int64
+    state: np.ndarray  # [R] int8
+
+    @classmethod
+    def of(cls, rows: list, unknown: bool | list[bool] = False) -> "Members":
+        """`rows`: per row a sequence of support image indices or None; `unknown`: all rows (or per row)."""
+        unk = [unknown] * len(rows) if isinstance(unknown, bool) else list(unknown)
+        sizes = [0 if m is None or u else len(m) for m, u in zip(rows, unk)]
+        flat = [int(i) for m, u in zip(rows, unk) if m is not None and not u for i in m]
+        return cls(np.asarray(flat, np.int16), np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+                   np.array([-1 if u else (0 if m is None else 1) for m, u in zip(rows, unk)], np.int8))
+
+    @classmethod
+    def concat(cls, parts: list["Members"]) -> "Members":
+        flat = np.concatenate([p.flat for p in parts]) if parts else np.zeros(0, np.int16)
+        offs, base = [np.zeros(1, np.int64)], 0
+        for p in parts:
+            offs.append(p.offsets[1:] + base)
+            base += int(p.offsets[-1])
+        state = np.concatenate([p.state for p in parts]) if parts else np.zeros(0, np.int8)
+        return cls(flat.astype(np.int16, copy=False), np.concatenate(offs), state)
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+    def rows(self, sl: slice) -> list | None:
+        """Members of the rows in `sl` (tuple or None per row); None when any of them is unknown."""
+        st = self.state[sl]
+        if (st < 0).any():
+            return None
+        idx = range(*sl.indices(len(self.state)))
+        return [tuple(int(i) for i in self.flat[self.offsets[r]:self.offsets[r + 1]]) if self.state[r] == 1 else None
+                for r in idx]
 
 
 @dataclass
@@ -128,7 +162,7 @@ class Bank:
                 level=np.concatenate(level) if level else np.zeros(0, np.uint8),
                 offsets=np.array(offsets, np.int64),
                 source=np.concatenate(source) if source else np.zeros(0, np.int16),
-                members=_objects(members),
+                members=Members.of(members),
             )
         return cls(bank_id, version, recipe, names, kinds, text, arrays, prompts=[p.prompt for p in protos])
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..prototypes import ClassPrototypes
-from .bank import KIND_CODES, LEVEL_CODES, Bank, BankArrays
+from .bank import KIND_CODES, LEVEL_CODES, Bank, BankArrays, Members
 from .fs import Location, StorageConfig, StoreError
 from .schema import (LATEST_KEY, MAX_MANIFEST_BYTES, SCHEMA_TOMBSTONES, SCHEMA_VERSION, SHARD_SCHEMA, ManifestError,
                      dump_manifest, manifest_key, parse_manifest, slug)
@@ -252,6 +252,17 @@ def _codes(values: np.ndarray, table: dict[str, int]) -> np.ndarray:
     return out
 
 
+def _members(sub: pa.Table, n: int) -> Members:
+    """The `members` column of one extractor's rows of a shard (all unknown when the shard predates it)."""
+    if "members" not in sub.column_names:
+        return Members.of([None] * n, unknown=True)
+    col = sub.column("members").combine_chunks() if n else pa.array([], pa.list_(pa.int16()))
+    valid = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), bool) if n else np.zeros(0, bool)
+    sizes = np.where(valid, np.diff(col.offsets.to_numpy()), 0) if n else np.zeros(0, np.int64)
+    flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.int16) if n else np.zeros(0, np.int16)
+    return Members(flat, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), valid.astype(np.int8))
+
+
 def assemble(m: dict, entries: list[dict], tables: list[pa.Table | None], uri: str) -> Bank:
     """Shards (None for a removed class: no rows, a zero text row) -> a Bank whose class c is `entries[c]`."""
     recipe = Bank.recipe_of(m)
@@ -279,7 +290,7 @@ def assemble(m: dict, entries: list[dict], tables: list[pa.Table | None], uri: s
             kinds = sub.column("kind").to_numpy(zero_copy_only=False)
             levels = sub.column("level").to_numpy(zero_copy_only=False)
             source = sub.column("source").to_numpy(zero_copy_only=False).astype(np.int16)
-            per_ex[ex].append((c, vec, kinds, levels, d, source))
+            per_ex[ex].append((c, vec, kinds, levels, d, source, _members(sub, n)))
     arrays = {}
     for ex, parts in per_ex.items():
         dim = next((p[4] for p in parts if p[4]), int(m.get("extractors", {}).get(ex, {}).get("dim", 0)))
@@ -293,6 +304,7 @@ def assemble(m: dict, entries: list[dict], tables: list[pa.Table | None], uri: s
             level=np.concatenate([_codes(p[3], LEVEL_CODES) for p in parts]) if parts else np.zeros(0, np.uint8),
             offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
             source=np.concatenate([p[5] for p in parts]) if parts else np.zeros(0, np.int16),
+            members=Members.concat([p[6] for p in parts]),  # loaded once with the bank (explain.py)
         )
     e_dim = next((len(t) for t in texts if t is not None), 0)
     text = np.stack([np.zeros(e_dim, np.float32) if t is None else t for t in texts]) if texts else \

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .bank import Bank, BankArrays
+from .bank import Bank, BankArrays, Members
 from .fs import Location, StorageConfig, StoreError
 from .schema import ManifestError
 from .shards import ShardError, load_bank, read_manifest
@@ -31,7 +31,8 @@ from .shards import ShardError, load_bank, read_manifest
 KEEP_VERSIONS = 3
 IN_PROCESS_MAX_BYTES = 64 << 20  # larger banks are decoded in a child process (its transient copies die with it)
 FIELDS = ("vectors", "class_idx", "kind", "level", "offsets")
-CACHE_FORMAT = "ovdiff-bank-cache/1"
+MEMBER_FIELDS = ("flat", "offsets", "state")
+CACHE_FORMAT = "ovdiff-bank-cache/2"  # /2: part members (explain.py) kept beside the arrays
 
 
 def cache_root() -> Path:
@@ -49,7 +50,7 @@ def _entry_dir(uri: str, manifest: dict, classes: list[str] | None) -> Path:
 
         name += "-" + hashlib.sha256("\n".join(sorted(fold(c) for c in classes)).encode()).hexdigest()[:12]
     # the manifest's content is part of the key: a bank re-created at the same URI never maps stale arrays
-    digest = hashlib.sha256(json.dumps(manifest["classes"], sort_keys=True).encode()).hexdigest()[:8]
+    digest = hashlib.sha256((CACHE_FORMAT + json.dumps(manifest["classes"], sort_keys=True)).encode()).hexdigest()[:8]
     return bank / f"{name}-{digest}"
 
 
@@ -63,6 +64,9 @@ def _write_entry(bank: Bank, target: Path) -> None:
                 np.save(tmp / f"{ex}.{f}.npy", np.ascontiguousarray(getattr(a, f)))
             if a.source is not None:  # provenance (issue 21); entries from before it map without
                 np.save(tmp / f"{ex}.source.npy", np.ascontiguousarray(a.source))
+            if a.members is not None:
+                for f in MEMBER_FIELDS:
+                    np.save(tmp / f"{ex}.members_{f}.npy", np.ascontiguousarray(getattr(a.members, f)))
         np.save(tmp / "text.npy", np.ascontiguousarray(bank.text))
         meta = {"format": CACHE_FORMAT, "bank_id": bank.bank_id, "version": bank.version, "uri": bank.uri,
                 "names": bank.names, "kinds": bank.kinds, "extractors": index, "manifest": bank.manifest}
@@ -81,7 +85,10 @@ def _map_entry(d: Path) -> Bank:
         raise ManifestError(f"{d}: unknown bank cache format {meta.get('format')!r}")
     arrays = {ex: BankArrays(**{f: np.load(d / f"{ex}.{f}.npy", mmap_mode="r") for f in FIELDS},
                              source=np.load(d / f"{ex}.source.npy", mmap_mode="r")
-                             if (d / f"{ex}.source.npy").is_file() else None)
+                             if (d / f"{ex}.source.npy").is_file() else None,
+                             members=Members(**{f: np.load(d / f"{ex}.members_{f}.npy", mmap_mode="r")
+                                                for f in MEMBER_FIELDS})
+                             if (d / f"{ex}.members_state.npy").is_file() else None)
               for ex in meta["extractors"]}
     m = meta["manifest"]
     return Bank(meta["bank_id"], int(meta["version"]), Bank.recipe_of(m), list(meta["names"]), list(meta["kinds"]),
