@@ -16,6 +16,22 @@ agreement of the extractors measured worse than `top` alone on the development d
 
 `UNSURE_U8` / `UNSURE_U16` are the values an unsure pixel takes in a class-index PNG; `unsure_mask` says which pixels
 are unsure for a threshold (`segmentation.min_confidence`, 0 = off).
+
+**Calibrated fit** (issue 28: a threshold must mean the same on toy and real features). A raw cosine means nothing by
+itself: toy prototypes match their own support images at ~0.95, real DINO / CLIP / SD features at much lower cosines,
+where `fit ** 8` goes to ~0. So the bank records, per class and extractor, how the class's own support images match
+its own prototypes (`fit_calibration`, computed at build time by the class pipeline and stored in the shard's
+metadata, `CAL_KEY`): quantiles of the support fg pixels' cosine to the nearest own fg prototype, of its per-image
+means, of the bg pixels' cosine to the nearest fg prototype, and the same three for background (bg pixels to the
+nearest bg prototype, ...). At segmentation, `fit_reference` averages them over the extractors used (as the scores
+are), and a label's fit is placed within its class's own distribution (`calibrate_fit`):
+
+    u = (fit - other) / (own - other),  confidence = top * clamp(u, 0, 1) ** CAL_POWER
+
+with `own` the median per-image fit of the class's own support images and `other` the median cosine of its support
+images' background pixels to its prototypes: u = 1 where the label fits the image as well as its own support images
+fit their prototypes, 0 where it fits no better than what is not the class. Banks built before the record (no
+`CAL_KEY` in their shards) fall back to the raw formula above for every pixel of an image.
 """
 from __future__ import annotations
 
@@ -24,6 +40,13 @@ import torch
 import torch.nn.functional as F
 
 FIT_POWER = 8
+CAL_POWER = 2  # calibrated fit: chosen on the development draw (README "Confidence")
+CAL_KEY = b"ovdiff.calibration"  # shard (Parquet schema) metadata key: {extractor: fit_calibration(...)}
+CAL_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
+# own label: fg pixels -> nearest fg prototype (pixels, per-image means), bg pixels -> nearest fg prototype (other);
+# background label: bg pixels -> nearest bg prototype (pixels, per-image means), fg pixels -> nearest bg prototype
+CAL_FIELDS = ("fg", "fg_image", "fg_other", "bg", "bg_image", "bg_other")
+CAL_MAX_PIXELS = 65536  # pixels per region sampled for the record (seeded)
 UNSURE_U8 = 255
 UNSURE_U16 = 65535
 TOPK = 3
@@ -34,9 +57,9 @@ def unsure_value(dtype: str) -> int:
     return UNSURE_U8 if dtype == "uint8" else UNSURE_U16
 
 
-def pixel_confidence(raw: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
-    """`raw [C, h, w]` averaged scores before region snapping, `final [C, h, w]` the scores the labels come from
-    (row 0 = background) -> confidence `[h, w]` float32 in [0, 1] of each pixel's label (`final`'s argmax)."""
+def label_fit(raw: torch.Tensor, final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (`arg [h, w]` each pixel's label row, `top [h, w]` its final score in [0, 1], `fit [C]` per label row the
+    mean over the pixels it won of its raw score clamped to [0, 1]; 0 for rows with no pixel)."""
     final = final.float().clamp_min(0)
     arg = final.argmax(0)  # ties to background, as the labels
     top = final.gather(0, arg[None])[0].clamp(0, 1)
@@ -45,8 +68,131 @@ def pixel_confidence(raw: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
     flat = arg.reshape(-1)
     sums = torch.zeros(c, dtype=torch.float32, device=raw.device).index_add_(0, flat, own.reshape(-1))
     counts = torch.bincount(flat, minlength=c).clamp_min(1).float()
-    fit = (sums / counts)[arg]
-    return (top * fit.pow(FIT_POWER)).clamp_(0, 1)
+    return arg, top, sums / counts
+
+
+def pixel_confidence(raw: torch.Tensor, final: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+    """`raw [C, h, w]` averaged scores before region snapping, `final [C, h, w]` the scores the labels come from
+    (row 0 = background) -> confidence `[h, w]` float32 in [0, 1] of each pixel's label (`final`'s argmax).
+
+    `reference [C, 6, Q]` (`fit_reference`: the bank's record per label row) calibrates the fit (`calibrate_fit`);
+    None (a bank without the record) keeps the raw `top * fit ** FIT_POWER`."""
+    arg, top, fit = label_fit(raw, final)
+    if reference is None:
+        return (top * fit[arg].pow(FIT_POWER)).clamp_(0, 1)
+    u = calibrate_fit(fit, reference.to(fit.device))
+    return (top * u[arg].pow(CAL_POWER)).clamp_(0, 1)
+
+
+def _q(reference: torch.Tensor, field: str, q: float) -> torch.Tensor:
+    return reference[:, CAL_FIELDS.index(field), CAL_QUANTILES.index(q)]
+
+
+def calibrate_fit(fit: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """`fit [C]` per label row (row 0 = background), `reference [C, 6, Q]` -> calibrated fit `[C]` in [0, 1]:
+    `(fit - other) / (own - other)` with `own` the median per-image fit of the row's own support images (fg, or
+    bg for background) and `other` the median cosine of what is not the row (their bg pixels to its fg
+    prototypes, or fg pixels to its bg prototypes)."""
+    own = torch.cat([_q(reference[:1], "bg_image", 0.5), _q(reference[1:], "fg_image", 0.5)])
+    other = torch.cat([_q(reference[:1], "bg_other", 0.5), _q(reference[1:], "fg_other", 0.5)])
+    return ((fit - other) / (own - other).clamp_min(1e-3)).clamp(0, 1)
+
+
+# -- the record: built per class at build time, read back with the bank -------------------------------------------
+@torch.no_grad()
+def _nearest_cos(pixels: torch.Tensor, rows: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """`pixels [P, D]`, unit `rows [R, D]` -> `[P]` cosine of each pixel to its nearest row."""
+    out = []
+    for i in range(0, len(pixels), chunk):
+        p = pixels[i:i + chunk].float()
+        out.append((p @ rows.T).amax(1) / p.norm(dim=1).clamp_min(1e-12))
+    return torch.cat(out) if out else pixels.new_zeros(0)
+
+
+def _quantiles(x: torch.Tensor) -> list[float]:
+    q = torch.tensor(CAL_QUANTILES, dtype=torch.float64, device=x.device)
+    return [round(float(v), 5) for v in torch.quantile(x.double(), q).cpu()]
+
+
+def _image_means(values: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    n = int(images.max()) + 1
+    sums = torch.zeros(n, dtype=torch.float64, device=values.device).index_add_(0, images, values.double())
+    counts = torch.bincount(images, minlength=n)
+    return (sums[counts > 0] / counts[counts > 0]).float()
+
+
+def _sample(pixels: torch.Tensor, images: torch.Tensor, n: int, seed: int):
+    if len(pixels) <= n:
+        return pixels, images
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(pixels), generator=g)[:n].to(pixels.device)
+    return pixels[pick], images[pick]
+
+
+def fit_calibration(fg: torch.Tensor, fg_images: torch.Tensor, bg: torch.Tensor, bg_images: torch.Tensor,
+                    vectors: torch.Tensor, is_fg: torch.Tensor, seed: int = 0,
+                    max_pixels: int = CAL_MAX_PIXELS) -> dict | None:
+    """How one class's own support images match its own prototypes, for one extractor.
+
+    `fg [P, D]` / `bg [Q, D]`: the support images' fg / bg pixel features on the feature grid, `fg_images [P]` /
+    `bg_images [Q]` the image of each; `vectors [R, D]` the class's unit prototype rows, `is_fg [R]` bool. At most
+    `max_pixels` pixels per region (a seeded sample). -> `{"quantiles": CAL_QUANTILES, field: [Q floats]}` for the
+    `CAL_FIELDS`, or None when a region or a kind of prototype is empty (the record is then left out)."""
+    vectors = vectors.to(fg.device).float()
+    is_fg = torch.as_tensor(is_fg, dtype=torch.bool, device=vectors.device)
+    fg_rows, bg_rows = vectors[is_fg], vectors[~is_fg]
+    if not len(fg) or not len(bg) or not len(fg_rows) or not len(bg_rows):
+        return None
+    fg, fg_images = _sample(fg, fg_images, max_pixels, seed)
+    bg, bg_images = _sample(bg, bg_images, max_pixels, seed + 1)
+    fg_fg, bg_bg = _nearest_cos(fg, fg_rows), _nearest_cos(bg, bg_rows)
+    rec = {"quantiles": list(CAL_QUANTILES),
+           "fg": _quantiles(fg_fg), "fg_image": _quantiles(_image_means(fg_fg, fg_images)),
+           "fg_other": _quantiles(_nearest_cos(bg, fg_rows)),
+           "bg": _quantiles(bg_bg), "bg_image": _quantiles(_image_means(bg_bg, bg_images)),
+           "bg_other": _quantiles(_nearest_cos(fg, bg_rows))}
+    return rec
+
+
+def calibration_array(record: dict | None) -> np.ndarray:
+    """One extractor's record of one class -> `[6, Q]` float32 (`CAL_FIELDS` x `CAL_QUANTILES`); all nan without a
+    record. A record with other quantiles or fields is a ValueError naming what differs."""
+    out = np.full((len(CAL_FIELDS), len(CAL_QUANTILES)), np.nan, np.float32)
+    if record is None:
+        return out
+    if tuple(record.get("quantiles", ())) != CAL_QUANTILES:
+        raise ValueError(f"fit calibration: quantiles {record.get('quantiles')!r}, this reader knows "
+                         f"{list(CAL_QUANTILES)}")
+    for i, f in enumerate(CAL_FIELDS):
+        v = record.get(f)
+        if v is None or len(v) != len(CAL_QUANTILES):
+            raise ValueError(f"fit calibration: field {f!r} missing or of the wrong length")
+        out[i] = np.asarray(v, np.float32)
+    return out
+
+
+def fit_reference(bank, kept: list[int], extractors: list[str], background: bool = True) -> torch.Tensor | None:
+    """The record for the label rows of one image (row 0 = background, then `kept` in order), averaged over the
+    `extractors` used (as the scores are) -> `[len(kept) + 1, 6, Q]`, or None when any kept class (or every class,
+    for background) lacks it in any of them: then the raw formula holds for the whole image, so one image's
+    confidences stay comparable. Background's row: the mean over the kept things' records (they give the background
+    prototypes), or over every class of the bank when no thing is kept."""
+    per = []
+    for ex in extractors:
+        cal = getattr(bank.extractors[ex], "calibration", None)
+        if cal is None:
+            return None
+        per.append(cal)
+    cal = np.mean(per, 0)  # [C, 6, Q]
+    rows = cal[list(kept)] if kept else np.zeros((0, *cal.shape[1:]), np.float32)
+    if np.isnan(rows).any():
+        return None
+    things = [c for c in kept if bank.kinds[c] != "stuff"]
+    pool = cal[things] if things else cal[~np.isnan(cal).any((1, 2))]
+    if not len(pool):
+        return None
+    bg = pool.mean(0, keepdims=True)
+    return torch.from_numpy(np.concatenate([bg, rows]).astype(np.float32))
 
 
 def upsample_confidence(conf: torch.Tensor, h0: int, w0: int) -> np.ndarray:

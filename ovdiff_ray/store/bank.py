@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..confidence import calibration_array
 from ..prototypes import ClassPrototypes
 from ..recipe import Recipe, recipe_from_dict
 
@@ -28,6 +29,8 @@ class BankArrays:
     source: np.ndarray | None = None  # [R] int16: support image of an instance row, -1 pooled (None: not kept)
     members: np.ndarray | None = None  # [R] object: a part row's support images (in-memory banks; explain.py reads
     #                                     a stored bank's from its shards)
+    calibration: np.ndarray | None = None  # [C, 6, Q] float32: each class's fit calibration (confidence.py; nan
+    #                                         where a class has none: banks built before it)
 
     @property
     def dim(self) -> int:
@@ -117,6 +120,8 @@ class Bank:
                 offsets=np.array(offsets, np.int64),
                 source=np.concatenate(source) if source else np.zeros(0, np.int16),
                 members=_objects(members),
+                calibration=np.stack([calibration_array(p.sets[ex].calibration if ex in p.sets else None)
+                                      for p in protos]) if protos else None,
             )
         return cls(bank_id, version, recipe, names, kinds, text, arrays, prompts=[p.prompt for p in protos])
 

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..confidence import CAL_KEY, calibration_array
 from ..prototypes import ClassPrototypes
 from .bank import KIND_CODES, LEVEL_CODES, Bank, BankArrays
 from .fs import Location, StorageConfig, StoreError
@@ -82,7 +83,11 @@ def _table(p: ClassPrototypes, class_id: int, extractor: str, vectors: np.ndarra
 def encode_shard(p: ClassPrototypes, class_id: int) -> bytes:
     """ClassPrototypes -> Parquet bytes: rows sorted by extractor/kind/level, one row group per extractor."""
     buf = io.BytesIO()
-    with pq.ParquetWriter(buf, SHARD_SCHEMA, compression="none", write_statistics=True,
+    schema = SHARD_SCHEMA
+    cal = {ex: s.calibration for ex, s in sorted(p.sets.items()) if s.calibration is not None}
+    if cal:  # confidence.py's fit calibration, per extractor (shards from before issue 28 have none)
+        schema = schema.with_metadata({**schema.metadata, CAL_KEY: json.dumps(cal, sort_keys=True).encode()})
+    with pq.ParquetWriter(buf, schema, compression="none", write_statistics=True,
                           use_dictionary=["class_name", "extractor", "kind", "level"]) as w:
         for ex in sorted(p.sets):
             s = p.sets[ex]
@@ -246,12 +251,30 @@ def _codes(values: np.ndarray, table: dict[str, int]) -> np.ndarray:
     return out
 
 
+def _calibration_of(t: pa.Table, entry: dict) -> dict:
+    """A shard's fit calibration record (`confidence.CAL_KEY` metadata): {extractor: record}; {} when absent."""
+    raw = (t.schema.metadata or {}).get(CAL_KEY)
+    if raw is None:
+        return {}
+    try:
+        rec = json.loads(raw)
+        for r in rec.values():
+            calibration_array(r)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ShardError(f"{entry['shard']}: fit calibration of class {entry['name']!r} does not parse: {e}") from None
+    return rec
+
+
 def assemble(m: dict, entries: list[dict], tables: list[pa.Table], uri: str) -> Bank:
     recipe = Bank.recipe_of(m)
     ex_names = [e.name for e in recipe.extractors]
     per_ex: dict[str, list] = {e: [] for e in ex_names}
     texts = []
+    cals = {e: [] for e in ex_names}  # per extractor, per class: [6, Q] fit calibration (nan: none recorded)
     for c, t in enumerate(tables):
+        rec = _calibration_of(t, entries[c])
+        for ex in ex_names:
+            cals[ex].append(calibration_array(rec.get(ex)))
         exs = t.column("extractor").to_numpy(zero_copy_only=False)
         for ex in ex_names + ["text"]:
             idx = np.nonzero(exs == ex)[0]
@@ -283,6 +306,7 @@ def assemble(m: dict, entries: list[dict], tables: list[pa.Table], uri: str) -> 
             level=np.concatenate([_codes(p[3], LEVEL_CODES) for p in parts]) if parts else np.zeros(0, np.uint8),
             offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
             source=np.concatenate([p[5] for p in parts]) if parts else np.zeros(0, np.int16),
+            calibration=np.stack(cals[ex]) if cals[ex] else None,
         )
     text = np.stack(texts) if texts else np.zeros((0, 0), np.float32)
     return Bank(m["bank_id"], int(m["version"]), recipe, [e["name"] for e in entries], [e["kind"] for e in entries],

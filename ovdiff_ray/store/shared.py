@@ -63,6 +63,8 @@ def _write_entry(bank: Bank, target: Path) -> None:
                 np.save(tmp / f"{ex}.{f}.npy", np.ascontiguousarray(getattr(a, f)))
             if a.source is not None:  # provenance (issue 21); entries from before it map without
                 np.save(tmp / f"{ex}.source.npy", np.ascontiguousarray(a.source))
+            if a.calibration is not None:  # fit calibration (issue 28; confidence.py)
+                np.save(tmp / f"{ex}.calibration.npy", np.ascontiguousarray(a.calibration))
         np.save(tmp / "text.npy", np.ascontiguousarray(bank.text))
         meta = {"format": CACHE_FORMAT, "bank_id": bank.bank_id, "version": bank.version, "uri": bank.uri,
                 "names": bank.names, "kinds": bank.kinds, "extractors": index, "manifest": bank.manifest}
@@ -81,7 +83,9 @@ def _map_entry(d: Path) -> Bank:
         raise ManifestError(f"{d}: unknown bank cache format {meta.get('format')!r}")
     arrays = {ex: BankArrays(**{f: np.load(d / f"{ex}.{f}.npy", mmap_mode="r") for f in FIELDS},
                              source=np.load(d / f"{ex}.source.npy", mmap_mode="r")
-                             if (d / f"{ex}.source.npy").is_file() else None)
+                             if (d / f"{ex}.source.npy").is_file() else None,
+                             calibration=np.load(d / f"{ex}.calibration.npy")
+                             if (d / f"{ex}.calibration.npy").is_file() else None)
               for ex in meta["extractors"]}
     m = meta["manifest"]
     return Bank(meta["bank_id"], int(meta["version"]), Bank.recipe_of(m), list(meta["names"]), list(meta["kinds"]),
