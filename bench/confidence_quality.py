@@ -13,8 +13,9 @@ superpixel), `top*fit^p` (the chosen one at p = 8: `ovdiff_ray/confidence.py`), 
 
     python bench/confidence_quality.py --bank BANK --root SCENES [--limit N]
 
-`cal^p` are the calibrated fit (issue 28: the fit placed within the class's own support distribution, recorded in the
-bank; `confidence.calibrate_fit`) to the power p; the shipped confidence is `top*cal^2` on banks with the record.
+`cal^p` are the calibrated fit (issue 28: the fit over the 95% quantile of the class's own support pixels' cosine,
+recorded in the bank; `confidence.calibrate_fit`) to the power p; the shipped confidence is `top*cal^8` on banks with
+the record.
 
 **The noisy-feature world** (`--noisy`, issue 28): the same toy classes built twice, with the toy extractors as they
 are (`clean`) and with an independent random component appended to their outputs (`noisy`,

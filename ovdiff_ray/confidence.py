@@ -24,14 +24,16 @@ its own prototypes (`fit_calibration`, computed at build time by the class pipel
 metadata, `CAL_KEY`): quantiles of the support fg pixels' cosine to the nearest own fg prototype, of its per-image
 means, of the bg pixels' cosine to the nearest fg prototype, and the same three for background (bg pixels to the
 nearest bg prototype, ...). At segmentation, `fit_reference` averages them over the extractors used (as the scores
-are), and a label's fit is placed within its class's own distribution (`calibrate_fit`):
+are), and a label's fit is measured against the best its own support pixels reach (`calibrate_fit`):
 
-    u = (fit - other) / (own - other),  confidence = top * clamp(u, 0, 1) ** CAL_POWER
+    u = clamp(fit / own, 0, 1),  confidence = top * u ** FIT_POWER
 
-with `own` the median per-image fit of the class's own support images and `other` the median cosine of its support
-images' background pixels to its prototypes: u = 1 where the label fits the image as well as its own support images
-fit their prototypes, 0 where it fits no better than what is not the class. Banks built before the record (no
-`CAL_KEY` in their shards) fall back to the raw formula above for every pixel of an image.
+with `own` the 95% quantile of the class's own support fg pixels' cosine to their nearest own prototype (for
+background: the kept things' bg pixels to their bg prototypes). On toy features `own` is ~1, so the ranking is the
+raw formula's; where features match at lower cosines (a random component appended: `models/noisy.py`), `own` falls
+with them. Affine maps between the class's own and other distributions (`(fit - other) / (own - other)`, with
+medians or other quantiles as anchors) ranked errors worse on the development draw (README "Confidence"). Banks built
+before the record (no `CAL_KEY` in their shards) fall back to the raw formula for every pixel of an image.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 FIT_POWER = 8
-CAL_POWER = 2  # calibrated fit: chosen on the development draw (README "Confidence")
+CAL_OWN = ("fg", 0.95)  # the record's anchor: the 95% quantile of own support fg pixels (bg for background)
 CAL_KEY = b"ovdiff.calibration"  # shard (Parquet schema) metadata key: {extractor: fit_calibration(...)}
 CAL_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
 # own label: fg pixels -> nearest fg prototype (pixels, per-image means), bg pixels -> nearest fg prototype (other);
@@ -81,7 +83,7 @@ def pixel_confidence(raw: torch.Tensor, final: torch.Tensor, reference: torch.Te
     if reference is None:
         return (top * fit[arg].pow(FIT_POWER)).clamp_(0, 1)
     u = calibrate_fit(fit, reference.to(fit.device))
-    return (top * u[arg].pow(CAL_POWER)).clamp_(0, 1)
+    return (top * u[arg].pow(FIT_POWER)).clamp_(0, 1)
 
 
 def _q(reference: torch.Tensor, field: str, q: float) -> torch.Tensor:
@@ -90,12 +92,11 @@ def _q(reference: torch.Tensor, field: str, q: float) -> torch.Tensor:
 
 def calibrate_fit(fit: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """`fit [C]` per label row (row 0 = background), `reference [C, 6, Q]` -> calibrated fit `[C]` in [0, 1]:
-    `(fit - other) / (own - other)` with `own` the median per-image fit of the row's own support images (fg, or
-    bg for background) and `other` the median cosine of what is not the row (their bg pixels to its fg
-    prototypes, or fg pixels to its bg prototypes)."""
-    own = torch.cat([_q(reference[:1], "bg_image", 0.5), _q(reference[1:], "fg_image", 0.5)])
-    other = torch.cat([_q(reference[:1], "bg_other", 0.5), _q(reference[1:], "fg_other", 0.5)])
-    return ((fit - other) / (own - other).clamp_min(1e-3)).clamp(0, 1)
+    `fit / own`, with `own` the 95% quantile of the row's own support pixels' cosine to their nearest own prototype
+    (fg pixels to fg prototypes; for background bg pixels to bg prototypes)."""
+    field, q = CAL_OWN
+    own = torch.cat([_q(reference[:1], "bg", q), _q(reference[1:], field, q)])
+    return (fit / own.clamp_min(1e-3)).clamp(0, 1)
 
 
 # -- the record: built per class at build time, read back with the bank -------------------------------------------

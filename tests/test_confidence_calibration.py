@@ -78,15 +78,24 @@ def test_fit_calibration_matches_plain_loops():
                                       torch.zeros(0, dtype=torch.long), torch.tensor(vec), torch.tensor(is_fg)) is None
 
 
-def test_calibrate_fit_places_the_fit_between_other_and_own():
+def test_calibrate_fit_measures_the_fit_against_the_best_own_support_pixels():
     ref = torch.zeros(3, len(confidence.CAL_FIELDS), len(confidence.CAL_QUANTILES))
-    med = confidence.CAL_QUANTILES.index(0.5)
+    q95 = confidence.CAL_QUANTILES.index(0.95)
     f = confidence.CAL_FIELDS.index
-    ref[:, f("fg_image"), med], ref[:, f("fg_other"), med] = 0.5, 0.3  # class rows: own 0.5, other 0.3
-    ref[:, f("bg_image"), med], ref[:, f("bg_other"), med] = 0.9, 0.1  # the background row
-    u = confidence.calibrate_fit(torch.tensor([0.5, 0.4, 0.6]), ref)
-    assert u.tolist() == pytest.approx([0.5, 0.5, 1.0])  # background (0.5 - 0.1) / 0.8; 0.1 / 0.2; clamped
-    assert confidence.calibrate_fit(torch.tensor([0.0, 0.2, 0.3]), ref).tolist() == pytest.approx([0, 0, 0])
+    ref[:, f("fg"), q95] = 0.5  # class rows: their own support pixels reach 0.5
+    ref[:, f("bg"), q95] = 0.8  # the background row: bg pixels to bg prototypes
+    ref[:, f("fg_image"), :] = 0.99  # other fields do not enter
+    u = confidence.calibrate_fit(torch.tensor([0.4, 0.4, 0.6]), ref)
+    assert u.tolist() == pytest.approx([0.5, 0.8, 1.0])  # background 0.4 / 0.8; 0.4 / 0.5; clamped at 1
+    # confidence = top * u ** FIT_POWER: a label that fits as its own support pixels do is sure in any feature space
+    raw = torch.zeros(3, 2, 2)
+    raw[1, :, :1], raw[2, :, 1:] = 0.5, 0.25
+    final = torch.zeros(3, 2, 2)
+    final[1, :, :1], final[2, :, 1:] = 1.0, 1.0
+    got = confidence.pixel_confidence(raw, final, ref)
+    assert got[:, 0].tolist() == pytest.approx([1.0, 1.0])
+    assert got[:, 1].tolist() == pytest.approx([0.5 ** confidence.FIT_POWER] * 2)
+    assert float(confidence.pixel_confidence(raw, final).max()) < 0.01  # the raw formula: 0.5 ** 8
 
 
 def test_calibration_is_stored_with_the_shard_and_read_back(worlds, tmp_path):
