@@ -13,17 +13,19 @@ superpixel), `top*fit^p` (the chosen one at p = 8: `ovdiff_ray/confidence.py`), 
 
     python bench/confidence_quality.py --bank BANK --root SCENES [--limit N]
 
-`cal^p` are the calibrated fit (issue 28: the fit over the 95% quantile of the class's own support pixels' cosine,
-recorded in the bank; `confidence.calibrate_fit`) to the power p; the shipped confidence is `top*cal^8` on banks with
-the record.
+`top*cal^8` is the shipped confidence on banks with the fit calibration record (issue 28: the fit over the bank's
+typical own fit, `confidence.fit_scale`); `top*(fit/own_px95)^8` and `top*(fit/own_img50)^8` measure each label
+against its own class's record instead (the 95% quantile of its support pixels' cosine, the median of its per-image
+fits).
 
 **The noisy-feature world** (`--noisy`, issue 28): the same toy classes built twice, with the toy extractors as they
 are (`clean`) and with an independent random component appended to their outputs (`noisy`,
 `ovdiff_ray/models/noisy.py`, for support images and scenes alike), so a class's pixels match its prototypes at
 cosines of 0.3-0.6 instead of ~0.95. Both banks are segmented on the same unseen scenes; per world it prints the
-accuracy of the most confident 90% / 95% of pixels and the share of pixels under `min_confidence` 0.5, for the shipped
-confidence (calibrated by the bank's record) and for the raw formula (`top * fit ** 8`, `raw_formula.*`), and the
-median cosine of a pixel to its true class (`same_class_cosine_median`):
+accuracy of the most confident 90% / 95% of pixels, AURC and the share of pixels under `min_confidence` 0.5, for the
+shipped confidence (calibrated by the bank's record), the raw formula (`top * fit ** 8`, `raw_formula.*`), the
+per-class anchors (`per_class_*`) and the top score, and the median cosine of a pixel to its true class
+(`same_class_cosine_median`):
 
     python bench/confidence_quality.py --noisy [--classes 52] [--scenes 40] [--seed 7000]
 """
@@ -39,7 +41,29 @@ from ovdiff_ray import confidence
 from ovdiff_ray.riskcoverage import RiskCoverage
 
 
-def candidates(raw, final, per_ex, regions, reference=None) -> dict[str, torch.Tensor]:
+PER_CLASS = {"own_px95": ("fg", "bg", 0.95), "own_img50": ("fg_image", "bg_image", 0.5)}
+
+
+def per_class_anchors(bank, kept: list[int], extractors: list[str]) -> dict[str, torch.Tensor]:
+    """Per label row (background, then `kept`), each class's own anchor from its record (the variants that ranked
+    worse than the bank's scale): `own_px95` the 95% quantile of its support fg pixels' cosine, `own_img50` the median
+    of its per-image fits; background: the kept things' bg counterparts (mean). Empty without a record."""
+    cals = [bank.extractors[ex].calibration for ex in extractors]
+    if any(c is None for c in cals):
+        return {}
+    cal = np.mean(cals, 0)
+    if np.isnan(cal[list(kept)]).any():
+        return {}
+    things = [c for c in kept if bank.kinds[c] != "stuff"] or list(kept)
+    f, q = confidence.CAL_FIELDS.index, confidence.CAL_QUANTILES.index
+    out = {}
+    for name, (fg, bg, qq) in PER_CLASS.items():
+        row0 = np.nanmean(cal[things, f(bg), q(qq)]) if things else 1.0
+        out[name] = torch.tensor(np.r_[row0, cal[list(kept), f(fg), q(qq)]], dtype=torch.float32)
+    return out
+
+
+def candidates(raw, final, per_ex, regions, scale=None, anchors=None) -> dict[str, torch.Tensor]:
     """Score maps `[C, h, w]` (before / after snapping, per extractor) and the region map -> candidate maps."""
     final = final.clamp_min(0)
     arg = final.argmax(0)
@@ -66,17 +90,18 @@ def candidates(raw, final, per_ex, regions, reference=None) -> dict[str, torch.T
            torch.bincount(arg.reshape(-1), minlength=final.shape[0]).clamp_min(1))[arg]
     for p in (1, 4, 8, 16):
         c[f"top*fit^{p}"] = s[0] * fit ** p
-    if reference is not None:
+    if scale is not None:
+        c["top*cal^8"] = confidence.pixel_confidence(raw, final, scale)  # shipped on banks with the record
+    if anchors:
         _, _, rfit = confidence.label_fit(raw, final)
-        u = confidence.calibrate_fit(rfit, reference)[arg]
-        for p in (1, 2, 4, 8):
-            c[f"top*cal^{p}"] = s[0] * u ** p
+        for name, own in anchors.items():
+            c[f"top*(fit/{name})^8"] = s[0] * (rfit / own.clamp_min(1e-3)).clamp(0, 1)[arg] ** 8
     return {k: v.clamp(0, 1) if k != "label_margin" else (v + 1) / 2 for k, v in c.items()}
 
 
 class Capture:
     """Wraps a Segmenter class: keeps the per-extractor and pre-snap score maps, the regions and the fit
-    reference of the last image."""
+    scale of the last image."""
 
     @staticmethod
     def of(base):
@@ -97,7 +122,7 @@ class Capture:
                 return self.final
 
             def _finish(self, it, *args, **kw):
-                self.fit_ref = it.fit_ref
+                self.fit_scale = it.fit_scale
                 self.kept = list(it.kept)
                 return super()._finish(it, *args, **kw)
 
@@ -169,8 +194,9 @@ def measure_world(bank, models, vocab, scenes, thresholds=(0.5,)) -> dict:
     lut = np.zeros(len(bank.names) + 1, np.int64)
     for i, n in enumerate(names, start=1):
         lut[bank.index(n) + 1] = i
-    curves = {k: RiskCoverage() for k in ("confidence", "raw_formula", "top")}
-    unsure = {(k, t): 0 for k in ("confidence", "raw_formula") for t in thresholds}
+    kinds = ("confidence", "raw_formula", "top") + tuple(f"per_class_{k}" for k in PER_CLASS)
+    curves = {k: RiskCoverage() for k in kinds}
+    unsure = {(k, t): 0 for k in kinds if k != "top" for t in thresholds}
     valid_n, cos = 0, []
     for img, gt in scenes:
         res = seg.segment(img, names)
@@ -178,6 +204,10 @@ def measure_world(bank, models, vocab, scenes, thresholds=(0.5,)) -> dict:
         maps = {"confidence": res.confidence,
                 "raw_formula": confidence.pixel_confidence(seg.raw, seg.final).numpy(),
                 "top": seg.final.clamp(0, 1).amax(0).numpy()}
+        _, top, fit = confidence.label_fit(seg.raw, seg.final)
+        arg = seg.final.clamp_min(0).argmax(0)
+        for name, own in per_class_anchors(bank, seg.kept, list(bank.extractors)).items():
+            maps[f"per_class_{name}"] = (top * (fit / own.clamp_min(1e-3)).clamp(0, 1)[arg] ** 8).numpy()
         for k, v in maps.items():
             curves[k].add(v, right, valid)
         for (k, t) in unsure:
@@ -217,7 +247,7 @@ def noisy_main(a) -> int:
             t1 = time.perf_counter()
             r = measure_world(bank, models, vocab, scenes)
             print(f"# {world}: built in {t1 - t0:.0f}s, segmented in {time.perf_counter() - t1:.0f}s", flush=True)
-            for k in ("confidence", "raw_formula", "top"):
+            for k in r["curves"]:
                 pre = world if k == "confidence" else f"{world}.{k}"
                 rc = r["curves"][k]
                 print(f"{pre}.acc_at_90: {rc.accuracy_at(0.9):.5f}")
@@ -226,6 +256,7 @@ def noisy_main(a) -> int:
                 if k != "top":
                     print(f"{pre}.unsure_share_at_0.5: {r['unsure'][(k, 0.5)]:.4f}")
             print(f"{world}.acc_at_100: {r['curves']['top'].accuracy_at(1.0):.5f}")
+            print(f"{world}.fit_scale: {confidence.fit_scale(bank, list(bank.extractors)):.4f}")
             print(f"{world}.same_class_cosine_median: {r['same_class_cosine_median']:.4f}")
             print(f"{world}.support_fg_cosine_median: {r['support_fg_cosine_median']:.4f}", flush=True)
     return 0
@@ -260,7 +291,8 @@ def main(argv=None) -> int:
         if seg.raw.shape[-2:] != gt.shape:
             raise SystemExit("scenes must be at the recipe's short side (toy scenes are)")
         right, valid = lut[res.labels] == gt, gt != 255
-        for k, v in candidates(seg.raw, seg.final, seg.per_ex, seg.regions, seg.fit_ref).items():
+        anchors = per_class_anchors(bank, seg.kept, list(bank.extractors))
+        for k, v in candidates(seg.raw, seg.final, seg.per_ex, seg.regions, seg.fit_scale, anchors).items():
             curves.setdefault(k, RiskCoverage()).add(v.numpy(), right, valid)
     for k, rc in curves.items():
         print(f"{k}: aurc {rc.aurc():.5f} acc90 {rc.accuracy_at(0.9):.5f} acc95 {rc.accuracy_at(0.95):.5f}")

@@ -23,17 +23,19 @@ where `fit ** 8` goes to ~0. So the bank records, per class and extractor, how t
 its own prototypes (`fit_calibration`, computed at build time by the class pipeline and stored in the shard's
 metadata, `CAL_KEY`): quantiles of the support fg pixels' cosine to the nearest own fg prototype, of its per-image
 means, of the bg pixels' cosine to the nearest fg prototype, and the same three for background (bg pixels to the
-nearest bg prototype, ...). At segmentation, `fit_reference` averages them over the extractors used (as the scores
-are), and a label's fit is measured against the best its own support pixels reach (`calibrate_fit`):
+nearest bg prototype, ...). At segmentation the fit is measured against the bank's own scale (`fit_scale`):
 
-    u = clamp(fit / own, 0, 1),  confidence = top * u ** FIT_POWER
+    u = clamp(fit / scale, 0, 1),  confidence = top * u ** FIT_POWER
 
-with `own` the 95% quantile of the class's own support fg pixels' cosine to their nearest own prototype (for
-background: the kept things' bg pixels to their bg prototypes). On toy features `own` is ~1, so the ranking is the
-raw formula's; where features match at lower cosines (a random component appended: `models/noisy.py`), `own` falls
-with them. Affine maps between the class's own and other distributions (`(fit - other) / (own - other)`, with
-medians or other quantiles as anchors) ranked errors worse on the development draw (README "Confidence"). Banks built
-before the record (no `CAL_KEY` in their shards) fall back to the raw formula for every pixel of an image.
+with `scale` the mean over the bank's classes of the median per-image fit of their own support images (fg pixels to
+their nearest own fg prototype), averaged over the extractors used (as the scores are). `fit` is a region mean over
+an image, so it is compared with per-image means: on toy features `scale` is ~0.99 and the ranking is exactly the
+raw formula's; where features match at lower cosines (a random component appended: `models/noisy.py`, or real
+features) `scale` falls with them. Per-class anchors (each label against its own class's record: the 95% quantile of
+its pixels, the median of its per-image fits, or an affine map between its own and its background's cosines) ranked
+errors worse on the development draw (`bench/confidence_quality.py`, README "Confidence"): on toy features the
+classes' own fits differ by less than the errors do. Banks built before the record (no `CAL_KEY` in their shards)
+fall back to the raw formula; classes added later without it do not enter the scale.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 FIT_POWER = 8
-CAL_OWN = ("fg", 0.95)  # the record's anchor: the 95% quantile of own support fg pixels (bg for background)
+CAL_SCALE = ("fg_image", 0.5)  # the record's anchor: median per-image fit of a class's own support images
 CAL_KEY = b"ovdiff.calibration"  # shard (Parquet schema) metadata key: {extractor: fit_calibration(...)}
 CAL_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
 # own label: fg pixels -> nearest fg prototype (pixels, per-image means), bg pixels -> nearest fg prototype (other);
@@ -73,30 +75,16 @@ def label_fit(raw: torch.Tensor, final: torch.Tensor) -> tuple[torch.Tensor, tor
     return arg, top, sums / counts
 
 
-def pixel_confidence(raw: torch.Tensor, final: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+def pixel_confidence(raw: torch.Tensor, final: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """`raw [C, h, w]` averaged scores before region snapping, `final [C, h, w]` the scores the labels come from
     (row 0 = background) -> confidence `[h, w]` float32 in [0, 1] of each pixel's label (`final`'s argmax).
 
-    `reference [C, 6, Q]` (`fit_reference`: the bank's record per label row) calibrates the fit (`calibrate_fit`);
-    None (a bank without the record) keeps the raw `top * fit ** FIT_POWER`."""
+    `scale` (`fit_scale`: the bank's typical own fit) calibrates the fit: `top * clamp(fit / scale, 0, 1) **
+    FIT_POWER`; None (a bank without the record) keeps the raw `top * fit ** FIT_POWER`."""
     arg, top, fit = label_fit(raw, final)
-    if reference is None:
-        return (top * fit[arg].pow(FIT_POWER)).clamp_(0, 1)
-    u = calibrate_fit(fit, reference.to(fit.device))
-    return (top * u[arg].pow(FIT_POWER)).clamp_(0, 1)
-
-
-def _q(reference: torch.Tensor, field: str, q: float) -> torch.Tensor:
-    return reference[:, CAL_FIELDS.index(field), CAL_QUANTILES.index(q)]
-
-
-def calibrate_fit(fit: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """`fit [C]` per label row (row 0 = background), `reference [C, 6, Q]` -> calibrated fit `[C]` in [0, 1]:
-    `fit / own`, with `own` the 95% quantile of the row's own support pixels' cosine to their nearest own prototype
-    (fg pixels to fg prototypes; for background bg pixels to bg prototypes)."""
-    field, q = CAL_OWN
-    own = torch.cat([_q(reference[:1], "bg", q), _q(reference[1:], field, q)])
-    return (fit / own.clamp_min(1e-3)).clamp(0, 1)
+    if scale is not None:
+        fit = (fit / max(float(scale), 1e-3)).clamp(0, 1)
+    return (top * fit[arg].pow(FIT_POWER)).clamp_(0, 1)
 
 
 # -- the record: built per class at build time, read back with the bank -------------------------------------------
@@ -172,28 +160,22 @@ def calibration_array(record: dict | None) -> np.ndarray:
     return out
 
 
-def fit_reference(bank, kept: list[int], extractors: list[str], background: bool = True) -> torch.Tensor | None:
-    """The record for the label rows of one image (row 0 = background, then `kept` in order), averaged over the
-    `extractors` used (as the scores are) -> `[len(kept) + 1, 6, Q]`, or None when any kept class (or every class,
-    for background) lacks it in any of them: then the raw formula holds for the whole image, so one image's
-    confidences stay comparable. Background's row: the mean over the kept things' records (they give the background
-    prototypes), or over every class of the bank when no thing is kept."""
+def fit_scale(bank, extractors: list[str]) -> float | None:
+    """The bank's typical own fit: over its classes with a record, the mean of the median per-image fit of their own
+    support images (`CAL_SCALE`), averaged over the `extractors` used (as the scores are). None when an extractor
+    has no class with a record (a bank built before it): the raw formula then."""
+    field, q = CAL_SCALE
     per = []
     for ex in extractors:
         cal = getattr(bank.extractors[ex], "calibration", None)
         if cal is None:
             return None
-        per.append(cal)
-    cal = np.mean(per, 0)  # [C, 6, Q]
-    rows = cal[list(kept)] if kept else np.zeros((0, *cal.shape[1:]), np.float32)
-    if np.isnan(rows).any():
-        return None
-    things = [c for c in kept if bank.kinds[c] != "stuff"]
-    pool = cal[things] if things else cal[~np.isnan(cal).any((1, 2))]
-    if not len(pool):
-        return None
-    bg = pool.mean(0, keepdims=True)
-    return torch.from_numpy(np.concatenate([bg, rows]).astype(np.float32))
+        v = np.asarray(cal[:, CAL_FIELDS.index(field), CAL_QUANTILES.index(q)], np.float64)
+        v = v[np.isfinite(v)]
+        if not len(v):
+            return None
+        per.append(float(v.mean()))
+    return float(np.mean(per)) if per else None
 
 
 def upsample_confidence(conf: torch.Tensor, h0: int, w0: int) -> np.ndarray:

@@ -76,7 +76,7 @@ class _Item:
     count: torch.Tensor | None = None  # [h, w] views covering each pixel
     whole: dict[str, torch.Tensor] = field(default_factory=dict)  # extractor -> whole-image features [1, D, h, w]
     background: bool = True  # background matched (False: `segmentation.background_min_area` not reached)
-    fit_ref: torch.Tensor | None = None  # [K + 1, 6, Q] the bank's fit calibration per label row (confidence.py)
+    fit_scale: float | None = None  # the bank's typical own fit (confidence.fit_scale; None: no record)
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -403,7 +403,7 @@ class Segmenter:
             scores = self._snap(it, scores, regions)
         t0 = time.perf_counter()
         h0, w0 = it.h0, it.w0
-        conf = confidence.upsample_confidence(confidence.pixel_confidence(raw, scores, it.fit_ref), h0, w0)
+        conf = confidence.upsample_confidence(confidence.pixel_confidence(raw, scores, it.fit_scale), h0, w0)
         values = [0] + [c + 1 for c in it.kept]
         topk = {values[r]: [(values[j], s) for j, s in best] for r, best in confidence.class_topk(raw, scores).items()}
         if return_scores:
@@ -445,8 +445,9 @@ class Segmenter:
             return []
         self._keep(items, ids, sw, exs)
         self._accumulate(items, sw, exs)
-        for it in items:  # None for banks built before the record: the raw formula (confidence.py)
-            it.fit_ref = confidence.fit_reference(self.bank, it.kept, exs)
+        scale = confidence.fit_scale(self.bank, exs)  # None for banks built before the record (confidence.py)
+        for it in items:
+            it.fit_scale = scale
         return [self._finish(it, pamr, return_scores, method) for it in items]
 
 

@@ -78,24 +78,19 @@ def test_fit_calibration_matches_plain_loops():
                                       torch.zeros(0, dtype=torch.long), torch.tensor(vec), torch.tensor(is_fg)) is None
 
 
-def test_calibrate_fit_measures_the_fit_against_the_best_own_support_pixels():
-    ref = torch.zeros(3, len(confidence.CAL_FIELDS), len(confidence.CAL_QUANTILES))
-    q95 = confidence.CAL_QUANTILES.index(0.95)
-    f = confidence.CAL_FIELDS.index
-    ref[:, f("fg"), q95] = 0.5  # class rows: their own support pixels reach 0.5
-    ref[:, f("bg"), q95] = 0.8  # the background row: bg pixels to bg prototypes
-    ref[:, f("fg_image"), :] = 0.99  # other fields do not enter
-    u = confidence.calibrate_fit(torch.tensor([0.4, 0.4, 0.6]), ref)
-    assert u.tolist() == pytest.approx([0.5, 0.8, 1.0])  # background 0.4 / 0.8; 0.4 / 0.5; clamped at 1
-    # confidence = top * u ** FIT_POWER: a label that fits as its own support pixels do is sure in any feature space
+def test_the_fit_is_measured_against_the_banks_own_fit():
+    # a label that fits its pixels as the bank's own support images fit theirs is sure, in any feature space
     raw = torch.zeros(3, 2, 2)
     raw[1, :, :1], raw[2, :, 1:] = 0.5, 0.25
     final = torch.zeros(3, 2, 2)
     final[1, :, :1], final[2, :, 1:] = 1.0, 1.0
-    got = confidence.pixel_confidence(raw, final, ref)
+    got = confidence.pixel_confidence(raw, final, 0.5)
     assert got[:, 0].tolist() == pytest.approx([1.0, 1.0])
     assert got[:, 1].tolist() == pytest.approx([0.5 ** confidence.FIT_POWER] * 2)
     assert float(confidence.pixel_confidence(raw, final).max()) < 0.01  # the raw formula: 0.5 ** 8
+    # the scale of the same fits on toy-like features keeps the raw ranking (a monotone map of the fit)
+    a, b = confidence.pixel_confidence(raw, final, 0.99), confidence.pixel_confidence(raw, final)
+    assert (a >= b).all() and torch.equal(a.flatten().argsort(), b.flatten().argsort())
 
 
 def test_calibration_is_stored_with_the_shard_and_read_back(worlds, tmp_path):
@@ -123,12 +118,14 @@ def test_calibration_is_stored_with_the_shard_and_read_back(worlds, tmp_path):
         np.testing.assert_allclose(cal[0], confidence.calibration_array(protos[0].sets[ex].calibration))
         assert np.isnan(cal[1]).all() and not np.isnan(cal[[0, 2]]).any()
         np.testing.assert_array_equal(cal, mem.extractors[ex].calibration)
-    # the reference averages the record over the extractors used; a kept class without it -> None (raw formula)
-    ref = confidence.fit_reference(bank, [0, 2], ["toy", "toyctx"])
-    want = (bank.extractors["toy"].calibration + bank.extractors["toyctx"].calibration) / 2
-    np.testing.assert_allclose(ref[1:].numpy(), want[[0, 2]], rtol=1e-6)
-    np.testing.assert_allclose(ref[0].numpy(), want[[0, 2]].mean(0), rtol=1e-6)  # background: the kept things'
-    assert confidence.fit_reference(bank, [0, 1], ["toy", "toyctx"]) is None
+    # the scale: over the classes with a record, the median per-image fit, averaged over the extractors used
+    med = confidence.CAL_QUANTILES.index(0.5)
+    fi = confidence.CAL_FIELDS.index("fg_image")
+    per = {ex: np.mean([protos[c].sets[ex].calibration["fg_image"][med] for c in (0, 2)]) for ex in ("toy", "toyctx")}
+    assert confidence.fit_scale(bank, ["toy", "toyctx"]) == pytest.approx((per["toy"] + per["toyctx"]) / 2, abs=1e-5)
+    assert confidence.fit_scale(bank, ["toy"]) == pytest.approx(np.nanmean(bank.extractors["toy"].calibration[:, fi, med]))
+    bare = Bank.from_prototypes([old], recipe)
+    assert confidence.fit_scale(bare, ["toy"]) is None  # a bank from before the record: the raw formula
 
     from ovdiff_ray.store.shared import load_shared
 
