@@ -27,7 +27,7 @@ shipped confidence (calibrated by the bank's record), the raw formula (`top * fi
 per-class anchors (`per_class_*`) and the top score, and the median cosine of a pixel to its true class
 (`same_class_cosine_median`):
 
-    python bench/confidence_quality.py --noisy [--classes 52] [--scenes 40] [--seed 7000]
+    python bench/confidence_quality.py --noisy [--classes 52] [--scenes 40] [--seed 7000] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -60,6 +60,21 @@ def per_class_anchors(bank, kept: list[int], extractors: list[str]) -> dict[str,
     for name, (fg, bg, qq) in PER_CLASS.items():
         row0 = np.nanmean(cal[things, f(bg), q(qq)]) if things else 1.0
         out[name] = torch.tensor(np.r_[row0, cal[list(kept), f(fg), q(qq)]], dtype=torch.float32)
+    return out
+
+
+SCALES = (("fg", 0.5), ("fg_image", 0.5), ("fg", 0.95))  # bank-level anchors compared (the first is shipped)
+
+
+def bank_scales(bank) -> dict[str, float]:
+    """The bank-level scale from each anchor of SCALES (as `confidence.fit_scale`); {} without a record."""
+    out = {}
+    for field, q in SCALES:
+        cals = [a.calibration for a in bank.extractors.values()]
+        if any(c is None for c in cals):
+            return {}
+        v = [np.nanmean(c[:, confidence.CAL_FIELDS.index(field), confidence.CAL_QUANTILES.index(q)]) for c in cals]
+        out[f"{field}_q{q:g}"] = float(np.mean(v))
     return out
 
 
@@ -194,7 +209,9 @@ def measure_world(bank, models, vocab, scenes, thresholds=(0.5,)) -> dict:
     lut = np.zeros(len(bank.names) + 1, np.int64)
     for i, n in enumerate(names, start=1):
         lut[bank.index(n) + 1] = i
-    kinds = ("confidence", "raw_formula", "top") + tuple(f"per_class_{k}" for k in PER_CLASS)
+    scales = bank_scales(bank)
+    kinds = (("confidence", "raw_formula", "top") + tuple(f"per_class_{k}" for k in PER_CLASS)
+             + tuple(f"scale_{k}" for k in scales))
     curves = {k: RiskCoverage() for k in kinds}
     unsure = {(k, t): 0 for k in kinds if k != "top" for t in thresholds}
     valid_n, cos = 0, []
@@ -208,6 +225,8 @@ def measure_world(bank, models, vocab, scenes, thresholds=(0.5,)) -> dict:
         arg = seg.final.clamp_min(0).argmax(0)
         for name, own in per_class_anchors(bank, seg.kept, list(bank.extractors)).items():
             maps[f"per_class_{name}"] = (top * (fit / own.clamp_min(1e-3)).clamp(0, 1)[arg] ** 8).numpy()
+        for name, sc in scales.items():
+            maps[f"scale_{name}"] = confidence.pixel_confidence(seg.raw, seg.final, sc).numpy()
         for k, v in maps.items():
             curves[k].add(v, right, valid)
         for (k, t) in unsure:
@@ -229,6 +248,7 @@ def measure_world(bank, models, vocab, scenes, thresholds=(0.5,)) -> dict:
 
 
 def noisy_main(a) -> int:
+    import os
     import tempfile
     import time
 
@@ -243,7 +263,13 @@ def noisy_main(a) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for world in ("clean", "noisy"):
             t0 = time.perf_counter()
-            bank, models = build_world(f"{tmp}/{world}", recipe, vocab, world == "noisy")
+            root = f"{a.keep or tmp}/{world}-{a.classes}-{a.seed}"
+            if a.keep and os.path.isfile(f"{root}/manifests/latest"):
+                from ovdiff_ray.store.bank import Bank
+
+                bank, models = Bank.load(root), world_models(recipe, world == "noisy")
+            else:
+                bank, models = build_world(root, recipe, vocab, world == "noisy")
             t1 = time.perf_counter()
             r = measure_world(bank, models, vocab, scenes)
             print(f"# {world}: built in {t1 - t0:.0f}s, segmented in {time.perf_counter() - t1:.0f}s", flush=True)
@@ -271,6 +297,7 @@ def main(argv=None) -> int:
     ap.add_argument("--classes", type=int, default=52, help="--noisy: toy classes drawn (default 52)")
     ap.add_argument("--scenes", type=int, default=40, help="--noisy: scenes (default 40)")
     ap.add_argument("--seed", type=int, default=7000, help="--noisy: vocabulary seed; scenes use seed + 1")
+    ap.add_argument("--keep", default=None, help="--noisy: build the banks into this folder and reuse them")
     a = ap.parse_args(argv)
     if a.noisy:
         return noisy_main(a)

@@ -27,14 +27,16 @@ nearest bg prototype, ...). At segmentation the fit is measured against the bank
 
     u = clamp(fit / scale, 0, 1),  confidence = top * u ** FIT_POWER
 
-with `scale` the mean over the bank's classes of the median per-image fit of their own support images (fg pixels to
-their nearest own fg prototype), averaged over the extractors used (as the scores are). `fit` is a region mean over
-an image, so it is compared with per-image means: on toy features `scale` is ~0.99 and the ranking is exactly the
-raw formula's; where features match at lower cosines (a random component appended: `models/noisy.py`, or real
-features) `scale` falls with them. Per-class anchors (each label against its own class's record: the 95% quantile of
-its pixels, the median of its per-image fits, or an affine map between its own and its background's cosines) ranked
-errors worse on the development draw (`bench/confidence_quality.py`, README "Confidence"): on toy features the
-classes' own fits differ by less than the errors do. Banks built before the record (no `CAL_KEY` in their shards)
+with `scale` the mean over the bank's classes of the median cosine of their own support fg pixels to their nearest
+own fg prototype, averaged over the extractors used (as the scores are). On toy features `scale` is ~0.995 and the
+ranking is the raw formula's; where features match at lower cosines (a random component appended:
+`models/noisy.py`, or real features) `scale` falls with them. Measured against it on the development draw
+(`bench/confidence_quality.py`, README "Confidence"): per-class anchors (each label against its own class's record:
+the 95% quantile of its pixels, the median of its per-image fits, or an affine map between its own and its
+background's cosines) ranked errors worse, the classes' own fits on toy features differing by less than the errors
+do; a scale from per-image fits (~0.988) or a high pixel quantile ties the best labels at 1 (test regions fit better
+than whole support masks, whose borders cross the object's edge) or spreads with the noise.
+Banks built before the record (no `CAL_KEY` in their shards)
 fall back to the raw formula; classes added later without it do not enter the scale.
 """
 from __future__ import annotations
@@ -44,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 FIT_POWER = 8
-CAL_SCALE = ("fg_image", 0.5)  # the record's anchor: median per-image fit of a class's own support images
+CAL_SCALE = ("fg", 0.5)  # the record's anchor: median cosine of a class's own support fg pixels
 CAL_KEY = b"ovdiff.calibration"  # shard (Parquet schema) metadata key: {extractor: fit_calibration(...)}
 CAL_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
 # own label: fg pixels -> nearest fg prototype (pixels, per-image means), bg pixels -> nearest fg prototype (other);
@@ -79,7 +81,7 @@ def pixel_confidence(raw: torch.Tensor, final: torch.Tensor, scale: float | None
     """`raw [C, h, w]` averaged scores before region snapping, `final [C, h, w]` the scores the labels come from
     (row 0 = background) -> confidence `[h, w]` float32 in [0, 1] of each pixel's label (`final`'s argmax).
 
-    `scale` (`fit_scale`: the bank's typical own fit) calibrates the fit: `top * clamp(fit / scale, 0, 1) **
+    `scale` (`fit_scale`: the bank's typical own cosine) calibrates the fit: `top * clamp(fit / scale, 0, 1) **
     FIT_POWER`; None (a bank without the record) keeps the raw `top * fit ** FIT_POWER`."""
     arg, top, fit = label_fit(raw, final)
     if scale is not None:
@@ -161,8 +163,8 @@ def calibration_array(record: dict | None) -> np.ndarray:
 
 
 def fit_scale(bank, extractors: list[str]) -> float | None:
-    """The bank's typical own fit: over its classes with a record, the mean of the median per-image fit of their own
-    support images (`CAL_SCALE`), averaged over the `extractors` used (as the scores are). None when an extractor
+    """The bank's typical own fit: over its classes with a record, the mean of the median cosine of their own
+    support fg pixels to their nearest own fg prototype (`CAL_SCALE`), averaged over the `extractors` used (as the scores are). None when an extractor
     has no class with a record (a bank built before it): the raw formula then."""
     field, q = CAL_SCALE
     per = []

@@ -118,10 +118,10 @@ def test_calibration_is_stored_with_the_shard_and_read_back(worlds, tmp_path):
         np.testing.assert_allclose(cal[0], confidence.calibration_array(protos[0].sets[ex].calibration))
         assert np.isnan(cal[1]).all() and not np.isnan(cal[[0, 2]]).any()
         np.testing.assert_array_equal(cal, mem.extractors[ex].calibration)
-    # the scale: over the classes with a record, the median per-image fit, averaged over the extractors used
+    # the scale: over the classes with a record, the median fg pixel cosine, averaged over the extractors used
     med = confidence.CAL_QUANTILES.index(0.5)
-    fi = confidence.CAL_FIELDS.index("fg_image")
-    per = {ex: np.mean([protos[c].sets[ex].calibration["fg_image"][med] for c in (0, 2)]) for ex in ("toy", "toyctx")}
+    fi = confidence.CAL_FIELDS.index("fg")
+    per = {ex: np.mean([protos[c].sets[ex].calibration["fg"][med] for c in (0, 2)]) for ex in ("toy", "toyctx")}
     assert confidence.fit_scale(bank, ["toy", "toyctx"]) == pytest.approx((per["toy"] + per["toyctx"]) / 2, abs=1e-5)
     assert confidence.fit_scale(bank, ["toy"]) == pytest.approx(np.nanmean(bank.extractors["toy"].calibration[:, fi, med]))
     bare = Bank.from_prototypes([old], recipe)
