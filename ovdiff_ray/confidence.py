@@ -12,7 +12,10 @@ Chosen by risk-coverage on toy scenes (README "Confidence"; `bench/confidence_qu
   background: every pixel of such a region votes the same way (top = 1) but matches its prototypes a little worse.
 
 Pixel-level margins (best minus second class, per extractor or averaged, pooled over superpixels or not) and the
-agreement of the extractors measured worse than `top` alone on the development draw, so they are not used.
+agreement of the extractors measured worse than `top` alone on the development draw, so they are not used; so did
+a margin over each label's region (its mean score minus the best other class's). One region margin helps (issue 27):
+background whose pixels a kept stuff class matches on average as well as the background prototypes do, within 1%
+(`contested_background`), gets confidence 0.
 
 `UNSURE_U8` / `UNSURE_U16` are the values an unsure pixel takes in a class-index PNG; `unsure_mask` says which pixels
 are unsure for a threshold (`segmentation.min_confidence`, 0 = off).
@@ -46,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 FIT_POWER = 8
+CONTEST_MARGIN = 0.01  # contested background: a stuff class within 1% of the background's mean score over it
 CAL_SCALE = ("fg", 0.5)  # the record's anchor: median cosine of a class's own support fg pixels
 CAL_KEY = b"ovdiff.calibration"  # shard (Parquet schema) metadata key: {extractor: fit_calibration(...)}
 CAL_QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
@@ -77,16 +81,35 @@ def label_fit(raw: torch.Tensor, final: torch.Tensor) -> tuple[torch.Tensor, tor
     return arg, top, sums / counts
 
 
-def pixel_confidence(raw: torch.Tensor, final: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+def pixel_confidence(raw: torch.Tensor, final: torch.Tensor, scale: float | None = None,
+                     stuff: torch.Tensor | None = None) -> torch.Tensor:
     """`raw [C, h, w]` averaged scores before region snapping, `final [C, h, w]` the scores the labels come from
     (row 0 = background) -> confidence `[h, w]` float32 in [0, 1] of each pixel's label (`final`'s argmax).
 
     `scale` (`fit_scale`: the bank's typical own cosine) calibrates the fit: `top * clamp(fit / scale, 0, 1) **
-    FIT_POWER`; None (a bank without the record) keeps the raw `top * fit ** FIT_POWER`."""
+    FIT_POWER`; None (a bank without the record) keeps the raw `top * fit ** FIT_POWER`. `stuff [C]` bool (the
+    stuff rows): background that a stuff class contests is 0 (`contested_background`)."""
     arg, top, fit = label_fit(raw, final)
     if scale is not None:
         fit = (fit / max(float(scale), 1e-3)).clamp(0, 1)
+    if stuff is not None and contested_background(raw, arg, stuff):
+        fit = fit.clone()
+        fit[0] = 0.0
     return (top * fit[arg].pow(FIT_POWER)).clamp_(0, 1)
+
+
+def contested_background(raw: torch.Tensor, arg: torch.Tensor, stuff: torch.Tensor) -> bool:
+    """Whether a kept stuff class matches the pixels labelled background (`arg == 0`) on average as well as the
+    background prototypes do, within `CONTEST_MARGIN` of their mean score (`raw [C, h, w]` before snapping; `stuff
+    [C]` bool, row 0 = background). Stuff read as background is the most frequent confident error at the whole toy
+    vocabulary: a textured field that is also some thing's typical background, so a background prototype is the
+    stuff itself and the two tie (to 0.0005 on the development draw) over the whole region."""
+    m = arg == 0
+    stuff = torch.as_tensor(stuff, dtype=torch.bool, device=raw.device)
+    if not bool(m.any()) or not bool(stuff.any()):
+        return False
+    mean = raw.float().clamp(0, 1)[:, m].mean(1)  # [C]
+    return bool(mean[stuff].max() >= (1 - CONTEST_MARGIN) * mean[0])
 
 
 # -- the record: built per class at build time, read back with the bank -------------------------------------------

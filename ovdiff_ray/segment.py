@@ -403,7 +403,8 @@ class Segmenter:
             scores = self._snap(it, scores, regions)
         t0 = time.perf_counter()
         h0, w0 = it.h0, it.w0
-        conf = confidence.upsample_confidence(confidence.pixel_confidence(raw, scores, it.fit_scale), h0, w0)
+        conf = confidence.upsample_confidence(confidence.pixel_confidence(
+            raw, scores, it.fit_scale, torch.tensor([False] + [self.bank.kinds[c] == "stuff" for c in it.kept])), h0, w0)
         values = [0] + [c + 1 for c in it.kept]
         topk = {values[r]: [(values[j], s) for j, s in best] for r, best in confidence.class_topk(raw, scores).items()}
         if return_scores:

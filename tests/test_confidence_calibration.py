@@ -189,3 +189,23 @@ def test_noisy_world_the_raw_formula_is_all_unsure_the_calibrated_one_is_not(wor
     assert shares["noisy", "raw"] > 0.95, shares  # top * fit ** 8 with fit ~0.5: every pixel unsure
     assert shares["noisy", "calibrated"] < 0.3 and shares["clean", "calibrated"] < 0.3, shares
     assert abs(shares["noisy", "calibrated"] - shares["clean", "calibrated"]) < 0.15, shares
+
+
+def test_background_a_stuff_class_contests_is_not_confident():
+    final = torch.zeros(3, 4, 4)
+    final[0, :, :2] = 1.0  # left half labelled background (e.g. by snapping), right half class 1
+    final[1, :, 2:] = 1.0
+    raw = torch.zeros(3, 4, 4)
+    raw[0, :, :2] = 0.9
+    raw[1, :, 2:] = 0.95
+    raw[2, :, :2] = 0.8  # row 2, a stuff class, matches the background region worse: not contested
+    stuff = torch.tensor([False, False, True])
+    calm = confidence.pixel_confidence(raw, final, None, stuff)
+    torch.testing.assert_close(calm, confidence.pixel_confidence(raw, final))
+    raw[2, :, :2] = 0.92  # now the stuff class matches it better on average
+    assert confidence.contested_background(raw, final.argmax(0), stuff)
+    c = confidence.pixel_confidence(raw, final, None, stuff)
+    assert float(c[:, :2].max()) == 0.0
+    torch.testing.assert_close(c[:, 2:], calm[:, 2:])  # other labels keep their confidence
+    # a thing class that matches it better is no contest (things compete through the labels themselves)
+    assert not confidence.contested_background(raw, final.argmax(0), torch.tensor([False, True, False]))
