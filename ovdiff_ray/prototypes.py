@@ -26,6 +26,7 @@ class ProtoSet:
     level: np.ndarray  # [n] str: class | instance | part
     source: np.ndarray  # [n] int16: support image index, -1 when pooled
     members: np.ndarray | None = None  # [n] object: a part row's support images (tuple, most pixels first), else None
+    calibration: dict | None = None  # how the class's own support images match these rows (confidence.fit_calibration)
 
     @property
     def dim(self) -> int:
@@ -191,13 +192,27 @@ def protoset_from_pixels(fg: list[torch.Tensor], bg: list[torch.Tensor], dim: in
     v = l2n(torch.stack(vecs)) if vecs else torch.zeros(0, dim)
     keep = torch.isfinite(v).all(1) & (v.norm(dim=1) > 0.5)
     idx = keep.nonzero()[:, 0].tolist()
+    kind = np.array([kinds[i] for i in idx], dtype=object)
     return ProtoSet(
         vectors=v[keep].numpy().astype(np.float32),
-        kind=np.array([kinds[i] for i in idx], dtype=object),
+        kind=kind,
         level=np.array([levels[i] for i in idx], dtype=object),
         source=np.array([sources[i] for i in idx], dtype=np.int16),
         members=_objects([members[i] for i in idx]),
+        calibration=_calibration(fg, bg, v[keep], kind == "fg", seed),
     )
+
+
+def _calibration(fg: list[torch.Tensor], bg: list[torch.Tensor], vectors: torch.Tensor, is_fg: np.ndarray,
+                 seed: int) -> dict | None:
+    """confidence.fit_calibration over per-image pixel lists (the host path's record)."""
+    from .confidence import fit_calibration
+
+    if not any(len(p) for p in fg) or not any(len(p) for p in bg):
+        return None
+    ids = lambda px: torch.cat([torch.full((len(p),), i) for i, p in enumerate(px)])  # noqa: E731
+    return fit_calibration(torch.cat(fg).float(), ids(fg), torch.cat(bg).float(), ids(bg), vectors,
+                           torch.from_numpy(np.asarray(is_fg, bool)), seed)
 
 
 def to_support_indices(ps: ProtoSet, kept_index: np.ndarray) -> None:

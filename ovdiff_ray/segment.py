@@ -89,6 +89,7 @@ class _Item:
     background: bool = True  # background matched (False: `segmentation.background_min_area` not reached)
     want_confidence: bool = True  # compute the confidence map and top-k (upsampled and copied to the host)
     kept_feats: dict[str, torch.Tensor] | None = None  # keep_features: extractor -> whole-view features [D, fh, fw]
+    fit_scale: float | None = None  # the bank's typical own fit (confidence.fit_scale; None: no record)
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -470,7 +471,8 @@ class Segmenter:
         h0, w0 = it.h0, it.w0
         conf = topk = None
         if it.want_confidence:  # upsampled and copied to the host only when asked for
-            conf = confidence.upsample_confidence(confidence.pixel_confidence(raw, scores), h0, w0)
+            stuff = torch.tensor([False] + [self.bank.kinds[c] == "stuff" for c in it.kept])
+            conf = confidence.upsample_confidence(confidence.pixel_confidence(raw, scores, it.fit_scale, stuff), h0, w0)
             values = [0] + [c + 1 for c in it.kept]
             topk = {values[r]: [(values[j], s) for j, s in best]
                     for r, best in confidence.class_topk(raw, scores).items()}
@@ -524,6 +526,9 @@ class Segmenter:
             it.want_confidence, it.kept_feats = c, ({} if k else None)
         self._keep(items, ids, sw, exs)
         self._accumulate(items, sw, exs)
+        scale = confidence.fit_scale(self.bank, exs)  # None for banks built before the record (confidence.py)
+        for it in items:
+            it.fit_scale = scale
         return [self._finish(it, pamr, return_scores, method) for it in items]
 
 

@@ -76,7 +76,9 @@ def test_min_confidence_marks_unsure_pixels_in_png_and_leaves_them_out_of_rle(se
     data = scene(toy_scenes, 2)
     rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     res = segmenter.segment(rgb)
-    t = float(np.quantile(res.confidence, 0.3))
+    # a quantile of the distinct values: with the bank's fit calibration, labels that fit their pixels as the bank's
+    # own support images do are all at 1 (issue 28), so plain pixel quantiles can land on 1
+    t = float(np.quantile(np.unique(res.confidence), 0.3))
     assert 0 < t < 1
     body = post(client, data, min_confidence=str(t)).json()
     mask = decode_png(body["mask"])

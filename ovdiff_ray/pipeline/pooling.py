@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..confidence import fit_calibration
 from ..prototypes import ProtoSet, _objects, downsample_mask, l2n
 from .kmeans import kmeans
 
@@ -118,10 +119,21 @@ class ExtractorPool:
             keep = torch.isfinite(v).all(1) & (v.norm(dim=1) > 0.5)
             v = v[keep].cpu()
             keep_idx = keep.nonzero()[:, 0].cpu().tolist()
+        kind = np.array([kinds[i] for i in keep_idx], dtype=object)
         return ProtoSet(
             vectors=v.numpy().astype(np.float32),
-            kind=np.array([kinds[i] for i in keep_idx], dtype=object),
+            kind=kind,
             level=np.array([levels[i] for i in keep_idx], dtype=object),
             source=np.array([sources[i] for i in keep_idx], dtype=np.int16),
             members=_objects([members[i] for i in keep_idx]),
+            calibration=self.calibration(v, kind == "fg", seed),
         )
+
+    def calibration(self, vectors: torch.Tensor, is_fg: np.ndarray, seed: int = 0) -> dict | None:
+        """How this class's support pixels match its own prototype rows `vectors [R, D]` (confidence.py's record,
+        computed on the pixels' device; None without fg or bg pixels)."""
+        if not self.fg.pixels or not self.bg.pixels:
+            return None
+        return fit_calibration(torch.cat(self.fg.pixels).float(), torch.cat(self.fg.images),
+                               torch.cat(self.bg.pixels).float(), torch.cat(self.bg.images), vectors,
+                               torch.from_numpy(np.asarray(is_fg, bool)), seed)

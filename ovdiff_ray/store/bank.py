@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..confidence import calibration_array
 from ..prototypes import ClassPrototypes
 from ..recipe import Recipe, recipe_from_dict
 
@@ -27,6 +28,8 @@ class BankArrays:
     offsets: np.ndarray  # [C + 1] int64: rows of class c are offsets[c]:offsets[c+1]
     source: np.ndarray | None = None  # [R] int16: support image of an instance row, -1 pooled (None: not kept)
     members: "Members | None" = None  # a part row's support images (explain.py); None: not recorded
+    calibration: np.ndarray | None = None  # [C, 6, Q] float32: each class's fit calibration (confidence.py; nan
+    #                                         where a class has none: banks built before it)
 
     @property
     def dim(self) -> int:
@@ -163,6 +166,8 @@ class Bank:
                 offsets=np.array(offsets, np.int64),
                 source=np.concatenate(source) if source else np.zeros(0, np.int16),
                 members=Members.of(members),
+                calibration=np.stack([calibration_array(p.sets[ex].calibration if ex in p.sets else None)
+                                      for p in protos]) if protos else None,
             )
         return cls(bank_id, version, recipe, names, kinds, text, arrays, prompts=[p.prompt for p in protos])
 

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..confidence import CAL_KEY, calibration_array
 from ..prototypes import ClassPrototypes
 from .bank import KIND_CODES, LEVEL_CODES, Bank, BankArrays, Members
 from .fs import Location, StorageConfig, StoreError
@@ -82,7 +83,11 @@ def _table(p: ClassPrototypes, class_id: int, extractor: str, vectors: np.ndarra
 def encode_shard(p: ClassPrototypes, class_id: int) -> bytes:
     """ClassPrototypes -> Parquet bytes: rows sorted by extractor/kind/level, one row group per extractor."""
     buf = io.BytesIO()
-    with pq.ParquetWriter(buf, SHARD_SCHEMA, compression="none", write_statistics=True,
+    schema = SHARD_SCHEMA
+    cal = {ex: s.calibration for ex, s in sorted(p.sets.items()) if s.calibration is not None}
+    if cal:  # confidence.py's fit calibration, per extractor (shards from before issue 28 have none)
+        schema = schema.with_metadata({**schema.metadata, CAL_KEY: json.dumps(cal, sort_keys=True).encode()})
+    with pq.ParquetWriter(buf, schema, compression="none", write_statistics=True,
                           use_dictionary=["class_name", "extractor", "kind", "level"]) as w:
         for ex in sorted(p.sets):
             s = p.sets[ex]
@@ -263,13 +268,31 @@ def _members(sub: pa.Table, n: int) -> Members:
     return Members(flat, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), valid.astype(np.int8))
 
 
+def _calibration_of(t: pa.Table, entry: dict) -> dict:
+    """A shard's fit calibration record (`confidence.CAL_KEY` metadata): {extractor: record}; {} when absent."""
+    raw = (t.schema.metadata or {}).get(CAL_KEY)
+    if raw is None:
+        return {}
+    try:
+        rec = json.loads(raw)
+        for r in rec.values():
+            calibration_array(r)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ShardError(f"{entry['shard']}: fit calibration of class {entry['name']!r} does not parse: {e}") from None
+    return rec
+
+
 def assemble(m: dict, entries: list[dict], tables: list[pa.Table | None], uri: str) -> Bank:
     """Shards (None for a removed class: no rows, a zero text row) -> a Bank whose class c is `entries[c]`."""
     recipe = Bank.recipe_of(m)
     ex_names = [e.name for e in recipe.extractors]
     per_ex: dict[str, list] = {e: [] for e in ex_names}
     texts: list[np.ndarray | None] = []
+    cals = {e: [] for e in ex_names}  # per extractor, per class: [6, Q] fit calibration (nan: none recorded)
     for c, t in enumerate(tables):
+        rec = _calibration_of(t, entries[c]) if t is not None else {}
+        for ex in ex_names:
+            cals[ex].append(calibration_array(rec.get(ex)))
         if t is None:
             texts.append(None)
             continue
@@ -305,6 +328,7 @@ def assemble(m: dict, entries: list[dict], tables: list[pa.Table | None], uri: s
             offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
             source=np.concatenate([p[5] for p in parts]) if parts else np.zeros(0, np.int16),
             members=Members.concat([p[6] for p in parts]),  # loaded once with the bank (explain.py)
+            calibration=np.stack(cals[ex]) if cals[ex] else None,
         )
     e_dim = next((len(t) for t in texts if t is not None), 0)
     text = np.stack([np.zeros(e_dim, np.float32) if t is None else t for t in texts]) if texts else \

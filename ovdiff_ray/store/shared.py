@@ -32,7 +32,7 @@ KEEP_VERSIONS = 3
 IN_PROCESS_MAX_BYTES = 64 << 20  # larger banks are decoded in a child process (its transient copies die with it)
 FIELDS = ("vectors", "class_idx", "kind", "level", "offsets")
 MEMBER_FIELDS = ("flat", "offsets", "state")
-CACHE_FORMAT = "ovdiff-bank-cache/2"  # /2: part members (explain.py) kept beside the arrays
+CACHE_FORMAT = "ovdiff-bank-cache/3"  # /2: part members (explain.py) kept beside the arrays; /3: fit calibration
 
 
 def cache_root() -> Path:
@@ -67,6 +67,8 @@ def _write_entry(bank: Bank, target: Path) -> None:
             if a.members is not None:
                 for f in MEMBER_FIELDS:
                     np.save(tmp / f"{ex}.members_{f}.npy", np.ascontiguousarray(getattr(a.members, f)))
+            if a.calibration is not None:  # fit calibration (issue 28; confidence.py)
+                np.save(tmp / f"{ex}.calibration.npy", np.ascontiguousarray(a.calibration))
         np.save(tmp / "text.npy", np.ascontiguousarray(bank.text))
         meta = {"format": CACHE_FORMAT, "bank_id": bank.bank_id, "version": bank.version, "uri": bank.uri,
                 "names": bank.names, "kinds": bank.kinds, "extractors": index, "manifest": bank.manifest}
@@ -88,7 +90,9 @@ def _map_entry(d: Path) -> Bank:
                              if (d / f"{ex}.source.npy").is_file() else None,
                              members=Members(**{f: np.load(d / f"{ex}.members_{f}.npy", mmap_mode="r")
                                                 for f in MEMBER_FIELDS})
-                             if (d / f"{ex}.members_state.npy").is_file() else None)
+                             if (d / f"{ex}.members_state.npy").is_file() else None,
+                             calibration=np.load(d / f"{ex}.calibration.npy")
+                             if (d / f"{ex}.calibration.npy").is_file() else None)
               for ex in meta["extractors"]}
     m = meta["manifest"]
     return Bank(meta["bank_id"], int(meta["version"]), Bank.recipe_of(m), list(meta["names"]), list(meta["kinds"]),
