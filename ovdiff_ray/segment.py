@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import confidence
+from .confidence import fit_scale as _fit_scale
 from .images import exif_upright, read_image, resize_short, to_rgb_array  # noqa: F401 (re-exported)
 from .matching import Gathered, gather, match, segment_max  # noqa: F401 (segment_max: re-exported)
 from .models.base import Classifier, Extractor
@@ -526,7 +527,7 @@ class Segmenter:
             it.want_confidence, it.kept_feats = c, ({} if k else None)
         self._keep(items, ids, sw, exs)
         self._accumulate(items, sw, exs)
-        scale = confidence.fit_scale(self.bank, exs)  # None for banks built before the record (confidence.py)
+        scale = _fit_scale(self.bank, exs)  # None for banks built before the record (confidence.py)
         for it in items:
             it.fit_scale = scale
         return [self._finish(it, pamr, return_scores, method) for it in items]
