@@ -58,9 +58,16 @@ def main(argv: list[str] | None = None) -> int:
             raise ManifestError(f"{a.uri}: no committed bank here (no manifests/)")
         info = summarize(m)
         if a.verify:
+            from .support import verify_record
+
+            records = 0
             for c in m["classes"]:
                 read_shard_bytes(loc, c)
+                if c.get("support"):  # issue 26: the support record too (sha256, every image and mask decodes)
+                    verify_record(loc, c)
+                    records += 1
             info["verified"] = True
+            info["verified_records"] = records
         if a.report:
             from ..build_report import report
 
@@ -80,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     if info["failed"]:
         print(f"failed classes: {', '.join(f['name'] for f in info['failed'])}")
     if a.verify:
-        print(f"verified: all {info['num_classes']} shards match their sha256")
+        print(f"verified: all {info['num_classes']} shards match their sha256, and {info['verified_records']} "
+              "support records (sha256, images and masks decode)")
     if a.report:
         from ..build_report import format_report
 
