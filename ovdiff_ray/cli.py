@@ -6,7 +6,7 @@ import sys
 
 COMMANDS = {
     "demo": ("ovdiff_ray.demo:main", "run the main job on the embedded default (toy world, local folder, local Ray)"),
-    "bank": ("ovdiff_ray.store.inspect:main", "bank inspect URI [--version N] [--verify] [--json]"),
+    "bank": ("ovdiff_ray.store.inspect:main", "bank inspect | show | audit URI ... (a bank's contents, support sets, suspects)"),
     "preview": ("ovdiff_ray.sample:preview_main", "sample one class and write its support set, masks and shard"),
     "toy-scenes": ("ovdiff_ray.models.toy:scenes_main", "write toy-world scenes with ground truth"),
     "eval": ("ovdiff_ray.evaluate:main", "mIoU on toy | voc21 | context60 | coco_object81"),

@@ -33,9 +33,21 @@ def summarize(m: dict) -> dict:
     }
 
 
+ACTIONS = {"show": "ovdiff_ray.show", "audit": "ovdiff_ray.audit"}  # issue 26: their own modules and options
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="ovdiff bank", description="Inspect a committed prototype bank.")
+    import importlib
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ACTIONS:
+        return int(importlib.import_module(ACTIONS[argv[0]]).main(argv[1:]) or 0)
+    ap = argparse.ArgumentParser(prog="ovdiff bank", description="Inspect, show and audit a committed prototype bank.")
     sub = ap.add_subparsers(dest="action", required=True)
+    sub.add_parser("show", help="a class's support set as a contact sheet: show URI CLASS --out FILE.png "
+                   "[--version N]", add_help=False)
+    sub.add_parser("audit", help="rank classes worst first with reasons: audit URI [--version N] [--json]",
+                   add_help=False)
     ins = sub.add_parser("inspect", help="show a bank's version, classes, extractors and size")
     ins.add_argument("uri", help="bank location: local folder, file:// or s3://bucket/prefix")
     ins.add_argument("--version", type=int, default=None, help="manifest version (default: latest)")
