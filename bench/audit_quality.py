@@ -50,24 +50,36 @@ def draw_vocab(seed: int, n: int, stuff: int) -> tuple[list[tuple[str, str, str]
     return [rows[i] for i in order], a, c
 
 
-def build_pool(pool: str, keys: list[tuple[str, str, str]], recipe_name: str, seed: int) -> None:
-    """Build the classes `keys` [(name, kind, prompt)] not yet in the pool folder (shard + record + entry JSON)."""
+_MODELS: dict = {}
+
+
+def _init(recipe_name: str, seed: int) -> None:
     recipe = load_recipe(recipe_name)
     recipe.seed = seed
+    _MODELS["recipe"] = recipe
+    _MODELS["models"] = SamplingModels.load(recipe, "cpu")
+
+
+def entry_key(name: str, kind: str, prompt: str) -> str:
+    return f"entries/{slug(name)}-{slug(prompt or '-')}-{kind}.json"
+
+
+def build_one(pool: str, key: tuple[str, str, str]) -> float:
+    """Build one class (name, kind, prompt) into the pool folder (shard + record + entry JSON) -> seconds."""
+    name, kind, prompt = key
     loc = Location(pool)
-    models = None
-    for name, kind, prompt in keys:
-        ek = f"entries/{slug(name)}-{slug(prompt or '-')}-{kind}.json"
-        if loc.exists(ek):
-            continue
-        models = models or SamplingModels.load(recipe, "cpu")
-        t0 = time.perf_counter()
-        p = sample_class(name, recipe, models, kind=kind, prompt=prompt)
-        e = {**write_shard(loc, p, 0).to_entry(), "n_images": p.info["kept"], "seconds": time.perf_counter() - t0}
-        if p.support is not None:
-            e["support"] = write_record(loc, p.name, p.kind, p.prompt, p.support).to_entry()
-        loc.write_bytes(ek, json.dumps(e).encode())
-        print(f"built {name!r} (prompt {prompt!r}) in {e['seconds']:.1f}s", file=sys.stderr, flush=True)
+    if loc.exists(entry_key(*key)):
+        return 0.0
+    if not _MODELS:
+        _init("toy", 0)
+    t0 = time.perf_counter()
+    p = sample_class(name, _MODELS["recipe"], _MODELS["models"], kind=kind, prompt=prompt)
+    e = {**write_shard(loc, p, 0).to_entry(), "n_images": p.info["kept"], "seconds": time.perf_counter() - t0}
+    if p.support is not None:
+        e["support"] = write_record(loc, p.name, p.kind, p.prompt, p.support).to_entry()
+    loc.write_bytes(entry_key(*key), json.dumps(e).encode())
+    print(f"built {name!r} (prompt {prompt!r}) in {e['seconds']:.1f}s", file=sys.stderr, flush=True)
+    return e["seconds"]
 
 
 def assemble(pool: str, root: str, rows, seed: int, recipe) -> None:
@@ -75,7 +87,7 @@ def assemble(pool: str, root: str, rows, seed: int, recipe) -> None:
     src, dst = Location(pool), Location(root)
     entries = []
     for cid, (name, kind, prompt) in enumerate(rows):
-        e = json.loads(src.read_bytes(f"entries/{slug(name)}-{slug(prompt or '-')}-{kind}.json"))
+        e = json.loads(src.read_bytes(entry_key(name, kind, prompt)))
         for key in (e["shard"], (e.get("support") or {}).get("key")):
             if key and not dst.exists(key):
                 dst.write_bytes(key, src.read_bytes(key))
@@ -102,21 +114,18 @@ def main() -> int:
     recipe = load_recipe(a.recipe)
     recipe.seed = a.bank_seed
     draws = {seed: draw_vocab(seed, a.classes, a.stuff) for seed in range(a.first_seed, a.first_seed + a.draws)}
-    keys = sorted({r for rows, _, _ in draws.values() for r in rows})
     pool = str(Path(a.pool) if a.pool else out / "pool")
-    t_build = time.perf_counter()
-    if a.jobs > 1:
-        from concurrent.futures import ProcessPoolExecutor
-        import multiprocessing as mp
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(a.jobs, mp_context=mp.get_context("spawn")) as ex:
-            list(ex.map(build_pool, [pool] * a.jobs, [keys[i::a.jobs] for i in range(a.jobs)],
-                        [a.recipe] * a.jobs, [a.bank_seed] * a.jobs))
-    else:
-        build_pool(pool, keys, a.recipe, a.bank_seed)
-    print(f"audit.classes_built: {len(keys)} in {time.perf_counter() - t_build:.0f}s", flush=True)
+    ex = ProcessPoolExecutor(a.jobs, mp_context=mp.get_context("spawn"), initializer=_init,
+                             initargs=(a.recipe, a.bank_seed))
     both = 0
-    for seed, (rows, bad_thing, bad_stuff) in draws.items():
+    for seed, (rows, bad_thing, bad_stuff) in draws.items():  # one draw at a time: its classes, then its audit
+        t_build = time.perf_counter()
+        todo = [r for r in rows if not Location(pool).exists(entry_key(*r))]
+        list(ex.map(build_one, [pool] * len(todo), todo))
+        print(f"draw.{seed}.classes_built: {len(todo)} in {time.perf_counter() - t_build:.0f}s", flush=True)
         root = str(out / f"draw-{seed}")
         assemble(pool, root, rows, seed, recipe)
         t0 = time.perf_counter()
@@ -130,6 +139,7 @@ def main() -> int:
         print(f"draw.{seed}.prompt_stuff: rank {r2} ({bad_stuff!r} built from {prompts[bad_stuff]!r})")
         print(f"draw.{seed}.top3: {', '.join(repr(x.name) + (' [' + x.reasons[0] + ']' if x.reasons else '') for x in audits[:3])}")
         print(f"draw.{seed}.audit_s: {t_audit:.2f}", flush=True)
+    ex.shutdown()
     print(f"audit.both_in_top3: {both}/{a.draws}")
     return 0 if both == a.draws else 1
 
