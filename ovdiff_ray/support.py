@@ -41,8 +41,10 @@ class SupportData:
 
 def agreement_filter(agreement: np.ndarray, candidates: np.ndarray, mads: float, keep_min: float) -> np.ndarray:
     """T2S-style classifier filter: `[N]` bool, the candidates whose agreement with the class text is not an outlier
-    below the others (`< median - mads * 1.4826 * MAD` over the candidates); at least `keep_min` of the candidates
-    stay (the best by agreement). The scale of the classifier's cosines (CLIP ~0.3, the toy world's ~0.8) cancels."""
+    below the others (`< median - mads * spread`, spread = 1.4826 MAD over the candidates, at least a tenth of the
+    median: a class whose images all agree does not lose the few the classifier is less sure of); at least
+    `keep_min` of the candidates stay (the best by agreement). The scale of the classifier's cosines (CLIP ~0.3, the
+    toy world's ~0.9) cancels."""
     keep = candidates.copy()
     idx = np.nonzero(candidates)[0]
     if len(idx) < 3:
@@ -50,7 +52,7 @@ def agreement_filter(agreement: np.ndarray, candidates: np.ndarray, mads: float,
     a = agreement[idx].astype(np.float64)
     med = np.median(a)
     mad = 1.4826 * np.median(np.abs(a - med))
-    low = a < med - mads * max(mad, 1e-6)
+    low = a < med - mads * max(mad, 0.1 * abs(med), 1e-6)
     n_min = int(np.ceil(keep_min * len(idx)))
     if (~low).sum() < n_min:  # never below keep_min: keep the best n_min
         low = np.ones(len(idx), bool)
