@@ -5,7 +5,7 @@
 - `GET /v1/bank/classes?bank=&q=&offset=&limit=&order=id|worst`: one page of classes `{total, offset, limit,
   audit: ready|running|failed|off, classes: [{id, name, kind, prompt, n_images, kept, record, score, suspect,
   reasons, nearest}]}`; `q` filters by substring of the name or prompt (case folded).
-- `GET /v1/bank/classes/{id}/support?bank=`: a class's support images `{id, name, mode, images: [{index, seed,
+- `GET /v1/bank/classes/{id}/support?bank=`: a class's support images `{id, name, mode, images: [{index, seed (a string: 64 bits),
   kept, dropped, signals, url}]}` (404 when the class has no record).
 - `GET /v1/bank/classes/{id}/support/{index}.png?bank=`: one tile: the stored image with its fg (green) and bg
   (red) outlines, dimmed when the prototypes were not made from it.
@@ -189,7 +189,7 @@ def router(backend) -> APIRouter:
         sig = {s: rec.signal(s) for s in SIGNALS}
         dropped = rec.column("dropped")
         q = f"?bank={e.key}"
-        images = [{"index": i, "seed": rec.seeds[i], "kept": bool(rec.kept[i]), "dropped": str(dropped[i]),
+        images = [{"index": i, "seed": str(rec.seeds[i]), "kept": bool(rec.kept[i]), "dropped": str(dropped[i]),
                    "signals": {s: round(float(v[i]), 4) for s, v in sig.items()},
                    "url": f"v1/bank/classes/{class_id}/support/{i}.png{q}"} for i in range(rec.n)]
         return JSONResponse({"id": class_id, "name": c["name"], "prompt": c.get("prompt", ""),
