@@ -94,9 +94,12 @@ class ClassWorker:
                 t_write = time.perf_counter()
                 info = with_retries(lambda: write_shard(self.loc, protos, class_id),
                                     f"{self.loc.uri}: shard of class {name!r}")
+                record = write_support(self.loc, protos)  # issue 26: the support set beside the shard
                 t_end = time.perf_counter()
                 secs = t_end - t0
                 entry = {**info.to_entry(), "id": class_id, "seconds": round(secs, 3), "n_images": protos.info["kept"]}
+                if record is not None:
+                    entry["support"] = record
                 runs = with_retries(lambda: build_report.count_runs(self.loc, name),
                                     f"{self.loc.uri}: run markers of class {name!r}")
                 entry["build"] = class_record(protos.info.get("seconds", {}), t_end - t_write, secs, t_end - t_first,
@@ -134,6 +137,20 @@ class ClassWorker:
             for k, v in r.items():
                 out[k].append(v)
         return out
+
+
+def write_support(loc: Location, protos) -> dict | None:
+    """A class's support record (`store/support.py`) written beside its shard -> its manifest reference
+    `{key, sha256, bytes, mode, rows, seconds}` (seconds: encoding + writing), or None without a record."""
+    from .store.support import write_record
+
+    if protos.support is None:
+        return None
+    t0 = time.perf_counter()
+    info = with_retries(lambda: write_record(loc, protos.name, protos.kind, protos.prompt, protos.support),
+                        f"{loc.uri}: support record of class {protos.name!r}")
+    return {**info.to_entry(), "seconds": round(time.perf_counter() - t0 + protos.info.get("seconds", {}).get(
+        "record", 0.0), 4)}
 
 
 def crf_workers(recipe: Recipe, cpus_per_worker: float) -> int:

@@ -6,7 +6,8 @@ import sys
 
 COMMANDS = {
     "demo": ("ovdiff_ray.demo:main", "run the main job on the embedded default (toy world, local folder, local Ray)"),
-    "bank": ("ovdiff_ray.store.inspect:main", "bank inspect URI [--version N] [--verify] [--json] | remove | rename | alias | diff"),
+    "bank": ("ovdiff_ray.store.inspect:main", "bank inspect | show | audit | remove | rename | alias | diff URI ... "
+             "(a bank's contents, support sets, suspects, fixes)"),
     "preview": ("ovdiff_ray.sample:preview_main", "sample one class and write its support set, masks and shard"),
     "toy-scenes": ("ovdiff_ray.models.toy:scenes_main", "write toy-world scenes with ground truth"),
     "eval": ("ovdiff_ray.evaluate:main", "mIoU on toy | voc21 | context60 | coco_object81"),

@@ -52,6 +52,7 @@ class ClassPrototypes:
     text: np.ndarray  # [E] float32 unit-norm class text embedding (pre-filter)
     info: dict = field(default_factory=dict)  # n_images, skipped, seconds per stage, ...
     prompt: str = ""  # the words used for the class in prompts ("" = the name)
+    support: object | None = None  # support.SupportData: the support set's record (issue 26), None when not kept
 
     @property
     def rows(self) -> int:

@@ -100,6 +100,11 @@ class PrototypesConfig:
     max_pixels: int = 200_000  # pixels sampled per region for k-means; 0 = all (the authors)
     mask_grid: str = "any"  # masks onto the feature grid: any (max pooling) | centre (the authors' bilinear > 0)
     kmeans_tol: float = 0.0  # scikit-learn's tolerance stop (the authors' KMeans: 1e-4); 0 = the fixed point only
+    # issue 26 (off in paper.yaml): drop thing support images whose classifier agreement with the class text is an
+    # outlier below the class's others before prototypes are made (T2S-style CLIP filter; ovdiff_ray/support.py)
+    support_filter: str = "off"  # off | clip
+    support_filter_mads: float = 3.0  # dropped below median - this x 1.4826 MAD of the class's agreements
+    support_filter_keep: float = 0.5  # at least this share of a class's images stays
 
 
 @dataclass
@@ -188,6 +193,14 @@ class SegmentationConfig:
 
 
 @dataclass
+class BankConfig:
+    """What a bank keeps beside the prototypes (issue 26): each class's support-set record (`store/support.py`)."""
+
+    support_record: str = "thumbnails"  # thumbnails | full (images as generated, PNG) | none (no record)
+    thumbnail_size: int = 192  # long side of a thumbnail (128-256 px); images are never upscaled
+
+
+@dataclass
 class Recipe:
     name: str = ""
     seed: int = 0
@@ -198,6 +211,7 @@ class Recipe:
     prototypes: PrototypesConfig = field(default_factory=PrototypesConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -230,6 +244,8 @@ _CHOICES = {
     "extractors.normalise": {"default", "imagenet", "clip"},
     "classifier.type": {"clip", "toy"},
     "prototypes.mask_grid": {"any", "centre"},
+    "prototypes.support_filter": {"off", "clip"},
+    "bank.support_record": {"thumbnails", "full", "none"},
     "segmentation.subset_search": {"exhaustive", "greedy", "beam"},
     "segmentation.stuff_filter_rule": {"fixed", "self"},
     "segmentation.regions": {"none", "superpixels", "sam"},
@@ -310,6 +326,12 @@ def _validate(r: Recipe) -> None:
         raise RecipeError("prototypes.max_pixels: must be >= 0 (0 = all pixels)")
     if not 0.0 <= r.segmentation.min_confidence <= 1.0:
         raise RecipeError(f"segmentation.min_confidence: {r.segmentation.min_confidence} is not in [0, 1] (0 = off)")
+    pf = r.prototypes
+    if pf.support_filter_mads <= 0 or not 0 < pf.support_filter_keep <= 1:
+        raise RecipeError(f"prototypes: support_filter_mads must be > 0 and support_filter_keep in (0, 1] (got "
+                          f"{pf.support_filter_mads}, {pf.support_filter_keep})")
+    if not 32 <= r.bank.thumbnail_size <= 1024:
+        raise RecipeError(f"bank.thumbnail_size: {r.bank.thumbnail_size} is not in 32..1024 (128-256 suggested)")
     sam = r.segmentation.sam
     if r.segmentation.regions == "sam" and not sam.model:
         raise RecipeError("segmentation.sam.model: missing model reference for regions: sam")

@@ -25,6 +25,7 @@ from ..recipe import Recipe
 from .fgbg import FgBg, fg_bg_batch
 from .instances import CrfPool, DeviceMaskCut, HostMasker, InstanceBatch
 from .pooling import ExtractorPool
+from .record import support_signals
 
 
 class EmptySupportError(RuntimeError):
@@ -187,7 +188,11 @@ class ClassPipeline:
         host0 = self.masker.seconds if isinstance(self.masker, HostMasker) else 0.0
         clock = StageClock(self.device)
         sup = self.support(name, words, clock)
-        kept = sup.masks.kept
+        text = self.classifier.encode_text([self.recipe.classifier.text_template.format(name=words)])[0]
+        clock.lap("text")
+        kept, record = support_signals(self.recipe, self.classifier, kind, name, text, sup.images, sup.masks.fg,
+                                       sup.masks.bg, sup.instances, sup.seeds)
+        clock.lap("record")  # issue 26: classifier signals, agreement filter, thumbnails (the store encodes them)
         if artifacts is not None:
             artifacts.append(SampleArtifacts(
                 (sup.images * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy(), sup.attributions.cpu().numpy(),
@@ -201,8 +206,6 @@ class ClassPipeline:
         kept_index = idx.cpu().numpy()  # sources and part members name support images (issue 21: provenance)
         for ps in sets.values():
             to_support_indices(ps, kept_index)
-        text = self.classifier.encode_text([self.recipe.classifier.text_template.format(name=words)])[0]
-        clock.lap("text")
         seconds = dict(clock.seconds)
         split = getattr(self.generator, "timings", None)
         if split and "attribution" in split:
@@ -213,4 +216,4 @@ class ClassPipeline:
         info = {"n_images": len(kept), "kept": n_kept, "seconds": seconds, "total_s": sum(clock.seconds.values()),
                 "host_s": host, "seeds": list(sup.seeds), "kept_mask": kept.cpu().tolist()}
         return ClassPrototypes(name, kind, sets, np.asarray(text, np.float32), info,
-                               prompt=words if words != name else "")
+                               prompt=words if words != name else "", support=record)

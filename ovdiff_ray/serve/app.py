@@ -62,6 +62,7 @@ from .limits import Limits, RequestError
 from .. import logs
 from .middleware import BodyDeadline, BodyLimit, Guard, Metrics
 from .routes import router
+from . import bankview
 from . import live
 from .jobs import JOBS, BankJobsDeployment, BuildSettings
 from .reload import LiveBanks
@@ -90,6 +91,7 @@ def make_app(backend: Backend, extra_routers: tuple[APIRouter, ...] = (), docs: 
                   description="Open-vocabulary segmentation with a prototype bank (see GET / for a try-it page).")
     install_error_handlers(app)
     app.include_router(router(backend, admin_token))
+    app.include_router(bankview.router(backend))  # GET /bank and /v1/bank/classes...: the bank view (issue 26)
     for extra in extra_routers:  # other route modules join here: app.include_router(module.router(backend))
         app.include_router(extra)
     app.add_middleware(BodyDeadline, backend=backend)  # innermost of the three

@@ -35,17 +35,29 @@ def summarize(m: dict) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .edit_cli import ACTIONS
+ACTIONS = {"show": "ovdiff_ray.show", "audit": "ovdiff_ray.audit"}  # issue 26: their own modules and options
 
-    if argv and argv[0] in ACTIONS:  # remove | rename | alias | diff (store/edit_cli.py)
+
+def main(argv: list[str] | None = None) -> int:
+    import importlib
+
+    from .edit_cli import ACTIONS as EDITS
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in EDITS:  # remove | rename | alias | diff (store/edit_cli.py)
         from .edit_cli import main as edit_main
 
         return edit_main(argv)
-    ap = argparse.ArgumentParser(prog="ovdiff bank", description="Inspect a committed prototype bank.",
+    if argv and argv[0] in ACTIONS:
+        return int(importlib.import_module(ACTIONS[argv[0]]).main(argv[1:]) or 0)
+    ap = argparse.ArgumentParser(prog="ovdiff bank", description="Inspect, show and audit a committed prototype bank.",
                                  epilog="Fix one: ovdiff bank remove | rename | alias URI ..., and ovdiff bank diff URI "
                                         "A B (`ovdiff bank remove --help`); rebuild: build_bank --rebuild NAME ...")
     sub = ap.add_subparsers(dest="action", required=True)
+    sub.add_parser("show", help="a class's support set as a contact sheet: show URI CLASS --out FILE.png "
+                   "[--version N]", add_help=False)
+    sub.add_parser("audit", help="rank classes worst first with reasons: audit URI [--version N] [--json]",
+                   add_help=False)
     ins = sub.add_parser("inspect", help="show a bank's version, classes, extractors and size")
     ins.add_argument("uri", help="bank location: local folder, file:// or s3://bucket/prefix")
     ins.add_argument("--version", type=int, default=None, help="manifest version (default: latest)")
@@ -68,10 +80,18 @@ def main(argv: list[str] | None = None) -> int:
             raise ManifestError(f"{a.uri}: no committed bank here (no manifests/)")
         info = summarize(m)
         if a.verify:
+            from .support import verify_record
+
+            records = 0
             for c in m["classes"]:
-                if c.get("removed") is None:  # a tombstone has no shard
-                    read_shard_bytes(loc, c)
+                if c.get("removed") is not None:  # a tombstone has no shard
+                    continue
+                read_shard_bytes(loc, c)
+                if c.get("support"):  # issue 26: the support record too (sha256, every image and mask decodes)
+                    verify_record(loc, c)
+                    records += 1
             info["verified"] = True
+            info["verified_records"] = records
         if a.report:
             from ..build_report import report
 
@@ -91,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     if info["failed"]:
         print(f"failed classes: {', '.join(f['name'] for f in info['failed'])}")
     if a.verify:
-        print(f"verified: all {info['num_classes']} shards match their sha256")
+        print(f"verified: all {info['num_classes']} shards match their sha256, and {info['verified_records']} "
+              "support records (sha256, images and masks decode)")
     if a.report:
         from ..build_report import format_report
 

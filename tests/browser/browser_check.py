@@ -64,3 +64,33 @@ def test_page_examples_picker_hover_and_provenance(served, toy_bank, toy_scenes,
     assert "purple hexagon" in out["picker_error"] and "not a class" in out["picker_error"]
     assert out["page_errors"] == []
     assert shot.stat().st_size > 10_000
+
+
+def test_bank_view_pages_searches_and_loads_thumbnails_lazily(served, toy_bank, tmp_path):
+    """The bank view (issue 26): the try-it page links it; 8 classes a page with audit scores; a row's thumbnails
+    load only when it scrolls into view; next page; search."""
+    from ovdiff_ray.store.fs import Location
+    from ovdiff_ray.store.shards import read_manifest
+
+    assert shutil.which("node") and (HERE / "node_modules" / "playwright-core").is_dir(), "run `make test-browser`"
+    m = read_manifest(Location(toy_bank))
+    names = [c["name"] for c in m["classes"]]
+    shot = Path(os.environ.get("BANK_SHOT", tmp_path / "bank.png"))
+    run = subprocess.run(["node", str(HERE / "bank_check.js"), served, "star", str(shot)], capture_output=True,
+                         text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["link"] == "bank" and m["bank_id"] in out["bank_line"]
+    n = len(names)
+    assert out["page1"] == f"1-8 of {n}" and out["page2"] == f"9-{n} of {n}"
+    assert len(out["rows1"]) == 8 and not set(out["rows1"]) & set(out["rows2"])
+    assert sorted(out["rows1"] + out["rows2"]) == sorted(names)
+    assert all(0 < float(s) <= 1 for s in out["scores"])  # audit scores shown
+    assert out["last_row_imgs_before_scroll"] == 0  # lazily: below the fold, nothing loaded yet
+    n_images = m["recipe"]["generation"]["n_images"]
+    assert out["last_row_imgs_after_scroll"] == n_images and out["tile_size"] == [96, 96]
+    assert "seed" in out["titles"] and "name agreement" in out["titles"]
+    assert sorted(out["search_rows"]) == sorted(x for x in names if "star" in x)
+    assert out["search_page"] == f"1-{len(out['search_rows'])} of {len(out['search_rows'])}"
+    assert out["page_errors"] == []
+    assert shot.stat().st_size > 10_000
