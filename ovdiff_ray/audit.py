@@ -257,7 +257,7 @@ def audit_bank(uri: str, version: int | None = None, threads: int = 8, progress:
     m = read_manifest(loc, version)
     if m is None:
         raise ManifestError(f"{uri}: no committed bank here (no manifests/)")
-    entries = m["classes"]
+    entries = [c for c in m["classes"] if c.get("removed") is None]  # tombstones have no shard (store/edits.py)
     bar = None
     if progress and len(entries) > 50:
         from tqdm import tqdm

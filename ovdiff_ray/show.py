@@ -71,10 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         m = read_manifest(loc, a.version)
         if m is None:
             raise ManifestError(f"{a.uri}: no committed bank here (no manifests/)")
-        by = {fold(c["name"]): c for c in m["classes"]}
+        live = [c for c in m["classes"] if c.get("removed") is None]  # tombstones have no support record
+        by = {fold(n): c for c in live for n in [c["name"], *c.get("aliases", [])]}
         entry = by.get(fold(a.name))
         if entry is None:
-            close = [c["name"] for c in m["classes"] if fold(a.name) in fold(c["name"])][:5]
+            close = [c["name"] for c in live if fold(a.name) in fold(c["name"])][:5]
             hint = f" (did you mean: {', '.join(close)})" if close else ""
             raise KeyError(f"no class {a.name!r} in bank {m['bank_id']} v{m['version']}{hint}")
         rec = read_record(loc, entry)

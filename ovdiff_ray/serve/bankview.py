@@ -110,7 +110,11 @@ def router(backend) -> APIRouter:
         if not 1 <= class_id <= len(m["classes"]):
             raise RequestError(404, f"no class id {class_id} in bank {m['bank_id']} v{m['version']} (ids 1.."
                                     f"{len(m['classes'])})", None, "not_found")
-        return m["classes"][class_id - 1]
+        c = m["classes"][class_id - 1]
+        if c.get("removed") is not None:
+            raise RequestError(404, f"class id {class_id} ({c['name']!r}) was removed from bank {m['bank_id']} in "
+                                    f"v{c['removed']}", None, "not_found")
+        return c
 
     async def _record(uri: str, c: dict):
         from ..store.fs import StoreError
@@ -156,6 +160,8 @@ def router(backend) -> APIRouter:
                 log.warning("bank audit of %s v%s failed: %s", e.uri, e.version, fut.exception())
         rows = []
         for i, c in enumerate(m["classes"], 1):
+            if c.get("removed") is not None:  # a tombstone keeps its position (label value), not its class
+                continue
             sup = c.get("support") or {}
             row = {"id": i, "name": c["name"], "kind": c["kind"], "prompt": c.get("prompt", ""),
                    "n_images": sup.get("rows"), "kept": c.get("n_images"), "record": bool(sup)}
