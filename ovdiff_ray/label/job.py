@@ -50,11 +50,12 @@ from .parquet import write_parquet
 from .parts import compact, new_run_id, part_key, read_parts, write_part
 from .plan import FORMATS, LabelError, Plan, plan
 from .png import write_overlays, write_png
+from ..cli_help import Parser
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="label_dataset", description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="label_dataset", description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--images", required=True, help="folder or s3://bucket/prefix of images (searched recursively)")
     ap.add_argument("--bank", required=True, help="bank URI (folder or s3://bucket/prefix)")
     ap.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
@@ -82,9 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, a running cluster, or local)")
     ap.add_argument("--overlays", type=int, default=0, metavar="N",
                     help="also write overlays/ pictures of the first N images (sorted by path)")
-    ap.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help=f"larger images are errors ({MAX_PIXELS})")
-    ap.add_argument("--max-bytes", type=int, default=MAX_BYTES, help=f"larger files are errors ({MAX_BYTES})")
-    ap.add_argument("--limit", type=int, default=None, help="label at most N pending images this run")
+    ap.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="larger images are errors")
+    ap.add_argument("--max-bytes", type=int, default=MAX_BYTES, help="larger files (bytes) are errors")
+    ap.add_argument("--limit", type=int, default=None, help="label at most N pending images this run (default: all)")
     ap.add_argument("--retry-errors", action="store_true",
                     help="try again images an earlier run found unreadable (default: skipped while unchanged)")
     ap.add_argument("--coco-images", default=None, metavar="FILE",

@@ -37,7 +37,6 @@ up to `OVDIFF_MAX_BANKS_PER_REPLICA` (3) banks, and banks whose recipes name the
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -64,6 +63,7 @@ from .routes import router
 from . import live
 from .jobs import JOBS, BankJobsDeployment, BuildSettings
 from .reload import LiveBanks
+from ..cli_help import Parser
 
 __all__ = ["make_app", "build_app", "main", "LocalBackend", "ServeBackend", "Overloaded", "SegmenterDeployment",
            "IngressDeployment", "AppArgs"]
@@ -365,15 +365,15 @@ def _interrupt(*_):
 
 def main(argv: list[str] | None = None) -> int:
     """`ovdiff serve --bank URI [--port P] [--host H] [--replicas N | --min-replicas A --max-replicas B] ...`."""
-    ap = argparse.ArgumentParser(prog="ovdiff serve", description="Start the segmentation service on a local Ray "
+    ap = Parser(prog="ovdiff serve", description="Start the segmentation service on a local Ray "
                                  "(or --address) with Ray Serve; Ctrl-C stops it.")
     ap.add_argument("--bank", action="append", required=True, metavar="URI",
                     help="bank location (folder or s3://bucket/prefix); repeat to serve several, the first is the "
                          "default; URI@N pins version N")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--host", default="127.0.0.1", help="HTTP address to listen on")
+    ap.add_argument("--port", type=int, default=8000, help="HTTP port")
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--replicas", type=int, default=None, help="fixed number of segmenter replicas")
+    g.add_argument("--replicas", type=int, default=None, help="fixed number of segmenter replicas (default: autoscaling, --min-replicas to --max-replicas)")
     g.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound (default 1)")
     ap.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound (default min)")
     ap.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per segmenter replica")
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="GPUs per segmenter replica (default 0; 1 on a GPU cluster: real models with 0 need --device "
                          "cpu)")
     ap.add_argument("--device", choices=DEVICES, default="auto", help=device_help("replica"))
-    ap.add_argument("--max-batch-size", type=int, default=4)
+    ap.add_argument("--max-batch-size", type=int, default=4, help="images per model call (dynamic batching)")
     ap.add_argument("--max-queued-requests", type=int, default=None,
                     help="segmenter queue (default: sized from --latency-budget)")
     ap.add_argument("--latency-budget", type=float, default=4.0, metavar="S",
@@ -394,12 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--follow", action="store_true",
                     help="follow each bank's latest version (hot reload; banks given without @N) and accept "
                          "POST /v1/classes when an admin token is set (OVDIFF_ADMIN_TOKEN or --admin-token-file)")
-    ap.add_argument("--reload-poll-s", type=float, default=10.0, help="with --follow: seconds between reads of "
+    ap.add_argument("--reload-poll-s", type=float, default=None, help="with --follow: seconds between reads of "
                     "`latest` (default 10; a job of this service is picked up at once)")
-    ap.add_argument("--admin-token-file", default=None, help="file whose first line is the admin token")
-    ap.add_argument("--build-gpus-per-worker", type=float, default=0.0,
-                    help="with --follow: GPUs per class-building worker (0 on CPU machines)")
-    ap.add_argument("--build-workers", type=int, default=1, help="with --follow: class-building workers (default 1)")
+    ap.add_argument("--admin-token-file", default=None, help="file whose first line is the admin token (default: "
+                    "$OVDIFF_ADMIN_TOKEN; neither: the admin routes are off)")
+    ap.add_argument("--build-gpus-per-worker", type=float, default=None,
+                    help="with --follow: GPUs per class-building worker (default 0, as on CPU machines)")
+    ap.add_argument("--build-workers", type=int, default=None, help="with --follow: class-building workers (default 1)")
     ap.add_argument("--log-format", choices=("text", "json"), default="text",
                     help="json: the service's own log lines as JSON objects with request_id, job_id, bank_id and "
                          "bank_version, one access line per answer, and Serve's logs in its JSON encoding")
@@ -415,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--metrics-port {a.metrics_port}: not a TCP port")
     if a.max_replicas is not None and a.replicas is not None:
         ap.error("--max-replicas goes with --min-replicas, not --replicas")
+    for flag in ("reload_poll_s", "build_gpus_per_worker", "build_workers"):
+        if getattr(a, flag) is not None and not a.follow:
+            ap.error(f"--{flag.replace('_', '-')} needs --follow (it sets how followed banks reload and build)")
+    a.reload_poll_s = 10.0 if a.reload_poll_s is None else a.reload_poll_s
+    a.build_gpus_per_worker = 0.0 if a.build_gpus_per_worker is None else a.build_gpus_per_worker
+    a.build_workers = 1 if a.build_workers is None else a.build_workers
     banks = []
     for ref in a.bank:
         uri, _, ver = ref.rpartition("@") if "@" in ref and ref.rsplit("@", 1)[1].isdigit() else (ref, "", "")
