@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import build_report, logs, preflight
+from . import build_report, logs, preflight, terminal
 from .build_report import class_record, worker_device
 from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
 from .store.fs import CommitConflict, Location, StorageConfig, StoreError
@@ -255,6 +255,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--limit", type=int, default=None, help="build at most N pending classes this run (default: all)")
     ap.add_argument("--check", action="store_true",
                     help="run only the preflight and print what the build would do; start and write nothing")
+    ap.add_argument("--verbose", action="store_true",
+                    help="Ray's own lines on the terminal too (its native error lines, Ray Data's notes and issue "
+                         "detector); without it they are only in Ray's log folder")
     return ap.parse_args(argv)
 
 
@@ -399,6 +402,7 @@ def print_check(args: argparse.Namespace, pf: preflight.Preflight, state: BuildS
 
 def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
+    own_terminal = terminal.install(verbose=args.verbose)  # Ray's native lines stay in its log folder
     pf, state, pending, started_ray = run_preflight(args)
     if not pf.ok or args.check:
         if started_ray:
@@ -423,10 +427,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     import ray
 
-    logs.quiet_ray()  # Ray's start-up notes and Ray Data's INFO lines stay in Ray's log folder
+    logs.quiet_ray(args.verbose)  # Ray's start-up notes and Ray Data's INFO lines stay in Ray's log folder
     if not ray.is_initialized():
         ray.init(address=args.address, log_to_driver=True, logging_level="WARNING")
         started_ray = True
+    if own_terminal:
+        terminal.forward_worker_lines(args.verbose)
     interrupted, storage_error = False, None
     try:
         interrupted = execute(args, state, pending)

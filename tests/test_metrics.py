@@ -244,7 +244,8 @@ def test_recording_is_a_no_op_without_ray_or_when_off(monkeypatch):
 
 def test_ovdiff_serve_metrics_port(toy_bank, toy_scenes, tmp_path):
     """`ovdiff serve --metrics-port M` (its own local Ray): Prometheus text at http://127.0.0.1:M/metrics carries
-    the service's series after a request; SIGTERM stops it with its summary line."""
+    the service's series after a request; SIGTERM stops it with its summary line. Its terminal carries our lines:
+    no Serve INFO line (access lines included) without --verbose."""
     import os
     import re
     import signal
@@ -286,3 +287,10 @@ def test_ovdiff_serve_metrics_port(toy_bank, toy_scenes, tmp_path):
             p.wait(30)
         reader.join(10)
     assert p.returncode == 0 and any(x.startswith("summary: served until stopped") for x in lines), lines[-5:]
+    # the terminal at default verbosity: our lines and warnings, no Serve INFO line (the access log among them), no
+    # Ray native line or bracketed Ray timestamp, no token note
+    serve_info = re.compile(r"\bINFO \d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \S+ .*-- ")
+    assert not [x for x in lines if serve_info.search(x)], [x for x in lines if serve_info.search(x)][:5]
+    assert not [x for x in lines if "POST /v1/segment 200" in x or "core_worker" in x or "Token authentication" in x]
+    assert not [x for x in lines if re.match(r"^\s*\[20\d\d-", x)]
+    assert any("loaded bank" in x for x in lines)  # the service's own INFO line

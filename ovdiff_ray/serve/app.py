@@ -402,13 +402,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --follow: GPUs per class-building worker (default 0, as on CPU machines)")
     ap.add_argument("--build-workers", type=int, default=None, help="with --follow: class-building workers (default 1)")
     ap.add_argument("--log-format", choices=("text", "json"), default="text",
-                    help="json: the service's own log lines as JSON objects with request_id, job_id, bank_id and "
-                         "bank_version, one access line per answer, and Serve's logs in its JSON encoding")
+                    help="json: every console line a JSON object: the service's own log lines with request_id, "
+                         "job_id, bank_id and bank_version, one access line per answer, Ray's and Serve's lines "
+                         "converted (Serve's log files in its JSON encoding)")
+    ap.add_argument("--verbose", action="store_true",
+                    help="Serve's INFO lines (controller, proxy, one access line per request) and Ray's native lines "
+                         "on the terminal too; without it they are only in Ray's log folder (session_*/logs/serve/)")
     ap.add_argument("--metrics-port", type=int, default=None, metavar="P",
                     help="the local Ray's metrics export port: Prometheus text at http://127.0.0.1:P/metrics, the "
                          "service's series as ray_ovdiff_* beside Ray's and Serve's (default: a port Ray picks, "
                          "printed at start; on a cluster, each node's `ray start --metrics-export-port`)")
     a = ap.parse_args(argv)
+    js = a.log_format == "json"
+    from .. import terminal
+
+    own_terminal = terminal.install(verbose=a.verbose, json_lines=js)  # Ray's lines off our terminal, or all JSON
     if a.metrics_port is not None and a.address is not None:
         ap.error("--metrics-port sets the port of a local Ray; a cluster's nodes set theirs with "
                  "`ray start --metrics-export-port`")
@@ -453,35 +461,42 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     own_ray = not ray.is_initialized() and a.address is None
+    if own_terminal:
+        terminal.quiet_serve_logger(a.verbose)
+        if not a.verbose:
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if not ray.is_initialized():  # the hook gives Serve's proxy a header read timeout (serve/http_guard.py)
         extra = {"_metrics_export_port": a.metrics_port} if a.metrics_port is not None else {}
         ray.init(address=a.address, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"worker_process_setup_hook": HTTP_GUARD,
                               "env_vars": {"OVDIFF_HEADER_TIMEOUT_S": str(a.header_timeout),
-                                           "OVDIFF_LOG_FORMAT": a.log_format}}, **extra)
+                                           "OVDIFF_LOG_FORMAT": a.log_format,
+                                           "OVDIFF_LOG_TEXT": "1"}}, **extra)
+        if own_terminal:
+            terminal.forward_worker_lines(a.verbose, js)
     from ..metrics import export_port
 
     port = export_port()
     if port:
-        print(f"ovdiff serve: metrics (Prometheus text, series ray_ovdiff_*) at http://127.0.0.1:{port}/metrics",
-              flush=True)
+        terminal.say("ovdiff serve: metrics (Prometheus text, series ray_ovdiff_*) at "
+                     f"http://127.0.0.1:{port}/metrics", js)
     t0 = time.perf_counter()
     try:
         serve.start(http_options={"host": a.host, "port": a.port, "keep_alive_timeout_s": 15})
         serve.run(app, name=APP_NAME, route_prefix="/",
                   logging_config={"encoding": "JSON"} if a.log_format == "json" else None)
         url = f"http://{a.host}:{a.port}/"
-        print(f"ovdiff serve: {len(banks)} bank(s), models on {resolve_device(a.device, a.num_gpus)}, ready in "
-              f"{time.perf_counter() - t0:.1f}s at {url} (try-it page), POST {url}v1/segment; Ctrl-C to stop",
-              flush=True)
+        terminal.say(f"ovdiff serve: {len(banks)} bank(s), models on {resolve_device(a.device, a.num_gpus)}, "
+                     f"ready in {time.perf_counter() - t0:.1f}s at {url} (try-it page), POST {url}v1/segment; "
+                     "Ctrl-C to stop", js)
         signal.signal(signal.SIGTERM, _interrupt)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print(f"ovdiff serve: stopping (in-flight requests get up to {a.shutdown_timeout:g}s)", flush=True)
+        terminal.say(f"ovdiff serve: stopping (in-flight requests get up to {a.shutdown_timeout:g}s)", js)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the stop short
-        print(stop(own_ray, a.shutdown_timeout), flush=True)
+        terminal.say(stop(own_ray, a.shutdown_timeout), js)
     return 0
 
 
