@@ -47,7 +47,7 @@ METRICS: dict[str, Spec] = {s.name: s for s in (
     Spec("ovdiff_requests", "counter", "HTTP requests answered, by route and status code", ("route", "status"), True),
     Spec("ovdiff_request_seconds", "histogram", "HTTP request latency (seconds) by route", ("route",), True),
     Spec("ovdiff_segment_stage_seconds", "histogram", "segment request latency by stage (seconds): validate, "
-         "admission, decode, features, prefilter, matching, regions, pamr, segment (the model call), encode",
+         "admission, decode, features, prefilter, matching, upsample, regions, pamr, segment (the model call), encode",
          ("stage",), True),
     Spec("ovdiff_admission_refusals", "counter", "requests refused for load: reason pixels (the pixel budget) or "
          "queue (the segmenter's queue is full)", ("reason",), True),
@@ -67,7 +67,7 @@ METRICS: dict[str, Spec] = {s.name: s for s in (
     Spec("ovdiff_build_attempts", "counter", "class attempts by build_bank (more than classes when retried)",
          ("bank",)),
     Spec("ovdiff_build_stage_seconds", "counter", "seconds spent per class-pipeline stage (generate, attribution, "
-         "masks, features, prototypes, write, ...)", ("bank", "stage")),
+         "masks, crf_wait, features, prototypes, text, write)", ("bank", "stage")),
     Spec("ovdiff_build_device_seconds", "counter", "worker seconds of built classes by device (cpu, cuda:0, ...)",
          ("bank", "device")),
     Spec("ovdiff_build_worker_restarts", "counter", "class workers whose start failed transiently and were started "
