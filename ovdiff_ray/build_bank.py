@@ -387,7 +387,7 @@ def print_check(args: argparse.Namespace, pf: preflight.Preflight, state: BuildS
     else:
         total = cost.seconds * len(pending)
         cpu = "the models run on the CPU: many times the " if args.worker_device == "cpu" else ""
-        est = (f"{cpu}estimated GPU time {len(pending)} x ~{cost.seconds:.{1 if cost.seconds < 100 else 0}f} s = "
+        est = (f"{cpu}estimated GPU time {len(pending)} x ~{cost.seconds:.3g} s = "
                f"{preflight.human_seconds(total)} ({cost.basis}), about "
                f"{preflight.human_seconds(total / args.workers)} on {args.workers} worker(s)")
     head = "first " if args.limit is not None else ""

@@ -105,7 +105,7 @@ def test_serve_verbose_json_lines(toy_bank, tmp_path):
     reader.start()
     try:
         t0 = time.time()
-        while not any("ready in" in x for x in lines) and time.time() - t0 < 180 and p.poll() is None:
+        while not any("ready in" in x for x in lines) and time.time() - t0 < 300 and p.poll() is None:
             time.sleep(0.5)
         assert any("ready in" in x for x in lines), "".join(lines)[-3000:]
         r = httpx.post(f"http://127.0.0.1:{port}/v1/segment", files={"image": ("s.png", b"nope", "image/png")},
