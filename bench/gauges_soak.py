@@ -61,7 +61,11 @@ def main() -> int:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
             while not stop.is_set():
                 if loading.is_set():
-                    answered.append(c.post("/v1/segment", files={"image": ("s.png", image, "image/png")}).status_code)
+                    try:
+                        answered.append(c.post("/v1/segment",
+                                               files={"image": ("s.png", image, "image/png")}).status_code)
+                    except httpx.HTTPError as e:  # counted, and the load goes on
+                        answered.append(type(e).__name__)
                 else:
                     time.sleep(0.2)
 
@@ -93,6 +97,7 @@ def main() -> int:
                 seen_loaded += bool(re.search(r"^ray_ovdiff_queue_depth\{", text, re.M))
             time.sleep(max(0.0, start + (i + 1) * a.every - time.time()))
     finally:
+        alive = p.poll() is None
         stop.set()
         p.send_signal(signal.SIGTERM)
         try:
@@ -104,8 +109,13 @@ def main() -> int:
     print(f"scrapes: {n} (every {a.every:g} s over {a.minutes:g} min from then)")
     for g in GAUGES:
         print(f"{g.removeprefix('ray_ovdiff_')}_present_pct: {100 * seen[g] / n:.1f}")
+    ok = sum(1 for x in answered if x == 200)
     print(f"queue_depth_present_while_requests_pct: {100 * seen_loaded / max(1, scrapes_loaded):.1f} "
-          f"({scrapes_loaded} scrapes, {len(answered)} requests answered)")
+          f"({scrapes_loaded} scrapes, {ok} of {len(answered)} requests answered 200)")
+    print(f"service_alive_at_end: {str(alive).lower()}")
+    for x in lines:  # the service's own warnings, for a reader of a bad run
+        if "WARNING" in x or "ERROR" in x or "Traceback" in x:
+            print("  serve:", x.rstrip()[:300], file=sys.stderr)
     return 0 if all(v == n for v in seen.values()) else 1
 
 
