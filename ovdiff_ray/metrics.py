@@ -156,10 +156,6 @@ class _Keeper:
                 self._thread = threading.Thread(target=self._run, name="ovdiff-gauges", daemon=True)
                 self._thread.start()
 
-    def forget(self, name: str, tags: dict[str, str] | None) -> None:
-        with self._lock:
-            self.values.pop((name, tuple(sorted((tags or {}).items()))), None)
-
     def refresh(self) -> int:
         """Set every remembered series again; returns how many."""
         with self._lock:
@@ -197,18 +193,13 @@ def inc(name: str, value: float = 1.0, tags: dict | None = None) -> None:
 
 
 def set_gauge(name: str, value: float, tags: dict | None = None) -> None:
-    """Set gauge `name` to `value` for `tags`; the value stays exported (set again every few seconds) until the
-    process ends or `clear_gauge` drops it."""
+    """Set gauge `name` to `value` for `tags`; the value stays exported (set again every few seconds by `_Keeper`)
+    until the process ends or sets another value."""
     m = _REG.get(name)
     if m is not None:
         t = _tags(tags)
         m.set(float(value), tags=t)
         _KEEP.remember(name, float(value), t)
-
-
-def clear_gauge(name: str, tags: dict | None = None) -> None:
-    """Stop exporting gauge series `name` / `tags` (Ray's agent drops it two reporting intervals later)."""
-    _KEEP.forget(name, _tags(tags))
 
 
 def observe(name: str, value: float, tags: dict | None = None) -> None:

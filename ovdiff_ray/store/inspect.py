@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("--report", action="store_true",
                      help="the build report: seconds per stage, slowest classes, attempts, nodes, device-hours")
     ins.add_argument("--price-per-hour", type=float, default=None, metavar="USD",
-                     help="with --report: price of one device-hour (e.g. a GPU instance's), to print the cost (default: no cost)")
+                     help="with --report: price of one device-hour (e.g. a GPU instance's), to print the cost "
+                          "(default: no cost)")
     ins.add_argument("--top", type=int, default=None, help="with --report: how many of the slowest classes (default 10)")
     a = ap.parse_args(argv)
     if a.price_per_hour is not None and (a.price_per_hour < 0 or not a.report):
