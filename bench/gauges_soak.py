@@ -84,14 +84,22 @@ def main() -> int:
         threading.Thread(target=load, daemon=True).start()
         n = int(a.minutes * 60 / a.every)
         seen = {g: 0 for g in GAUGES}
-        seen_loaded, scrapes_loaded = 0, 0
+        seen_loaded, scrapes_loaded, gaps = 0, 0, []
         start = time.time()
         for i in range(n):
             loading.set() if n // 4 <= i < 3 * n // 4 else loading.clear()
             text = httpx.get(f"http://127.0.0.1:{mport}/metrics", timeout=10).text
+            missing = []
             for g in GAUGES:
                 if re.search(rf"^{g}\{{", text, re.M):
                     seen[g] += 1
+                else:
+                    missing.append(g)
+            if missing:  # what else was in that scrape: a gauge gone alone, or the node's whole export short
+                series = len([x for x in text.splitlines() if x.startswith("ray_")])
+                counter = bool(re.search(r"^ray_ovdiff_requests_total\{", text, re.M))
+                gaps.append(f"t={time.time() - start:.0f}s missing {','.join(m.removeprefix('ray_ovdiff_') for m in missing)}"
+                            f" (ray_ series in the scrape: {series}, requests counter there: {counter})")
             if loading.is_set():
                 scrapes_loaded += 1
                 seen_loaded += bool(re.search(r"^ray_ovdiff_queue_depth\{", text, re.M))
@@ -113,6 +121,8 @@ def main() -> int:
     print(f"queue_depth_present_while_requests_pct: {100 * seen_loaded / max(1, scrapes_loaded):.1f} "
           f"({scrapes_loaded} scrapes, {ok} of {len(answered)} requests answered 200)")
     print(f"service_alive_at_end: {str(alive).lower()}")
+    for g in gaps:
+        print("  gap:", g)
     for x in lines:  # the service's own warnings, for a reader of a bad run
         if "WARNING" in x or "ERROR" in x or "Traceback" in x:
             print("  serve:", x.rstrip()[:300], file=sys.stderr)
