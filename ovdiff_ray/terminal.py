@@ -39,6 +39,7 @@ SERVE_TEXT = re.compile(r"^(?P<lvl>DEBUG|INFO|WARNING|ERROR|CRITICAL) (?P<ts>\d{
 # Ray's Python loggers: 2026-12-06 17:42:54,869\tWARNING authentication_token_setup.py:85 -- message
 RAY_PY = re.compile(r"^(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\s+(?P<lvl>DEBUG|INFO|WARNING|ERROR|CRITICAL) "
                     r"(?P<where>\S+) -- (?P<msg>.*)$")
+NATIVE_START = re.compile(rb"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [DIWEF] \d+ \d+\] ")
 NATIVE_LEVELS = {"D": "DEBUG", "I": "INFO", "W": "WARNING", "E": "ERROR", "F": "CRITICAL"}
 QUIET_LEVELS = ("DEBUG", "INFO")
 
@@ -89,21 +90,21 @@ def as_json(line: str, default_level: str = "INFO", **fields) -> str:
     return json.dumps(out, default=str)
 
 
-class _Stderr:
-    """fd 2 through a pipe: a reader thread filters (and, in JSON mode, converts) each line on its way to the real
-    stderr."""
+class LineFilter:
+    """The rule of the terminal, byte chunks in, `write(bytes)` out: Ray's noise dropped unless `verbose`, every line
+    a JSON object when `json_lines`; a progress bar's partial line through at once."""
 
-    def __init__(self, verbose: bool, json_lines: bool):
-        self.verbose, self.json_lines = verbose, json_lines
-        self.real = os.dup(2)
-        r, self.w = os.pipe()
-        self.r = os.fdopen(r, "rb", buffering=0)
-        sys.stderr.flush()
-        os.dup2(self.w, 2)
-        self.marker = b"\x00ovdiff-terminal-end\x00\n"
-        self.thread = threading.Thread(target=self._run, name="ovdiff-stderr", daemon=True)
-        self.thread.start()
-        atexit.register(self.close)
+    def __init__(self, verbose: bool, json_lines: bool, write):
+        self.verbose, self.json_lines, self.write = verbose, json_lines, write
+        self.buf = b""
+
+    def feed(self, chunk: bytes) -> None:
+        self.buf = self._feed(self.buf + chunk)
+
+    def flush(self) -> None:
+        buf, self.buf = self._feed(self.buf), b""
+        if buf:
+            self._emit(buf if buf.endswith(b"\n") else buf + b"\n")
 
     def _emit(self, raw: bytes) -> None:
         text = raw.decode("utf-8", "replace")
@@ -113,13 +114,56 @@ class _Stderr:
             raw = (as_json(text, "WARNING") + "\n").encode()
         elif self.json_lines:
             return  # a blank line is not a JSON object
+        self.write(raw)
+
+    def _feed(self, buf: bytes) -> bytes:
+        """Emit what `buf` holds that is complete; returns the rest. A native line can follow a progress bar's
+        partial line in one write (`...?class/s][2026-12-06 ...] core_worker.cc ...`): it is cut off and judged as
+        its own line."""
+        while (nl := buf.find(b"\n")) >= 0:
+            line, buf = buf[:nl + 1], buf[nl + 1:]
+            m = NATIVE_START.search(line)
+            if m and m.start() > 0:
+                self._emit(line[:m.start()])
+                line = line[m.start():]
+            self._emit(line)
+        if buf and not self.json_lines:
+            # a partial line (a progress bar's "\r..."): through at once, up to where a native line may begin
+            m = NATIVE_START.search(buf)
+            if m:
+                cut = m.start()
+            else:
+                i = buf.rfind(b"[")
+                cut = i if i >= 0 and b"]" not in buf[i:] and b"\r" not in buf[i:] else len(buf)
+            if cut:
+                self._emit(buf[:cut])
+                buf = buf[cut:]
+        return buf
+
+
+class _Stderr:
+    """fd 2 through a pipe: a reader thread passes each chunk through a `LineFilter` on its way to the real
+    stderr."""
+
+    def __init__(self, verbose: bool, json_lines: bool):
+        self.real = os.dup(2)
+        self.filter = LineFilter(verbose, json_lines, self._write)
+        r, self.w = os.pipe()
+        self.r = os.fdopen(r, "rb", buffering=0)
+        sys.stderr.flush()
+        os.dup2(self.w, 2)
+        self.marker = b"\x00ovdiff-terminal-end\x00\n"
+        self.thread = threading.Thread(target=self._run, name="ovdiff-stderr", daemon=True)
+        self.thread.start()
+        atexit.register(self.close)
+
+    def _write(self, raw: bytes) -> None:
         try:
             os.write(self.real, raw)
         except OSError:
             pass
 
     def _run(self) -> None:
-        buf = b""
         while True:
             try:
                 chunk = self.r.read(65536)
@@ -127,19 +171,11 @@ class _Stderr:
                 return
             if not chunk:
                 break
-            buf += chunk
-            if self.marker in buf:
-                buf = buf.replace(self.marker, b"")
-                if buf:
-                    self._emit(buf if buf.endswith(b"\n") else buf + b"\n")
+            if self.marker in chunk:
+                self.filter.feed(chunk.replace(self.marker, b""))
+                self.filter.flush()
                 return
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                self._emit(line + b"\n")
-            # a partial line that cannot be one of Ray's (a progress bar's "\r..."): through at once
-            if buf and not self.json_lines and not buf.lstrip(b"\r").startswith(b"["):
-                self._emit(buf)
-                buf = b""
+            self.filter.feed(chunk)
 
     def close(self) -> None:
         try:

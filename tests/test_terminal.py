@@ -49,6 +49,35 @@ def test_line_rules():
     assert j["level"] == "WARNING" and j["msg"] == "Traceback (most recent call last):"
 
 
+def test_line_filter_cuts_native_lines_out_of_a_progress_bar():
+    """The byte stream of fd 2, chunk by chunk: a progress bar's partial line passes at once; a native line written
+    right after it (same line, as in build_bank's output before) is cut off and dropped, even split across reads;
+    with verbose it passes; in JSON mode every emitted line parses."""
+    out: list[bytes] = []
+    f = terminal.LineFilter(False, False, out.append)
+    f.feed(b"build_bank:   0%|          | 0/10 [00:00<?, ?class/s]")
+    assert b"".join(out) == b"build_bank:   0%|          | 0/10 [00:00<?, ?class/s]"  # at once, no newline
+    f.feed(NATIVE.encode()[:20])  # "[2026-12-06 17:41:47" arrives first
+    f.feed(NATIVE.encode()[20:] + b"\n\rbuild_bank:  10%|# | 1/10 [00:04<00:43,  4.85s/class]")
+    f.feed(b"\nsummary: built 10\n")
+    f.flush()
+    text = b"".join(out).decode()
+    assert "core_worker" not in text and "[2026-12-06" not in text
+    assert text.endswith("\rbuild_bank:  10%|# | 1/10 [00:04<00:43,  4.85s/class]\nsummary: built 10\n")
+    out.clear()
+    f = terminal.LineFilter(True, False, out.append)
+    f.feed(b"bar 0%" + NATIVE.encode() + b"\n")
+    f.flush()
+    assert b"".join(out) == b"bar 0%" + NATIVE.encode() + b"\n"  # verbose: all of it, in order
+    out.clear()
+    f = terminal.LineFilter(True, True, out.append)
+    f.feed(b"plain text\n" + NATIVE.encode() + b"\n\n" + b'{"level": "INFO", "msg": "ours"}\n' + b"tail")
+    f.flush()
+    objs = [json.loads(x) for x in b"".join(out).decode().splitlines()]
+    assert [o["msg"] for o in objs][:1] == ["plain text"] and objs[1]["logger"] == "ray.native"
+    assert objs[2] == {"level": "INFO", "msg": "ours"} and objs[3]["msg"] == "tail" and len(objs) == 4
+
+
 def test_issue_detector_reports_stay_off_the_console():
     """After quiet_ray, Ray Data's console handler refuses the issue detector's records (its file handler keeps
     them) and still passes other warnings; verbose lets them through."""
