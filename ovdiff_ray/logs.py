@@ -126,8 +126,8 @@ def quiet_ray(verbose: bool = False) -> None:
     import ray.data  # noqa: F401 - configures the `ray.data` loggers, whose console handler is lowered here
     from ray.util.debug import log_once
 
-    for h in logging.getLogger("ray.data").handlers:
-        if getattr(h, "stream", None) in (sys.stderr, sys.stdout) and not isinstance(h, logging.FileHandler):
+    for h in logging.getLogger("ray.data").handlers:  # the console one (Ray's PlainRayHandler), not the files
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
             if h.filters.count(_not_issue_detector):
                 h.removeFilter(_not_issue_detector)
             if not verbose:
