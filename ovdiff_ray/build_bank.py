@@ -14,6 +14,7 @@ classes + new ones, every `--commit-every` classes and at the end.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -21,12 +22,11 @@ import socket
 import sys
 import time
 import traceback
-import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import build_report, logs, preflight
+from . import build_report, logs, preflight, terminal
 from .build_report import class_record, worker_device
 from .recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
 from .store.fs import CommitConflict, Location, StorageConfig, StoreError
@@ -37,6 +37,7 @@ from .store.shards import commit_manifest, new_manifest, read_manifest, write_sh
 from .vocab import VocabError, Vocabulary, fold
 from .vocab_import import read_vocabulary
 from .worker_start import start_with_retries
+from .cli_help import Parser
 
 COMMIT_SECONDS = 300.0  # also commit when this long has passed since the last commit
 
@@ -266,8 +267,8 @@ def model_hashes(recipe: Recipe) -> dict[str, str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="build_bank", description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="build_bank", description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 2)[2])
     ap.add_argument("--vocab", required=True,
                     help="vocabulary: .tsv (name, kind[, prompt]), .txt (one name a line) or COCO/LVIS .json")
     ap.add_argument("--recipe", required=True, help="recipe name in bank/recipes (paper, paper-plus, tiny, toy) or a YAML file")
@@ -278,19 +279,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per actor (default 1)")
     ap.add_argument("--device", choices=preflight.DEVICES, default="auto", help=preflight.device_help())
     ap.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, a running cluster, or local)")
-    ap.add_argument("--bank-id", default=None, help="id of a new bank (default: derived from the vocab and recipe)")
+    ap.add_argument("--bank-id", default=None,
+                    help="id of a new bank (default: RECIPE-VOCAB8-HASH6: the recipe's name, the vocabulary's sha256 "
+                         "(8 hex), and 6 hex of a hash of the recipe, --out and the version the bank starts after; "
+                         "the same inputs give the same id, and --check prints it)")
     ap.add_argument("--max-failures", type=int, default=None,
                     help="stop scheduling after this many failed classes (default: no limit)")
     ap.add_argument("--retries", type=int, default=2, help="retries of a class that raises (default 2)")
     ap.add_argument("--commit-every", type=int, default=16, help="commit a version every N built classes (default 16)")
     ap.add_argument("--new-bank", action="store_true", help="start a new bank at --out even if its recipe differs")
-    ap.add_argument("--limit", type=int, default=None, help="build at most N pending classes this run")
+    ap.add_argument("--limit", type=int, default=None, help="build at most N pending classes this run (default: all)")
     ap.add_argument("--rebuild", nargs="+", default=None, metavar="NAME",
                     help="rebuild these classes of the bank (or bring back removed ones) from the vocabulary's kind "
                          "and prompt, in place: same label values, every other class's shard unchanged, one new "
                          "version. Without it, classes whose prompt or kind changed are named, not rebuilt")
     ap.add_argument("--check", action="store_true",
                     help="run only the preflight and print what the build would do; start and write nothing")
+    ap.add_argument("--verbose", action="store_true",
+                    help="Ray's own lines on the terminal too (its native error lines, Ray Data's notes and issue "
+                         "detector); without it they are only in Ray's log folder")
     return ap.parse_args(argv)
 
 
@@ -397,6 +404,16 @@ def same_recipe(stored: dict, recipe) -> bool:
     except RecipeError:
         return False
 
+def default_bank_id(recipe, vocab_sha256: str, loc: Location, latest: dict | None) -> str:
+    """`<recipe name>-<vocab sha256, 8 hex>-<6 hex>`, the last part a hash of the recipe, the bank location and the
+    version the new bank starts after (0 at a new location; the current version with `--new-bank`): the same
+    inputs give the same id, so `--check` names the id the build will write."""
+    out = loc.uri if "://" in loc.uri else os.path.abspath(loc.uri)
+    where = json.dumps({"recipe": recipe.sha256(), "out": out, "after": latest["version"] if latest else 0},
+                       sort_keys=True)
+    return f"{recipe.name}-{vocab_sha256[:8]}-{hashlib.sha256(where.encode()).hexdigest()[:6]}"
+
+
 def plan(args: argparse.Namespace) -> tuple[BuildState, list[dict]]:
     """Validate inputs and diff the vocabulary against the committed manifest. Nothing starts before this passes."""
     vocab = read_vocabulary(args.vocab)
@@ -404,7 +421,7 @@ def plan(args: argparse.Namespace) -> tuple[BuildState, list[dict]]:
     loc = Location(args.out)
     latest = read_manifest(loc)
     committed, version = [], 0
-    bank_id = args.bank_id or f"{recipe.name}-{vocab.sha256[:8]}-{uuid.uuid4().hex[:6]}"
+    bank_id = args.bank_id or default_bank_id(recipe, vocab.sha256, loc, latest)
     if latest is not None:
         version = latest["version"]
         if not same_recipe(latest["recipe"], recipe) and not args.new_bank:
@@ -492,15 +509,14 @@ def print_check(args: argparse.Namespace, pf: preflight.Preflight, state: BuildS
               f"v{state.version} at {args.out}")
         return
     g = state.recipe.generation
-    per = preflight.gpu_seconds_per_class(state.recipe)
-    if per is None:
+    cost = preflight.class_cost(state.recipe)
+    if cost is None:
         est = f"generator {g.generator!r}: no GPU time to estimate"
     else:
-        total = per * len(pending)
+        total = cost.seconds * len(pending)
         cpu = "the models run on the CPU: many times the " if args.worker_device == "cpu" else ""
-        est = (f"{cpu}estimated GPU time {len(pending)} x ~{per:.0f} s = {preflight.human_seconds(total)} "
-               f"(the paper's {preflight.PAPER_CLASS_SECONDS:.0f} s per class on one GPU at N=64, 30 steps, 512 px, "
-               f"scaled to N={g.n_images}, {g.steps} steps, {g.resolution} px), about "
+        est = (f"{cpu}estimated GPU time {len(pending)} x ~{cost.seconds:.3g} s = "
+               f"{preflight.human_seconds(total)} ({cost.basis}), about "
                f"{preflight.human_seconds(total / args.workers)} on {args.workers} worker(s)")
     head = "first " if args.limit is not None else ""
     names = ", ".join(p["name"] for p in pending[:5]) + (", ..." if len(pending) > 5 else "")
@@ -516,6 +532,7 @@ def print_check(args: argparse.Namespace, pf: preflight.Preflight, state: BuildS
 
 def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
+    own_terminal = terminal.install(verbose=args.verbose)  # Ray's native lines stay in its log folder
     pf, state, pending, started_ray = run_preflight(args)
     if not pf.ok or args.check:
         if started_ray:
@@ -545,10 +562,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     import ray
 
-    logs.quiet_ray()  # Ray's start-up notes and Ray Data's INFO lines stay in Ray's log folder
+    logs.quiet_ray(args.verbose)  # Ray's start-up notes and Ray Data's INFO lines stay in Ray's log folder
     if not ray.is_initialized():
         ray.init(address=args.address, log_to_driver=True, logging_level="WARNING")
         started_ray = True
+    if own_terminal:
+        terminal.forward_worker_lines(args.verbose)
     interrupted, storage_error = False, None
     try:
         interrupted = execute(args, state, pending)

@@ -5,20 +5,25 @@ import importlib
 import sys
 
 COMMANDS = {
-    "demo": ("ovdiff_ray.demo:main", "run the main job on the embedded default (toy world, local folder, local Ray)"),
-    "bank": ("ovdiff_ray.store.inspect:main", "bank inspect | show | audit | remove | rename | alias | diff URI ... "
-             "(a bank's contents, support sets, suspects, fixes)"),
-    "preview": ("ovdiff_ray.sample:preview_main", "sample one class and write its support set, masks and shard"),
-    "toy-scenes": ("ovdiff_ray.models.toy:scenes_main", "write toy-world scenes with ground truth"),
-    "eval": ("ovdiff_ray.evaluate:main", "mIoU on toy | voc21 | context60 | coco_object81"),
-    "segment": ("ovdiff_ray.segment:main", "segment one image and write an overlay PNG"),
-    "serve": ("ovdiff_ray.serve.app:main", "start the Serve HTTP endpoint locally"),
-    "vocab": ("ovdiff_ray.vocab_import:import_main", "vocab import FILE --out FILE.tsv (COCO/LVIS JSON or .txt)"),
-    "weights": ("ovdiff_ray.mirror:main", "weights mirror --recipe R --to DIR|s3://... (for clusters without hub)"),
+    "demo": ("ovdiff_ray.demo:main", "[--out DIR]: the main job on the embedded default (toy world, local folder, "
+                                     "local Ray)"),
+    "bank": ("ovdiff_ray.store.inspect:main", "inspect URI [--version N] [--verify] [--json] "
+                                              "[--report [--price-per-hour USD] [--top N]] | show URI CLASS --out "
+                                              "FILE.png | audit URI [--json] | remove | rename | alias | diff URI A B"),
+    "preview": ("ovdiff_ray.sample:preview_main", "NAME --out DIR [--recipe R] [--n N]: one class's support set, "
+                                                  "masks and shard"),
+    "toy-scenes": ("ovdiff_ray.models.toy:scenes_main", "[--vocab F] [--n N] [--out DIR]: toy-world scenes with "
+                                                        "ground truth"),
+    "eval": ("ovdiff_ray.evaluate:main", "--dataset toy|voc21|context60|coco_object81 --bank URI [--root DIR]: mIoU"),
+    "segment": ("ovdiff_ray.segment:main", "IMAGE --bank URI --out FILE.png [--classes A,B]: one image, an overlay"),
+    "serve": ("ovdiff_ray.serve.app:main", "--bank URI [--port P] [--follow] [--metrics-port P] [--log-format json] "
+                                           "[--verbose]: the HTTP service"),
+    "vocab": ("ovdiff_ray.vocab_import:import_main", "import FILE --out FILE.tsv (COCO/LVIS JSON or .txt)"),
+    "weights": ("ovdiff_ray.mirror:main", "mirror --recipe R --to DIR|s3://... (for clusters without hub)"),
 }
 
 USAGE = "usage: ovdiff COMMAND [ARGS...]\n\ncommands:\n" + "\n".join(
-    f"  {name:<11} {doc}" for name, (_, doc) in COMMANDS.items()) + "\n\nRun `ovdiff COMMAND --help` for a command's options."
+    f"  ovdiff {name} {doc}" for name, (_, doc) in COMMANDS.items()) + "\n\nRun `ovdiff COMMAND --help` for a command's options."
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .recipe import REPO_ROOT
+from .cli_help import Parser
 
 T0 = time.perf_counter()
 
@@ -230,7 +231,7 @@ def run(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="ovdiff demo", description=__doc__.split("\n\n")[0])
+    ap = Parser(prog="ovdiff demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     ap.add_argument("--scenes", type=int, default=12, help="toy scenes to segment (default 12)")
     ap.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")

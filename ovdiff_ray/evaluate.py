@@ -21,7 +21,6 @@ each other class); the printed table ends with the top confusions.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -33,6 +32,7 @@ import numpy as np
 
 from .recipe import REPO_ROOT
 from .riskcoverage import RiskReport
+from .cli_help import Parser
 
 DATASETS = ("toy", "voc21", "context60", "coco_object81")
 IGNORE = 255
@@ -317,17 +317,17 @@ def format_table(rows: list[Scores], ds: Dataset) -> str:
 def main(argv: list[str] | None = None) -> int:
     """`ovdiff eval --dataset toy|voc21|context60|coco_object81 --bank URI [--root DIR] [--limit N] [--ablate NAME ...]
     [--pamr] [--regions none|superpixels|sam] [--json] [--overlays N --out DIR]`."""
-    ap = argparse.ArgumentParser(prog="ovdiff eval", description="mIoU of a bank on a benchmark or the toy world.")
-    ap.add_argument("--dataset", required=True, choices=DATASETS)
+    ap = Parser(prog="ovdiff eval", description="mIoU of a bank on a benchmark or the toy world.")
+    ap.add_argument("--dataset", required=True, choices=DATASETS, help="benchmark, or toy: the toy world's scenes")
     ap.add_argument("--bank", required=True, help="bank URI (folder or s3://bucket/prefix)")
     ap.add_argument("--root", default=None, help="dataset folder (default: data/<dataset>)")
-    ap.add_argument("--limit", type=int, default=None, help="first N images only")
+    ap.add_argument("--limit", type=int, default=None, help="first N images only (default: all)")
     ap.add_argument("--ablate", nargs="+", default=[], metavar="NAME",
                     help="also run each ablation: no_background no_prefilter no_stuff_filter class_mean_only "
                          "no_regions only:<extractor>, the issue-10 switches: no_stuff_filter_self "
                          "no_stuff_presence no_bounded_search, issue 23's: no_stuff_opening "
-                         "no_background_presence, and issue 27's: no_thing_proposals")
-    ap.add_argument("--pamr", action="store_true")
+                         "no_background_presence, and issue 27's: no_thing_proposals (default: none)")
+    ap.add_argument("--pamr", action="store_true", help="refine the label maps with PAMR")
     ap.add_argument("--regions", choices=("none", "superpixels", "sam"), default=None,
                     help="snap labels to class-agnostic regions (default: the bank recipe's segmentation.regions)")
     ap.add_argument("--min-confidence", type=float, default=None, metavar="C",
@@ -335,10 +335,10 @@ def main(argv: list[str] | None = None) -> int:
                          "the coverage printed beside it (default: the recipe's segmentation.min_confidence)")
     ap.add_argument("--json", action="store_true", help="print one JSON object (risk_coverage, aurc, aurc_random, "
                                                          "aurc_top_score, coverage included)")
-    ap.add_argument("--overlays", type=int, default=0, help="save overlays of the first N images to --out")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--overlays", type=int, default=0, help="save overlays of the first N images to --out (needs --out)")
+    ap.add_argument("--out", default=None, metavar="DIR", help="folder for --overlays (default: none)")
+    ap.add_argument("--device", default=None, help="torch device for the models, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
     if a.overlays and not a.out:
         ap.error("--overlays needs --out DIR")

@@ -21,6 +21,7 @@ import sys
 from contextlib import contextmanager
 
 ENV = "OVDIFF_LOG_FORMAT"
+TEXT_ENV = "OVDIFF_LOG_TEXT"  # "1": plain-text lines of the `ovdiff` loggers at INFO on stderr (Serve replicas)
 FIELDS = ("request_id", "job_id", "bank_id", "bank_version", "route")
 _ctx: dict[str, contextvars.ContextVar] = {k: contextvars.ContextVar(f"ovdiff_{k}", default=None) for k in FIELDS}
 _installed: dict[str, logging.Handler] = {}
@@ -71,9 +72,18 @@ class JsonFormatter(logging.Formatter):
 
 def configure(fmt: str | None = None, stream=None, level: int = logging.INFO) -> bool:
     """Install the JSON handler on the `ovdiff` logger when `fmt` (default: `$OVDIFF_LOG_FORMAT`) is `json`;
-    returns whether JSON is on. Idempotent per process."""
+    returns whether JSON is on. Idempotent per process. With text and `$OVDIFF_LOG_TEXT=1` (`ovdiff serve` sets it
+    for its replicas), a plain `LEVEL logger: message` handler instead, so the service's own INFO lines show."""
     fmt = (fmt or os.environ.get(ENV, "")).strip().lower()
     if fmt != "json":
+        if os.environ.get(TEXT_ENV) == "1" and "ovdiff" not in _installed:  # `ovdiff serve`'s replicas: our lines
+            h = logging.StreamHandler(stream or sys.stderr)
+            h.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            root = logging.getLogger("ovdiff")
+            root.addHandler(h)
+            root.setLevel(level)
+            root.propagate = False
+            _installed["ovdiff"] = h
         return False
     os.environ[ENV] = "json"  # processes this one starts (a local Ray's workers) inherit it
     root = logging.getLogger("ovdiff")
@@ -99,16 +109,31 @@ def reset() -> None:
     os.environ.pop(ENV, None)
 
 
-def quiet_ray() -> None:
-    """Our commands' terminal carries their own lines: Ray Data's INFO execution lines go only to Ray's log folder
+def _not_issue_detector(record: logging.LogRecord) -> bool:
+    return not record.name.startswith(ISSUE_DETECTION)
+
+
+ISSUE_DETECTION = "ray.data._internal.issue_detection"  # Ray Data's issue detector (memory, hanging, shuffle)
+
+
+def quiet_ray(verbose: bool = False) -> None:
+    """Our commands' terminal carries their own lines: Ray Data's INFO execution lines and its issue detector's
+    reports (the "uses 7.2GiB of memory per worker ... requests 0.0B" block every 30 s) go only to Ray's log folder
     (its session's `logs/ray-data/`, where Ray Data's file handler keeps them), and two one-off notes are dropped:
     token authentication on by default (a local Ray's start-up) and "progress bars disabled" (we draw our own).
-    Warnings and errors still reach the terminal. Call before `ray.init`."""
+    Other warnings and errors still reach the terminal. `verbose`: all of it on the terminal. Call before
+    `ray.init`. (Ray's native lines: `terminal.install`.)"""
     import ray.data  # noqa: F401 - configures the `ray.data` loggers, whose console handler is lowered here
     from ray.util.debug import log_once
 
-    for h in logging.getLogger("ray.data").handlers:
-        if getattr(h, "stream", None) in (sys.stderr, sys.stdout) and not isinstance(h, logging.FileHandler):
-            h.setLevel(max(h.level, logging.WARNING))
+    for h in logging.getLogger("ray.data").handlers:  # the console one (Ray's PlainRayHandler), not the files
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            if h.filters.count(_not_issue_detector):
+                h.removeFilter(_not_issue_detector)
+            if not verbose:
+                h.setLevel(max(h.level, logging.WARNING))
+                h.addFilter(_not_issue_detector)
+    if verbose:
+        return
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     log_once("ray_data_progress_manager_disabled")  # marks the note as already shown

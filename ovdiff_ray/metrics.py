@@ -9,6 +9,13 @@ beside Ray's own series, and Ray prefixes every name with `ray_`: `ovdiff_reques
 Recording is a no-op in a process without Ray (the FastAPI app under TestClient, a plain script) and when
 `OVDIFF_METRICS=0` (the metrics-off side of `bench/serve_bench.py`). `METRICS` is the one list of names, kinds,
 descriptions and tag keys: the README's table and `deploy/grafana-dashboard.json` are checked against it.
+
+Gauges stay on `/metrics` for as long as the process that set them lives. Ray's metrics agent keeps a gauge's
+value only for two reporting intervals (`metrics_report_interval_ms`, 10 s by default) after the process last set
+it, and a process exports only what it set in the interval: a value set once (the bank a replica loaded) was gone
+from the scrape about 20-30 s later. So this module remembers the last value of every gauge series it set and a
+daemon thread of the process (`_Keeper`) sets them all again every `refresh_seconds()` (half the reporting interval,
+at most 5 s). A series whose process ends (a replaced replica) ages out as before.
 """
 from __future__ import annotations
 
@@ -40,7 +47,7 @@ METRICS: dict[str, Spec] = {s.name: s for s in (
     Spec("ovdiff_requests", "counter", "HTTP requests answered, by route and status code", ("route", "status"), True),
     Spec("ovdiff_request_seconds", "histogram", "HTTP request latency (seconds) by route", ("route",), True),
     Spec("ovdiff_segment_stage_seconds", "histogram", "segment request latency by stage (seconds): validate, "
-         "admission, decode, features, prefilter, matching, regions, pamr, segment (the model call), encode",
+         "admission, decode, features, prefilter, matching, upsample, regions, pamr, segment (the model call), encode",
          ("stage",), True),
     Spec("ovdiff_admission_refusals", "counter", "requests refused for load: reason pixels (the pixel budget) or "
          "queue (the segmenter's queue is full)", ("reason",), True),
@@ -60,7 +67,7 @@ METRICS: dict[str, Spec] = {s.name: s for s in (
     Spec("ovdiff_build_attempts", "counter", "class attempts by build_bank (more than classes when retried)",
          ("bank",)),
     Spec("ovdiff_build_stage_seconds", "counter", "seconds spent per class-pipeline stage (generate, attribution, "
-         "masks, features, prototypes, write, ...)", ("bank", "stage")),
+         "masks, crf_wait, features, prototypes, text, write)", ("bank", "stage")),
     Spec("ovdiff_build_device_seconds", "counter", "worker seconds of built classes by device (cpu, cuda:0, ...)",
          ("bank", "device")),
     Spec("ovdiff_build_worker_restarts", "counter", "class workers whose start failed transiently and were started "
@@ -121,6 +128,59 @@ class _Registry:
 _REG = _Registry()
 
 
+def refresh_seconds() -> float:
+    """How often the keeper sets the gauges again: half of Ray's reporting interval, at most 5 s."""
+    try:
+        import ray
+
+        ms = float(ray._config.metrics_report_interval_ms())  # noqa: SLF001 - the interval Ray exports at
+    except Exception:  # noqa: BLE001 - an older Ray without the accessor
+        ms = 10_000.0
+    return max(0.5, min(5.0, ms / 2000.0))
+
+
+class _Keeper:
+    """The last value of each gauge series this process set, set again every `refresh_seconds()` by one daemon
+    thread (started with the first gauge) for the life of the process."""
+
+    def __init__(self):
+        self.values: dict[tuple, tuple[str, float, dict | None]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def remember(self, name: str, value: float, tags: dict[str, str] | None) -> None:
+        key = (name, tuple(sorted((tags or {}).items())))
+        with self._lock:
+            self.values[key] = (name, value, tags)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ovdiff-gauges", daemon=True)
+                self._thread.start()
+
+    def refresh(self) -> int:
+        """Set every remembered series again; returns how many."""
+        with self._lock:
+            items = list(self.values.values())
+        for name, value, tags in items:
+            m = _REG.get(name)
+            if m is not None:
+                try:
+                    m.set(value, tags=tags)
+                except Exception as e:  # noqa: BLE001 - metrics never break the work they measure
+                    log.warning("gauge %s not refreshed: %s: %s", name, type(e).__name__, e)
+        return len(items)
+
+    def _run(self) -> None:
+        import time
+
+        period = refresh_seconds()
+        while True:
+            time.sleep(period)
+            self.refresh()
+
+
+_KEEP = _Keeper()
+
+
 def _tags(tags: dict | None) -> dict[str, str] | None:
     return {k: str(v) for k, v in tags.items()} if tags else None
 
@@ -133,10 +193,13 @@ def inc(name: str, value: float = 1.0, tags: dict | None = None) -> None:
 
 
 def set_gauge(name: str, value: float, tags: dict | None = None) -> None:
-    """Set gauge `name` to `value` for `tags`."""
+    """Set gauge `name` to `value` for `tags`; the value stays exported (set again every few seconds by `_Keeper`)
+    until the process ends or sets another value."""
     m = _REG.get(name)
     if m is not None:
-        m.set(float(value), tags=_tags(tags))
+        t = _tags(tags)
+        m.set(float(value), tags=t)
+        _KEEP.remember(name, float(value), t)
 
 
 def observe(name: str, value: float, tags: dict | None = None) -> None:

@@ -11,7 +11,6 @@ point at the copies (and with `--recipe-out` writes the recipe with them).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from .models.weights import MANIFEST, RECORD, is_local_ref, resolve_model, s3_cl
 from .preflight import (FIRST_FILE, OPEN_CLIP_WEIGHTS, SKIPPED_COMPONENTS, ModelUse, cached_snapshot, hub_repo,
                         hf_cache_dir, loader_files, model_uses)
 from .recipe import Recipe, RecipeError, load_recipe
+from .cli_help import Parser
 
 
 class MirrorError(RuntimeError):
@@ -221,13 +221,13 @@ def point_recipe(recipe: Recipe, refs: dict[str, str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """`ovdiff weights mirror --recipe R --to DIR|s3://bucket/prefix [--recipe-out FILE] [--force]`."""
-    ap = argparse.ArgumentParser(prog="ovdiff weights", description="Model weights for clusters without hub access.",
-                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="ovdiff weights", description="Model weights for clusters without hub access.",
+                                 epilog=__doc__.split("\n\n", 1)[1])
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("mirror", help="copy every model a recipe names to a folder or s3:// prefix")
     m.add_argument("--recipe", required=True, help="recipe name in bank/recipes or a YAML file")
     m.add_argument("--to", required=True, help="target folder or s3://bucket/prefix (one sub-folder per model)")
-    m.add_argument("--recipe-out", default=None, help="write the recipe pointing at the copies to this YAML file")
+    m.add_argument("--recipe-out", default=None, help="write the recipe pointing at the copies to this YAML file (default: none written)")
     m.add_argument("--force", action="store_true", help="replace a different model already at a target")
     a = ap.parse_args(argv)
     try:

@@ -5,7 +5,6 @@ the models so an actor loads them once.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from .pipeline.class_pipeline import ClassPipeline, EmptySupportError, SampleArt
 from .pipeline.instances import CrfPool
 from .prototypes import ClassPrototypes
 from .recipe import Recipe, load_recipe
+from .cli_help import Parser
 
 __all__ = ["ClassPipeline", "EmptySupportError", "SampleArtifacts", "SamplingModels", "sample_class"]
 
@@ -104,13 +104,13 @@ def contact_sheet(a: SampleArtifacts, cols: int = 8, side: int = 160):
 
 
 def preview_main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="ovdiff preview",
+    ap = Parser(prog="ovdiff preview",
                                  description="Sample one class and write what the bank would hold for it.")
     ap.add_argument("name", help="class name, e.g. 'red circle' (toy) or 'aerosol can'")
     ap.add_argument("--recipe", default="toy", help="recipe name (bank/recipes) or YAML file (default: toy)")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--n", type=int, default=None, help="support images (default: the recipe's n_images)")
-    ap.add_argument("--kind", choices=["thing", "stuff"], default="thing")
+    ap.add_argument("--kind", choices=["thing", "stuff"], default="thing", help="the class's kind")
     ap.add_argument("--prompt", default="", help="words for the class in prompts (default: the recipe's "
                     "prompt_names, else the name), like a vocabulary's prompt column")
     a = ap.parse_args(argv)

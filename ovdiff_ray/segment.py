@@ -21,7 +21,6 @@ image features vs class prototypes) bounds the classes matched.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections import OrderedDict
@@ -45,6 +44,7 @@ from .proposals import cell_queries, cell_similarities, grid_size, propose, regi
 from .regions import RegionsError, RegionSnapper
 from .store.bank import Bank
 from .switches import ABLATIONS, SegmentError, Switches  # noqa: F401 (re-exported)
+from .cli_help import Parser
 
 TIMING_KEYS = ("features", "prefilter", "matching", "upsample", "pamr", "regions")
 
@@ -589,17 +589,17 @@ def overlay(image, result: SegmentationResult, alpha: float = 0.5):
 
 def main(argv: list[str] | None = None) -> int:
     """`ovdiff segment IMAGE --bank URI [--classes a,b] --out FILE.png [--pamr]`."""
-    ap = argparse.ArgumentParser(prog="ovdiff segment",
+    ap = Parser(prog="ovdiff segment",
                                  description="Segment one image with a bank and write it with the labels overlaid.")
-    ap.add_argument("image")
+    ap.add_argument("image", help="image file (PNG, JPEG, ...)")
     ap.add_argument("--bank", required=True, help="bank URI (folder or s3://bucket/prefix)")
-    ap.add_argument("--classes", default=None, help="comma-separated subset of the bank's classes")
+    ap.add_argument("--classes", default=None, help="comma-separated subset of the bank's classes (default: all)")
     ap.add_argument("--out", required=True, help="output PNG (image + overlay + legend)")
     ap.add_argument("--pamr", action="store_true", help="refine with PAMR")
     ap.add_argument("--regions", choices=("none", "superpixels", "sam"), default=None,
                     help="snap labels to class-agnostic regions (default: the bank recipe's segmentation.regions)")
-    ap.add_argument("--ablate", action="append", default=[], help="ablation name (repeatable)")
-    ap.add_argument("--device", default=None)
+    ap.add_argument("--ablate", action="append", default=[], help="ablation name (repeatable; default: none)")
+    ap.add_argument("--device", default=None, help="torch device for the models, e.g. cpu, cuda, cuda:1 (default: cuda when available, else cpu)")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:

@@ -17,7 +17,6 @@ files) is `stuff`, everything else `thing`. `ovdiff vocab import FILE --out FILE
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
@@ -25,6 +24,7 @@ import sys
 from pathlib import Path
 
 from .vocab import MAX_CLASSES, VocabError, Vocabulary, from_names, load_vocab
+from .cli_help import Parser
 
 MAX_JSON_BYTES = 256 << 20  # lvis_v1_val.json is 192 MB (annotations included); the categories alone are ~0.5 MB
 _SENSE = re.compile(r"^(?P<head>.*?)\s*\((?P<sense>[^()]*)\)")
@@ -131,10 +131,10 @@ def to_tsv(vocab: Vocabulary) -> str:
 
 def import_main(argv: list[str] | None = None) -> int:
     """`ovdiff vocab import FILE --out FILE.tsv`."""
-    ap = argparse.ArgumentParser(prog="ovdiff vocab", description="Vocabulary tools.")
+    ap = Parser(prog="ovdiff vocab", description="Vocabulary tools.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     imp = sub.add_parser("import", help="COCO/LVIS JSON or a .txt of names -> name<TAB>kind<TAB>prompt TSV",
-                         description=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                         description=__doc__.split("\n\n", 1)[1])
     imp.add_argument("file", help="COCO/LVIS annotation or categories JSON, .txt (one name a line) or .tsv")
     imp.add_argument("--out", required=True, help="TSV to write (name<TAB>kind<TAB>prompt)")
     imp.add_argument("--force", action="store_true", help="overwrite --out if it exists")

@@ -208,7 +208,8 @@ def test_build_bank_check_with_the_paper_models_names_the_device(tmp_path, paper
     assert "build_bank --check: device: each worker runs the models on cpu (--device cpu, 0 GPUs per worker; " \
            "real models)" in text
     assert "1 worker(s) x (1 CPU, 0 GPU), models on cpu" in text
-    assert "the models run on the CPU: many times the estimated GPU time 10 x ~210 s" in text
+    assert "the models run on the CPU: many times the estimated GPU time 10 x ~17.7 s" in text
+    assert "measured 17.7 s a class of these models on one H200" in text
     assert "in the local Hugging Face cache" in text  # the models were checked, and found
     assert not out.exists()
     rc, text, _ = call(build_main, ["--vocab", TOY, "--recipe", "tiny", "--out", str(out), "--workers", "1",

@@ -3,7 +3,8 @@ started here on 127.0.0.1 with a scrape config pointing at the session Ray's met
 
 A known workload, then exact values: the service's requests by route and status (10 segment requests answered
 200, one upload that is not an image answered 415, every pixel-budget refusal counted once), the bank version
-served, and a build's classes, attempts, stage seconds and device seconds."""
+served, and a build's classes, attempts, stage seconds and device seconds. The gauges (bank version and classes,
+queue depth) are in every scrape of a whole minute, requests running."""
 from __future__ import annotations
 
 import asyncio
@@ -94,6 +95,37 @@ def wait_value(base: str, promql: str, want, timeout: float = 90.0):
     raise AssertionError(f"{promql}: {got} after {timeout:g}s, expected {want}")
 
 
+def gauges_stay(base: str, service: str, image: bytes, series: dict[str, str], window_s: int = 60) -> None:
+    """Each of `series` is in every one of Prometheus' scrapes (one a second) of the last `window_s` seconds, while
+    segment requests run for most of that window: `count_over_time(series[w])` equals the number of scrapes
+    (`sum_over_time(up[w])`), evaluated at one instant. Ray's agent drops a gauge two reporting intervals (~20 s)
+    after its process last set it, so a value set once (a bank loaded at start) failed this before the keeper."""
+    import threading
+
+    stop, answered = threading.Event(), []
+
+    def load():
+        with httpx.Client(base_url=service, timeout=60) as c:
+            while not stop.is_set():
+                answered.append(c.post("/v1/segment", files={"image": ("s.png", image, "image/png")}).status_code)
+
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    try:
+        time.sleep(window_s - 5)
+    finally:
+        stop.set()
+        t.join(60)
+    assert answered and set(answered) <= {200, 503} and 200 in answered, answered[:20]
+    time.sleep(6)  # the window's end: a few scrapes after the last request, the gauges still there
+    at = time.time()
+    # successful scrapes (up == 1; a scrape that timed out on a busy machine has up == 0 and no samples at all)
+    scrapes = total(base, f'sum_over_time(up{{job="ray"}}[{window_s}s] @ {at:.3f})')
+    assert scrapes and scrapes >= window_s * 0.5, scrapes  # Prometheus scraped about once a second
+    seen = {what: total(base, f'count_over_time({sel}[{window_s}s] @ {at:.3f})') for what, sel in series.items()}
+    assert all(v == scrapes for v in seen.values()), f"present in how many of {scrapes} scrapes of {window_s}s: {seen}"
+
+
 def test_service_metrics_scraped_by_prometheus(prometheus, toy_bank, toy_scenes):
     from ray import serve
 
@@ -147,6 +179,10 @@ def test_service_metrics_scraped_by_prometheus(prometheus, toy_bank, toy_scenes)
         wait_value(prometheus, f'ray_ovdiff_bank_classes{{application="{APP}",bank="{bank["bank_id"]}"}}',
                    len(bank["classes"]))
         wait_value(prometheus, f'ray_ovdiff_queue_depth{{application="{APP}"}}', 0)
+        gauges_stay(prometheus, base, data, {
+            "bank_version": f'ray_ovdiff_bank_version{{application="{APP}",bank="{bank["bank_id"]}"}}',
+            "bank_classes": f'ray_ovdiff_bank_classes{{application="{APP}",bank="{bank["bank_id"]}"}}',
+            "queue_depth": f'ray_ovdiff_queue_depth{{application="{APP}"}}'})
     finally:
         serve.shutdown()  # other modules start Serve with their own HTTP port
 
@@ -208,7 +244,8 @@ def test_recording_is_a_no_op_without_ray_or_when_off(monkeypatch):
 
 def test_ovdiff_serve_metrics_port(toy_bank, toy_scenes, tmp_path):
     """`ovdiff serve --metrics-port M` (its own local Ray): Prometheus text at http://127.0.0.1:M/metrics carries
-    the service's series after a request; SIGTERM stops it with its summary line."""
+    the service's series after a request; SIGTERM stops it with its summary line. Its terminal carries our lines:
+    no Serve INFO line (access lines included) without --verbose."""
     import os
     import re
     import signal
@@ -250,3 +287,10 @@ def test_ovdiff_serve_metrics_port(toy_bank, toy_scenes, tmp_path):
             p.wait(30)
         reader.join(10)
     assert p.returncode == 0 and any(x.startswith("summary: served until stopped") for x in lines), lines[-5:]
+    # the terminal at default verbosity: our lines and warnings, no Serve INFO line (the access log among them), no
+    # Ray native line or bracketed Ray timestamp, no token note
+    serve_info = re.compile(r"\bINFO \d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \S+ .*-- ")
+    assert not [x for x in lines if serve_info.search(x)], [x for x in lines if serve_info.search(x)][:5]
+    assert not [x for x in lines if "POST /v1/segment 200" in x or "core_worker" in x or "Token authentication" in x]
+    assert not [x for x in lines if re.match(r"^\s*\[20\d\d-", x)]
+    assert any("loaded bank" in x for x in lines)  # the service's own INFO line

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from .. import logs, metrics
+from .. import logs, metrics, terminal
 from ..preflight.device import DEVICES, device_help, resolve_device
 from ..store.fs import StorageConfig, StoreError
 from ..store.schema import ManifestError
@@ -50,11 +50,12 @@ from .parquet import write_parquet
 from .parts import compact, new_run_id, part_key, read_parts, write_part
 from .plan import FORMATS, LabelError, Plan, plan
 from .png import write_overlays, write_png
+from ..cli_help import Parser
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="label_dataset", description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog="label_dataset", description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("--images", required=True, help="folder or s3://bucket/prefix of images (searched recursively)")
     ap.add_argument("--bank", required=True, help="bank URI (folder or s3://bucket/prefix)")
     ap.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
@@ -82,9 +83,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, a running cluster, or local)")
     ap.add_argument("--overlays", type=int, default=0, metavar="N",
                     help="also write overlays/ pictures of the first N images (sorted by path)")
-    ap.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help=f"larger images are errors ({MAX_PIXELS})")
-    ap.add_argument("--max-bytes", type=int, default=MAX_BYTES, help=f"larger files are errors ({MAX_BYTES})")
-    ap.add_argument("--limit", type=int, default=None, help="label at most N pending images this run")
+    ap.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="larger images are errors")
+    ap.add_argument("--max-bytes", type=int, default=MAX_BYTES, help="larger files (bytes) are errors")
+    ap.add_argument("--limit", type=int, default=None, help="label at most N pending images this run (default: all)")
+    ap.add_argument("--verbose", action="store_true",
+                    help="Ray's own lines on the terminal too (its native error lines, Ray Data's notes and issue "
+                         "detector); without it they are only in Ray's log folder")
     ap.add_argument("--retry-errors", action="store_true",
                     help="try again images an earlier run found unreadable (default: skipped while unchanged)")
     ap.add_argument("--coco-images", default=None, metavar="FILE",
@@ -258,8 +262,11 @@ def run(args: argparse.Namespace, prog: Progress | None = None) -> int:
 
         started = not ray.is_initialized()
         if started:
-            logs.quiet_ray()  # Ray's start-up notes and Ray Data's INFO lines stay in Ray's log folder
+            own = terminal.install(verbose=args.verbose)  # Ray's native lines stay in its log folder
+            logs.quiet_ray(args.verbose)  # Ray's start-up notes and Ray Data's INFO lines stay in Ray's log folder
             ray.init(address=args.address, log_to_driver=True, logging_level="WARNING")
+            if own:
+                terminal.forward_worker_lines(args.verbose)
         old = signal.getsignal(signal.SIGINT)
         try:
             execute(args, p, run_id, prog)

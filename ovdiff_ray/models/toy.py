@@ -27,7 +27,6 @@ removing background prototypes, the pre-filter, stuff filtering or part/instance
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -42,6 +41,7 @@ from scipy import ndimage
 
 from ..recipe import ClassifierConfig, ExtractorConfig, Recipe
 from .base import SupportSet, image_seed
+from ..cli_help import Parser
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (225, 35, 35),
@@ -608,24 +608,27 @@ def write_scenes(vocab_path: str, n: int, out: str, seed: int = 0, size: int = 1
 
 def scenes_main(argv: list[str] | None = None) -> int:
     """`ovdiff toy-scenes --vocab FILE --n N --out DIR [--seed S] [--size PX]` or `ovdiff toy-scenes --list --json`."""
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="ovdiff toy-scenes",
         description="Write toy-world scenes with ground truth: images/NNNN.png, labels/NNNN.png (uint8: 0 background, "
                     "i = i-th class of classes.tsv counting from 1 after the header, 255 ignore), classes.tsv.")
-    ap.add_argument("--vocab", help="toy vocabulary (.tsv name<TAB>kind)")
-    ap.add_argument("--n", type=int, default=20)
-    ap.add_argument("--out")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--list", action="store_true", help="print the known words")
-    ap.add_argument("--json", action="store_true")
+    from ..recipe import REPO_ROOT
+
+    ap.add_argument("--vocab", default=str(REPO_ROOT / "bank" / "vocab" / "toy.tsv"),
+                    help="toy vocabulary (.tsv name<TAB>kind)")
+    ap.add_argument("--n", type=int, default=20, help="how many scenes")
+    ap.add_argument("--out", default="toy-scenes", metavar="DIR", help="output folder")
+    ap.add_argument("--seed", type=int, default=0, help="random seed of the scenes")
+    ap.add_argument("--size", type=int, default=128, metavar="PX", help="scene side in pixels (at least 32)")
+    ap.add_argument("--list", action="store_true", help="print the known words (colours, shapes, textures) and exit")
+    ap.add_argument("--json", action="store_true", help="with --list: as one JSON object")
     a = ap.parse_args(argv)
+    if a.json and not a.list:
+        ap.error("--json goes with --list")
     if a.list:
         words = known_words()
         print(json.dumps(words) if a.json else "\n".join(f"{k}: {' '.join(v)}" for k, v in words.items()))
         return 0
-    if not a.vocab or not a.out:
-        ap.error("--vocab and --out are required (or --list)")
     if a.n < 1 or a.size < 32:
         ap.error("--n must be >= 1 and --size >= 32")
     try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..recipe import Recipe, RecipeError, load_recipe, recipe_from_dict
@@ -128,12 +129,64 @@ def check_bank(pf: Preflight, uri: str, version: int | None = None, flag: str = 
 PAPER_CLASS_SECONDS = 210.0  # OVDIFF.md: sampling one class on one GPU at N=64, 30 steps, 512 px
 
 
-def gpu_seconds_per_class(recipe: Recipe) -> float | None:
-    """Estimated GPU seconds to build one class: the paper's 210 s scaled by N x steps x pixels; None for toy."""
+@dataclass(frozen=True)
+class MeasuredCost:
+    """Seconds per class measured for a recipe's models (generator and extractors, exact references) at N images,
+    `steps` steps and `px` pixels, on `device`, by `source`."""
+
+    generator: str
+    extractors: tuple[str, ...]
+    seconds: float
+    n: int
+    steps: int
+    px: int
+    device: str
+    source: str
+
+
+# paper.yaml's / paper-plus.yaml's models: issue 19's class pipeline, full-size architectures (same FLOPs), MaskCut
+# with its CRF; README "Performance", the class_bench row.
+MEASURED = (
+    MeasuredCost("stable-diffusion-v1-5/stable-diffusion-v1-5",
+                 ("stable-diffusion-v1-5/stable-diffusion-v1-5", "timm/vit_base_patch8_224.dino",
+                  "open_clip:ViT-B-16/openai"), 17.7, 64, 30, 512, "one H200", "make bench-gpu"),
+)
+
+
+@dataclass(frozen=True)
+class ClassCost:
+    """An estimate of GPU seconds per class and what it is scaled from."""
+
+    seconds: float
+    basis: str  # e.g. "measured 17.7 s a class of these models on one H200 (make bench-gpu) at N=64, 30 steps, 512 px"
+
+
+def class_cost(recipe: Recipe) -> ClassCost | None:
+    """GPU seconds to build one class of `recipe`: a measurement of the recipe's models (`MEASURED`) when one
+    exists, else the paper's 210 s; scaled by N x steps x pixels. None for generators without a GPU (toy)."""
     g = recipe.generation
     if g.generator != "diffusers":
         return None
-    return PAPER_CLASS_SECONDS * (g.n_images / 64) * (g.steps / 30) * (g.resolution / 512) ** 2
+    models = tuple(e.model for e in recipe.extractors)
+    for m in MEASURED:
+        if m.generator == g.model and m.extractors == models:
+            base, n, steps, px = m.seconds, m.n, m.steps, m.px
+            basis = (f"measured {m.seconds:g} s a class of these models on {m.device} ({m.source}) at N={m.n}, "
+                     f"{m.steps} steps, {m.px} px")
+            break
+    else:
+        base, n, steps, px = PAPER_CLASS_SECONDS, 64, 30, 512
+        basis = (f"no measurement of these models: the paper's {PAPER_CLASS_SECONDS:.0f} s per class on one GPU at "
+                 "N=64, 30 steps, 512 px")
+    if (g.n_images, g.steps, g.resolution) != (n, steps, px):
+        basis += f", scaled to N={g.n_images}, {g.steps} steps, {g.resolution} px"
+    return ClassCost(base * (g.n_images / n) * (g.steps / steps) * (g.resolution / px) ** 2, basis)
+
+
+def gpu_seconds_per_class(recipe: Recipe) -> float | None:
+    """Estimated GPU seconds to build one class (`class_cost`); None for toy."""
+    c = class_cost(recipe)
+    return None if c is None else c.seconds
 
 
 def human_seconds(s: float) -> str:

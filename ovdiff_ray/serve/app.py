@@ -37,7 +37,6 @@ up to `OVDIFF_MAX_BANKS_PER_REPLICA` (3) banks, and banks whose recipes name the
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import math
@@ -66,6 +65,7 @@ from . import bankview
 from . import live
 from .jobs import JOBS, BankJobsDeployment, BuildSettings
 from .reload import LiveBanks
+from ..cli_help import Parser
 
 __all__ = ["make_app", "build_app", "main", "LocalBackend", "ServeBackend", "Overloaded", "SegmenterDeployment",
            "IngressDeployment", "AppArgs"]
@@ -370,15 +370,15 @@ def _interrupt(*_):
 
 def main(argv: list[str] | None = None) -> int:
     """`ovdiff serve --bank URI [--port P] [--host H] [--replicas N | --min-replicas A --max-replicas B] ...`."""
-    ap = argparse.ArgumentParser(prog="ovdiff serve", description="Start the segmentation service on a local Ray "
+    ap = Parser(prog="ovdiff serve", description="Start the segmentation service on a local Ray "
                                  "(or --address) with Ray Serve; Ctrl-C stops it.")
     ap.add_argument("--bank", action="append", required=True, metavar="URI",
                     help="bank location (folder or s3://bucket/prefix); repeat to serve several, the first is the "
                          "default; URI@N pins version N")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--host", default="127.0.0.1", help="HTTP address to listen on")
+    ap.add_argument("--port", type=int, default=8000, help="HTTP port")
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--replicas", type=int, default=None, help="fixed number of segmenter replicas")
+    g.add_argument("--replicas", type=int, default=None, help="fixed number of segmenter replicas (default: autoscaling, --min-replicas to --max-replicas)")
     g.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound (default 1)")
     ap.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound (default min)")
     ap.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per segmenter replica")
@@ -386,10 +386,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="GPUs per segmenter replica (default 0; 1 on a GPU cluster: real models with 0 need --device "
                          "cpu)")
     ap.add_argument("--device", choices=DEVICES, default="auto", help=device_help("replica"))
-    ap.add_argument("--max-batch-size", type=int, default=4)
+    ap.add_argument("--max-batch-size", type=int, default=4, help="images per model call (dynamic batching)")
     ap.add_argument("--request-timeout", type=float, default=120.0, metavar="S",
-                    help="seconds a request's segmentation may take before the answer is 504 (default 120; the "
-                         "service says at start when its warm-up segmentation already takes longer)")
+                    help="seconds a request's segmentation may take before the answer is 504 (the service says at "
+                         "start when its warm-up segmentation already takes longer)")
     ap.add_argument("--max-queued-requests", type=int, default=None,
                     help="segmenter queue (default: sized from --latency-budget)")
     ap.add_argument("--latency-budget", type=float, default=4.0, metavar="S",
@@ -402,20 +402,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--follow", action="store_true",
                     help="follow each bank's latest version (hot reload; banks given without @N) and accept "
                          "POST /v1/classes when an admin token is set (OVDIFF_ADMIN_TOKEN or --admin-token-file)")
-    ap.add_argument("--reload-poll-s", type=float, default=10.0, help="with --follow: seconds between reads of "
+    ap.add_argument("--reload-poll-s", type=float, default=None, help="with --follow: seconds between reads of "
                     "`latest` (default 10; a job of this service is picked up at once)")
-    ap.add_argument("--admin-token-file", default=None, help="file whose first line is the admin token")
-    ap.add_argument("--build-gpus-per-worker", type=float, default=0.0,
-                    help="with --follow: GPUs per class-building worker (0 on CPU machines)")
-    ap.add_argument("--build-workers", type=int, default=1, help="with --follow: class-building workers (default 1)")
+    ap.add_argument("--admin-token-file", default=None, help="file whose first line is the admin token (default: "
+                    "$OVDIFF_ADMIN_TOKEN; neither: the admin routes are off)")
+    ap.add_argument("--build-gpus-per-worker", type=float, default=None,
+                    help="with --follow: GPUs per class-building worker (default 0, as on CPU machines)")
+    ap.add_argument("--build-workers", type=int, default=None, help="with --follow: class-building workers (default 1)")
     ap.add_argument("--log-format", choices=("text", "json"), default="text",
-                    help="json: the service's own log lines as JSON objects with request_id, job_id, bank_id and "
-                         "bank_version, one access line per answer, and Serve's logs in its JSON encoding")
+                    help="json: every console line a JSON object: the service's own log lines with request_id, "
+                         "job_id, bank_id and bank_version, one access line per answer, Ray's and Serve's lines "
+                         "converted (Serve's log files in its JSON encoding)")
+    ap.add_argument("--verbose", action="store_true",
+                    help="Serve's INFO lines (controller, proxy, one access line per request) and Ray's native lines "
+                         "on the terminal too; without it they are only in Ray's log folder (session_*/logs/serve/)")
     ap.add_argument("--metrics-port", type=int, default=None, metavar="P",
                     help="the local Ray's metrics export port: Prometheus text at http://127.0.0.1:P/metrics, the "
                          "service's series as ray_ovdiff_* beside Ray's and Serve's (default: a port Ray picks, "
                          "printed at start; on a cluster, each node's `ray start --metrics-export-port`)")
     a = ap.parse_args(argv)
+    js = a.log_format == "json"
+    from .. import terminal
+
+    own_terminal = terminal.install(verbose=a.verbose, json_lines=js)  # Ray's lines off our terminal, or all JSON
     if a.metrics_port is not None and a.address is not None:
         ap.error("--metrics-port sets the port of a local Ray; a cluster's nodes set theirs with "
                  "`ray start --metrics-export-port`")
@@ -425,6 +434,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--request-timeout {a.request_timeout:g}: must be > 0 seconds")
     if a.max_replicas is not None and a.replicas is not None:
         ap.error("--max-replicas goes with --min-replicas, not --replicas")
+    for flag in ("reload_poll_s", "build_gpus_per_worker", "build_workers"):
+        if getattr(a, flag) is not None and not a.follow:
+            ap.error(f"--{flag.replace('_', '-')} needs --follow (it sets how followed banks reload and build)")
+    a.reload_poll_s = 10.0 if a.reload_poll_s is None else a.reload_poll_s
+    a.build_gpus_per_worker = 0.0 if a.build_gpus_per_worker is None else a.build_gpus_per_worker
+    a.build_workers = 1 if a.build_workers is None else a.build_workers
     banks = []
     for ref in a.bank:
         uri, _, ver = ref.rpartition("@") if "@" in ref and ref.rsplit("@", 1)[1].isdigit() else (ref, "", "")
@@ -456,35 +471,42 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     own_ray = not ray.is_initialized() and a.address is None
+    if own_terminal:
+        terminal.quiet_serve_logger(a.verbose)
+        if not a.verbose:
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if not ray.is_initialized():  # the hook gives Serve's proxy a header read timeout (serve/http_guard.py)
         extra = {"_metrics_export_port": a.metrics_port} if a.metrics_port is not None else {}
         ray.init(address=a.address, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"worker_process_setup_hook": HTTP_GUARD,
                               "env_vars": {"OVDIFF_HEADER_TIMEOUT_S": str(a.header_timeout),
-                                           "OVDIFF_LOG_FORMAT": a.log_format}}, **extra)
+                                           "OVDIFF_LOG_FORMAT": a.log_format,
+                                           "OVDIFF_LOG_TEXT": "1"}}, **extra)
+        if own_terminal:
+            terminal.forward_worker_lines(a.verbose, js)
     from ..metrics import export_port
 
     port = export_port()
     if port:
-        print(f"ovdiff serve: metrics (Prometheus text, series ray_ovdiff_*) at http://127.0.0.1:{port}/metrics",
-              flush=True)
+        terminal.say("ovdiff serve: metrics (Prometheus text, series ray_ovdiff_*) at "
+                     f"http://127.0.0.1:{port}/metrics", js)
     t0 = time.perf_counter()
     try:
         serve.start(http_options={"host": a.host, "port": a.port, "keep_alive_timeout_s": 15})
         serve.run(app, name=APP_NAME, route_prefix="/",
                   logging_config={"encoding": "JSON"} if a.log_format == "json" else None)
         url = f"http://{a.host}:{a.port}/"
-        print(f"ovdiff serve: {len(banks)} bank(s), models on {resolve_device(a.device, a.num_gpus)}, ready in "
-              f"{time.perf_counter() - t0:.1f}s at {url} (try-it page), POST {url}v1/segment; Ctrl-C to stop",
-              flush=True)
+        terminal.say(f"ovdiff serve: {len(banks)} bank(s), models on {resolve_device(a.device, a.num_gpus)}, "
+                     f"ready in {time.perf_counter() - t0:.1f}s at {url} (try-it page), POST {url}v1/segment; "
+                     "Ctrl-C to stop", js)
         signal.signal(signal.SIGTERM, _interrupt)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print(f"ovdiff serve: stopping (in-flight requests get up to {a.shutdown_timeout:g}s)", flush=True)
+        terminal.say(f"ovdiff serve: stopping (in-flight requests get up to {a.shutdown_timeout:g}s)", js)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the stop short
-        print(stop(own_ray, a.shutdown_timeout), flush=True)
+        terminal.say(stop(own_ray, a.shutdown_timeout), js)
     return 0
 
 

@@ -262,6 +262,7 @@ class _Depth:
 
     def __init__(self):
         self.n = 0
+        metrics.set_gauge("ovdiff_queue_depth", 0)  # on /metrics from the replica's start, not the first request
 
     @asynccontextmanager
     async def counted(self):

@@ -3,13 +3,13 @@ committed bank holds; `--report` adds the build report (per-stage seconds, slowe
 the classes' build records (`ovdiff_ray/build_report.py`)."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 from .fs import Location, StoreError
 from .schema import ManifestError
 from .shards import read_manifest, read_shard_bytes
+from ..cli_help import Parser
 
 
 def summarize(m: dict) -> dict:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return edit_main(argv)
     if argv and argv[0] in ACTIONS:
         return int(importlib.import_module(ACTIONS[argv[0]]).main(argv[1:]) or 0)
-    ap = argparse.ArgumentParser(prog="ovdiff bank", description="Inspect, show and audit a committed prototype bank.",
+    ap = Parser(prog="ovdiff bank", description="Inspect, show and audit a committed prototype bank.",
                                  epilog="Fix one: ovdiff bank remove | rename | alias URI ..., and ovdiff bank diff URI "
                                         "A B (`ovdiff bank remove --help`); rebuild: build_bank --rebuild NAME ...")
     sub = ap.add_subparsers(dest="action", required=True)
@@ -66,12 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     ins.add_argument("--report", action="store_true",
                      help="the build report: seconds per stage, slowest classes, attempts, nodes, device-hours")
     ins.add_argument("--price-per-hour", type=float, default=None, metavar="USD",
-                     help="with --report: price of one device-hour (e.g. a GPU instance's), to print the cost")
-    ins.add_argument("--top", type=int, default=10, help="with --report: how many of the slowest classes (default 10)")
+                     help="with --report: price of one device-hour (e.g. a GPU instance's), to print the cost "
+                          "(default: no cost)")
+    ins.add_argument("--top", type=int, default=None, help="with --report: how many of the slowest classes (default 10)")
     a = ap.parse_args(argv)
     if a.price_per_hour is not None and (a.price_per_hour < 0 or not a.report):
-        ap.error("--price-per-hour needs --report and a price of at least 0")
-    if a.top < 1:
+        ap.error("--price-per-hour needs --report (it prices the report's device-hours) and a price of at least 0")
+    if a.top is not None and not a.report:
+        ap.error("--top needs --report (it picks how many of the slowest classes the report lists)")
+    if a.top is not None and a.top < 1:
         ap.error(f"--top {a.top}: must be at least 1")
     try:
         loc = Location(a.uri)
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.report:
             from ..build_report import report
 
-            rep = report(m, a.top, a.price_per_hour)
+            rep = report(m, a.top or 10, a.price_per_hour)
             info["report"] = rep.to_dict()
     except (StoreError, ManifestError, OSError) as e:
         print(f"ovdiff bank inspect: error: {e}", file=sys.stderr)
