@@ -277,14 +277,28 @@ def audit_bank(uri: str, version: int | None = None, threads: int = 8, progress:
     return m, audit_classes(entries, data)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="ovdiff bank audit", description="Rank a bank's classes worst first by the "
-                                 "signals its shards and support records allow, and flag suspects with reasons.")
+DESCRIPTION = ("Rank a bank's classes worst first by the signals its shards and support records allow, and flag "
+               "suspects with reasons.")
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """`ovdiff bank audit`'s arguments (its own parser, or a subparser of `ovdiff bank`)."""
     ap.add_argument("uri", help="bank location: local folder, file:// or s3://bucket/prefix")
     ap.add_argument("--version", type=int, default=None, help="manifest version (default: latest)")
     ap.add_argument("--json", action="store_true", help='print [{"name", "score", "reasons", ...}] worst first')
     ap.add_argument("--top", type=int, default=20, help="text output: how many classes to list (default 20)")
-    a = ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli_help import Parser
+
+    ap = Parser(prog="ovdiff bank audit", description=DESCRIPTION)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+def run(a: argparse.Namespace) -> int:
+    """Audit the bank named by parsed arguments `a` and print the ranking (text or `--json`)."""
     from .store.fs import StoreError
     from .store.schema import ManifestError
 

@@ -292,7 +292,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--rebuild", nargs="+", default=None, metavar="NAME",
                     help="rebuild these classes of the bank (or bring back removed ones) from the vocabulary's kind "
                          "and prompt, in place: same label values, every other class's shard unchanged, one new "
-                         "version. Without it, classes whose prompt or kind changed are named, not rebuilt")
+                         "version. Default: none; classes whose prompt or kind changed are named, not rebuilt")
     ap.add_argument("--check", action="store_true",
                     help="run only the preflight and print what the build would do; start and write nothing")
     ap.add_argument("--verbose", action="store_true",

@@ -47,15 +47,29 @@ def contact_sheet(record, cols: int = 8, side: int = 160):
     return Image.fromarray(sheet)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="ovdiff bank show", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+DESCRIPTION = __doc__.split("\n\n")[0].split(": ", 1)[1]
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """`ovdiff bank show`'s arguments (its own parser, or a subparser of `ovdiff bank`)."""
     ap.add_argument("uri", help="bank location: local folder, file:// or s3://bucket/prefix")
     ap.add_argument("name", metavar="CLASS", help="class name (as in the bank; case and spaces folded)")
     ap.add_argument("--out", required=True, help="PNG file to write")
     ap.add_argument("--version", type=int, default=None, help="manifest version (default: latest)")
     ap.add_argument("--cols", type=int, default=8, help="tiles per row (default 8)")
     ap.add_argument("--side", type=int, default=160, help="tile side in pixels (default 160, 16..1024)")
-    a = ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli_help import Parser
+
+    ap = Parser(prog="ovdiff bank show", description=DESCRIPTION)
+    add_arguments(ap)
+    return run(ap.parse_args(argv), ap)
+
+
+def run(a: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
+    """Write the contact sheet of parsed arguments `a` (`ap` reports argument errors)."""
     if a.cols < 1 or not 16 <= a.side <= 1024:
         ap.error(f"--cols must be >= 1 and --side in 16..1024 (got {a.cols}, {a.side})")
     if not a.out.lower().endswith(".png"):

@@ -23,9 +23,15 @@ ACTIONS = ("remove", "rename", "alias", "diff")
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="ovdiff bank", description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="action", required=True)
+    from ..cli_help import Parser
+
+    ap = Parser(prog="ovdiff bank", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
+    add_parsers(ap.add_subparsers(dest="action", required=True))
+    return ap
+
+
+def add_parsers(sub) -> None:
+    """remove | rename | alias | diff as subparsers of `ovdiff bank` (`sub`: its `add_subparsers()` action)."""
     uri = "bank location: local folder, file:// or s3://bucket/prefix"
     r = sub.add_parser("remove", help="tombstone classes (their label values stay reserved)")
     r.add_argument("uri", help=uri)
@@ -43,11 +49,14 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("a", type=int, help="older version")
     d.add_argument("b", type=int, help="newer version")
     d.add_argument("--json", action="store_true", help="print one JSON object")
-    return ap
 
 
 def main(argv: list[str]) -> int:
-    a = parser().parse_args(argv)
+    return run(parser().parse_args(argv))
+
+
+def run(a: argparse.Namespace) -> int:
+    """Apply the edit (or print the diff) of parsed arguments `a`."""
     prog = f"ovdiff bank {a.action}"
     try:
         loc = Location(a.uri)

@@ -35,29 +35,18 @@ def summarize(m: dict) -> dict:
     }
 
 
-ACTIONS = {"show": "ovdiff_ray.show", "audit": "ovdiff_ray.audit"}  # issue 26: their own modules and options
-
-
 def main(argv: list[str] | None = None) -> int:
-    import importlib
+    from .. import audit, show
+    from . import edit_cli
 
-    from .edit_cli import ACTIONS as EDITS
-
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in EDITS:  # remove | rename | alias | diff (store/edit_cli.py)
-        from .edit_cli import main as edit_main
-
-        return edit_main(argv)
-    if argv and argv[0] in ACTIONS:
-        return int(importlib.import_module(ACTIONS[argv[0]]).main(argv[1:]) or 0)
-    ap = Parser(prog="ovdiff bank", description="Inspect, show and audit a committed prototype bank.",
-                                 epilog="Fix one: ovdiff bank remove | rename | alias URI ..., and ovdiff bank diff URI "
-                                        "A B (`ovdiff bank remove --help`); rebuild: build_bank --rebuild NAME ...")
+    ap = Parser(prog="ovdiff bank", description="Inspect, show, audit and fix a committed prototype bank.",
+                epilog="Rebuild classes in place: build_bank --rebuild NAME ... (see `build_bank --help`).")
     sub = ap.add_subparsers(dest="action", required=True)
-    sub.add_parser("show", help="a class's support set as a contact sheet: show URI CLASS --out FILE.png "
-                   "[--version N]", add_help=False)
-    sub.add_parser("audit", help="rank classes worst first with reasons: audit URI [--version N] [--json]",
-                   add_help=False)
+    show.add_arguments(sub.add_parser("show", help="a class's support set as a contact sheet (fg green, bg red, "
+                                      "dropped images dimmed)", description=show.DESCRIPTION))
+    audit.add_arguments(sub.add_parser("audit", help="rank classes worst first, suspects with reasons in words",
+                                       description=audit.DESCRIPTION))
+    edit_cli.add_parsers(sub)
     ins = sub.add_parser("inspect", help="show a bank's version, classes, extractors and size")
     ins.add_argument("uri", help="bank location: local folder, file:// or s3://bucket/prefix")
     ins.add_argument("--version", type=int, default=None, help="manifest version (default: latest)")
@@ -70,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
                           "(default: no cost)")
     ins.add_argument("--top", type=int, default=None, help="with --report: how many of the slowest classes (default 10)")
     a = ap.parse_args(argv)
+    if a.action == "show":
+        return show.run(a, ap)
+    if a.action == "audit":
+        return audit.run(a)
+    if a.action in edit_cli.ACTIONS:
+        return edit_cli.run(a)
     if a.price_per_hour is not None and (a.price_per_hour < 0 or not a.report):
         ap.error("--price-per-hour needs --report (it prices the report's device-hours) and a price of at least 0")
     if a.top is not None and not a.report:
