@@ -379,7 +379,8 @@ class Segmenter:
             it.acc = self._whole_scores(it, it.kept, exs, sw)
         for it in items:
             if sw.background_presence:
-                it.background = background_present(it.acc, self.seg.background_min_area)
+                margin = self.seg.background_margin if sw.background_margin else 0.0
+                it.background = background_present(it.acc, self.seg.background_min_area, margin)
             radius = round(self.seg.stuff_opening * min(it.x.shape[-2:])) if sw.stuff_opening else 0
             share = opened_shares(it.acc.clamp_min(0).argmax(0), len(it.kept) + 1, radius)
             it.kept = [c for j, c in enumerate(it.kept) if not sw.stuff_presence
