@@ -15,7 +15,8 @@ Ablations (recipe `segmentation.*` or the `ablate` argument): `no_background`, `
 `no_stuff_filter_self` (`stuff_filter_rule: self`), `no_stuff_presence` (`stuff_min_area`: a stuff class is kept
 only where it wins part of the whole-image view) and `no_bounded_search` (`subset_search: greedy | beam`); issue 23's
 `no_stuff_opening` and `no_background_presence` (precedence.py); issue 27's `no_thing_proposals` (proposals.py:
-the prototypes propose regions in the whole view, the classifier names their crops). With the pre-filter off over
+the prototypes propose regions in the whole view, the classifier names their crops) and `no_background_margin`
+(precedence.py: background presence counts only pixels it leads clearly). With the pre-filter off over
 more than `segmentation.retrieval_classes` classes, a faiss class-level retrieval (pooled
 image features vs class prototypes) bounds the classes matched.
 """
