@@ -18,7 +18,7 @@ ABLATIONS = ("no_background", "no_prefilter", "no_stuff_filter", "class_mean_onl
              "no_stuff_filter_self", "no_stuff_presence", "no_bounded_search",
              # issue 23's (ovdiff_ray/precedence.py)
              "no_stuff_opening", "no_background_presence",
-             # issue 27's (ovdiff_ray/proposals.py)
+             # issue 27's (ovdiff_ray/proposals.py; the margin: ovdiff_ray/precedence.py)
              "no_thing_proposals", "no_background_margin")
 
 
