@@ -106,14 +106,17 @@ SWITCH_KEYS = {
 }
 TAIL_KEYS = ("stuff_opening", "background_min_area")  # issue 23's switches (ovdiff_ray/precedence.py)
 RECALL_KEYS = ("thing_proposals", "proposal_grid", "proposal_min_share", "proposal_min_area")  # issue 27's
-CONFIGS = ("today", "before", "new", "recall")
+MARGIN_KEYS = ("background_margin",)  # issue 27's second switch (precedence.py)
+CONFIGS = ("today", "before", "new", "recall", "margin")
 RECALL_ON = {"thing_proposals": 3}  # `recall`: issue 27's switch on as measured (off in toy.yaml: not better)
+MARGIN_ON = {"background_margin": 0.05}  # `margin`: issue 27's background margin on as measured
 
 
 def configure(bank, config: str) -> None:
     """Set the switches on a loaded bank's recipe: `today` = as paper.yaml (every switch beyond the paper off),
     `before` = as toy.yaml with issue 27's off (the tail before issue 27), `new` = all as toy.yaml, `recall` =
-    toy.yaml with issue 27's thing proposals on (RECALL_ON)."""
+    toy.yaml with issue 27's thing proposals on (RECALL_ON), `margin` = `before` with issue 27's background margin
+    on (MARGIN_ON)."""
     if config not in CONFIGS:
         raise SystemExit(f"unknown config {config!r} (known: {', '.join(CONFIGS)})")
     paper, toy_r = load_recipe("paper"), load_recipe("toy")
@@ -126,9 +129,10 @@ def configure(bank, config: str) -> None:
         setattr(bank.recipe.segmentation, k, getattr(src.segmentation, k))
     for k in RECALL_KEYS:
         setattr(bank.recipe.segmentation, k, getattr((toy_r if config in ("new", "recall") else paper).segmentation, k))
-    if config == "recall":
-        for k, v in RECALL_ON.items():
-            setattr(bank.recipe.segmentation, k, v)
+    for k in MARGIN_KEYS:
+        setattr(bank.recipe.segmentation, k, getattr((toy_r if config == "new" else paper).segmentation, k))
+    for k, v in {"recall": RECALL_ON, "margin": MARGIN_ON}.get(config, {}).items():
+        setattr(bank.recipe.segmentation, k, v)
 
 
 def evaluate_vocab(uri: str, vocab: list[tuple[str, str]], scenes, config: str, ablate=(),

@@ -326,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run each ablation: no_background no_prefilter no_stuff_filter class_mean_only "
                          "no_regions only:<extractor>, the issue-10 switches: no_stuff_filter_self "
                          "no_stuff_presence no_bounded_search, issue 23's: no_stuff_opening "
-                         "no_background_presence, and issue 27's: no_thing_proposals (default: none)")
+                         "no_stuff_presence no_bounded_search, issue 23's: no_stuff_opening "
+                         "no_background_presence, and issue 27's: no_thing_proposals no_background_margin (default: "
+                         "none)")
     ap.add_argument("--pamr", action="store_true", help="refine the label maps with PAMR")
     ap.add_argument("--regions", choices=("none", "superpixels", "sam"), default=None,
                     help="snap labels to class-agnostic regions (default: the bank recipe's segmentation.regions)")

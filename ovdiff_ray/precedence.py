@@ -15,6 +15,11 @@ then the kept classes in order), each a switch with an ablation name:
   the vocabulary names the stuff an image is made of, they are that stuff under another name and win scattered
   pixels where the named stuff's own prototypes are a hair behind (a floor or a wall labelled "background" although
   the vocabulary names it). An image whose background is real loses it to no named class over a region of it.
+- `background_margin` (> 0, with `background_min_area`; ablation `no_background_margin`; issue 27): a background
+  pixel counts towards `background_min_area` only when background leads the best named class there by at least
+  this much (scores of the whole view, clamped at 0). Background prototypes that are a named stuff class under
+  another name lead it by a hair (cosine 0.98-0.999 to the stuff's own); a region no named class explains is
+  led by a clear margin.
 """
 from __future__ import annotations
 
@@ -35,8 +40,13 @@ def opened_shares(win: torch.Tensor, n: int, radius: int) -> torch.Tensor:
     return opened[0].flatten(1).sum(1) / win.numel()
 
 
-def background_present(scores: torch.Tensor, min_area: float) -> bool:
+def background_present(scores: torch.Tensor, min_area: float, margin: float = 0.0) -> bool:
     """`scores [K + 1, h, w]` of the whole-image view -> whether background (row 0) wins at least `min_area` of the
-    pixels (argmax of the scores clamped at 0, ties to background, as the final labels)."""
-    win = scores.clamp_min(0).argmax(0)
-    return float((win == 0).float().mean()) >= min_area
+    pixels (argmax of the scores clamped at 0, ties to background, as the final labels); with `margin` > 0 a pixel
+    counts only where background leads the best other row by at least `margin`."""
+    s = scores.clamp_min(0)
+    if margin > 0:
+        won = s[0] - s[1:].max(0).values >= margin if len(s) > 1 else torch.ones_like(s[0], dtype=torch.bool)
+    else:
+        won = s.argmax(0) == 0
+    return float(won.float().mean()) >= min_area

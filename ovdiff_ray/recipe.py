@@ -174,6 +174,7 @@ class SegmentationConfig:
     # issue 23 (off in paper.yaml): see ovdiff_ray/precedence.py
     stuff_opening: float = 0.0  # > 0: stuff presence counts won pixels after an opening of this radius (x short side)
     background_min_area: float = 0.0  # > 0: background is matched only if it wins this share of the whole view
+    background_margin: float = 0.0  # > 0 (issue 27): ... and a pixel counts only where background leads by this
     # issue 27 (off in paper.yaml): thing classes proposed by the prototypes past the pre-filter (proposals.py)
     thing_proposals: int = 0  # > 0: at most this many thing classes the pre-filter dropped are proposed per image
     proposal_grid: int = 16  # cells on the short side of the whole view that vote for their nearest class
@@ -341,6 +342,9 @@ def _validate(r: Recipe) -> None:
     if not (0 <= sg.stuff_opening < 0.5 and 0 <= sg.background_min_area <= 1 and 0 <= sg.stuff_min_area <= 1):
         raise RecipeError("segmentation: stuff_opening must be in [0, 0.5), stuff_min_area and background_min_area "
                           f"in [0, 1] (got {sg.stuff_opening}, {sg.stuff_min_area}, {sg.background_min_area})")
+    if not 0 <= sg.background_margin <= 1 or (sg.background_margin > 0 and sg.background_min_area <= 0):
+        raise RecipeError(f"segmentation: background_margin must be in [0, 1] and needs background_min_area > 0 "
+                          f"(got {sg.background_margin}, background_min_area {sg.background_min_area})")
     if not (0 <= sg.thing_proposals <= 64 and 1 <= sg.proposal_grid <= 128 and 0 <= sg.proposal_min_share <= 1
             and 0 <= sg.proposal_min_area <= 1 and 0 <= sg.proposal_context <= 4):
         raise RecipeError("segmentation: thing_proposals must be in 0..64, proposal_grid in 1..128, "

@@ -15,7 +15,8 @@ Ablations (recipe `segmentation.*` or the `ablate` argument): `no_background`, `
 `no_stuff_filter_self` (`stuff_filter_rule: self`), `no_stuff_presence` (`stuff_min_area`: a stuff class is kept
 only where it wins part of the whole-image view) and `no_bounded_search` (`subset_search: greedy | beam`); issue 23's
 `no_stuff_opening` and `no_background_presence` (precedence.py); issue 27's `no_thing_proposals` (proposals.py:
-the prototypes propose regions in the whole view, the classifier names their crops). With the pre-filter off over
+the prototypes propose regions in the whole view, the classifier names their crops) and `no_background_margin`
+(precedence.py: background presence counts only pixels it leads clearly). With the pre-filter off over
 more than `segmentation.retrieval_classes` classes, a faiss class-level retrieval (pooled
 image features vs class prototypes) bounds the classes matched.
 """
@@ -392,7 +393,8 @@ class Segmenter:
             it.acc = self._whole_scores(it, it.kept, exs, sw)
         for it in items:
             if sw.background_presence:
-                it.background = background_present(it.acc, self.seg.background_min_area)
+                margin = self.seg.background_margin if sw.background_margin else 0.0
+                it.background = background_present(it.acc, self.seg.background_min_area, margin)
             radius = round(self.seg.stuff_opening * min(it.x.shape[-2:])) if sw.stuff_opening else 0
             share = opened_shares(it.acc.clamp_min(0).argmax(0), len(it.kept) + 1, radius)
             it.kept = [c for j, c in enumerate(it.kept) if not sw.stuff_presence

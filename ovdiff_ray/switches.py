@@ -4,7 +4,7 @@ Ablations (recipe `segmentation.*` or the `ablate` argument of `Segmenter.segmen
 `no_prefilter`, `no_stuff_filter`, `class_mean_only`, `no_regions`, `only:<extractor>`; and for the switches beyond
 the paper (off in paper.yaml): issue 10's `no_stuff_filter_self`, `no_stuff_presence`, `no_bounded_search`, and
 issue 23's `no_stuff_opening`, `no_background_presence` (precedence.py), issue 27's `no_thing_proposals`
-(proposals.py).
+(proposals.py) and `no_background_margin` (precedence.py).
 
 `SegmentError` lives here (re-exported by segment.py) so that a bad ablation name is the segmenter's error.
 """
@@ -18,8 +18,8 @@ ABLATIONS = ("no_background", "no_prefilter", "no_stuff_filter", "class_mean_onl
              "no_stuff_filter_self", "no_stuff_presence", "no_bounded_search",
              # issue 23's (ovdiff_ray/precedence.py)
              "no_stuff_opening", "no_background_presence",
-             # issue 27's (ovdiff_ray/proposals.py)
-             "no_thing_proposals")
+             # issue 27's (ovdiff_ray/proposals.py; the margin: ovdiff_ray/precedence.py)
+             "no_thing_proposals", "no_background_margin")
 
 
 class SegmentError(ValueError):
@@ -43,6 +43,7 @@ class Switches:
     stuff_opening: bool = False  # segmentation.stuff_opening > 0
     background_presence: bool = False  # segmentation.background_min_area > 0
     thing_proposals: bool = False  # segmentation.thing_proposals > 0
+    background_margin: bool = False  # segmentation.background_margin > 0
 
     @classmethod
     def of(cls, seg, ablate: Sequence[str], extractors: Sequence[str]) -> "Switches":
@@ -51,7 +52,8 @@ class Switches:
                  class_mean_only=seg.class_mean_only, only=None, stuff_filter_self=seg.stuff_filter_rule == "self",
                  stuff_presence=seg.stuff_min_area > 0,
                  bounded_search=seg.subset_search != "exhaustive", stuff_opening=seg.stuff_opening > 0,
-                 background_presence=seg.background_min_area > 0, thing_proposals=seg.thing_proposals > 0)
+                 background_presence=seg.background_min_area > 0, thing_proposals=seg.thing_proposals > 0,
+                 background_margin=seg.background_margin > 0)
         for a in ablate:
             if a.startswith("only:"):
                 name = a[5:]

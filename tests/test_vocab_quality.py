@@ -243,7 +243,8 @@ def test_recipes_paper_off_toy_and_paper_plus_on():
     assert {k for k in a if a[k] != b[k]} == {"name", "segmentation"}
     assert {k for k in a["segmentation"] if a["segmentation"][k] != b["segmentation"][k]} == {
         "subset_search", "stuff_filter_rule", "stuff_min_area", "regions", "superpixels",  # issue 10's and 11's
-        "stuff_opening", "background_min_area"}  # issue 23's
+        "stuff_opening", "background_min_area",  # issue 23's
+        "background_margin"}  # issue 27's
     for name in ("no_stuff_filter_self", "no_stuff_presence", "no_bounded_search"):
         assert name in ABLATIONS
         assert getattr(Switches.of(plus.segmentation, [name], []), name[3:]) is False
