@@ -19,8 +19,9 @@ Measured (one definition of device time for every figure, `bench/devicetime.py`)
   extractor call and the classifier's image and text encoders, synchronised around each call) and the share of the
   image outside them (`full.outside_forward_share`, goal <= 0.05);
 - bytes crossing to the host per image (every `.cpu()`, `.numpy()`, `.tolist()`, `.item()`; on a CPU run, what
-  would cross) beyond the outputs asked for (the label map, int32 at the input size): `full.d2h_extra_mb_per_image`
-  (goal <= 1 MB);
+  would cross) beyond the outputs asked for (a request for the label map only, `confidence=False`: int32 at the
+  input size): `full.d2h_extra_mb_per_image` (goal <= 1 MB), of which the pre-filter's text embeddings for subset
+  prompts not yet cached (`full.d2h_text_embeddings_mb_per_image`; none once an image's prompts are cached);
 - on a GPU also: images per second for batches of 1, 4 and 16 images (`segment_batch`, the labelling job's case),
   p50 latency of one image (the service's case) and the device-busy share of the batch-16 run, from kernel time.
 
@@ -171,7 +172,7 @@ def instrumented(seg: Segmenter, img: np.ndarray, timer: ForwardTimer, d2h: D2H,
     sync(device)
     t0 = time.perf_counter()
     with d2h.counting():
-        res = seg.segment(img)
+        res = seg.segment(img, confidence=False)  # the service's default request: the label map only
     sync(device)
     wall = time.perf_counter() - t0
     timer.on = False
@@ -250,6 +251,8 @@ def main(argv=None) -> int:
     out("full.d2h_mb_per_image", d2h_b / 2**20)
     out("full.outputs_mb_per_image", outputs_b / 2**20)
     out("full.d2h_extra_mb_per_image", max(0.0, d2h_b - outputs_b) / 2**20)
+    text_b = float(np.mean([r["prompts"] for r in runs])) * classifier.dim * 4  # float32 rows of encode_text
+    out("full.d2h_text_embeddings_mb_per_image", text_b / 2**20)  # pre-filter cache misses (subset prompts)
 
     # -- 2. throughput and latency (GPU), counters off --------------------------------------------------------
     for b in batches:

@@ -15,6 +15,7 @@ from .compare import LABEL_AGREEMENT, PROTO_COS, agreement, toy_scenes
 
 pytestmark = pytest.mark.gpu
 CLASSES = ["red circle", "blue star"]
+DECIDED = 0.05  # a score margin no fp16 rounding of these models' features flips
 
 
 class StructuredKeys:
@@ -49,7 +50,11 @@ def class_recipe():
 def build(device: str, recipe, crf_workers: int):
     """The classes through the device pipeline on `device`, MaskCut on structured keys, the CRF in a pool of
     `crf_workers` processes; -> (prototypes, masks per CRF job)."""
+    from ovdiff_ray.models.masks import MaskCut, build_instance_masker
+
     models = SamplingModels.load(recipe, device, crf_workers=crf_workers)
+    models.masker = build_instance_masker(recipe, device)  # MaskCut on the tiny DINO (the toy generator's own
+    assert isinstance(models.masker, MaskCut)              # masker is the toy world's)
     models.masker.extractor = StructuredKeys(models.masker.extractor)
     pool = models.crf
     per_job: list[int] = []
@@ -122,5 +127,11 @@ def test_fp16_models_end_to_end(device, precision, tmp_path):
     dseg = Segmenter.from_bank(Bank.from_prototypes(dev, recipe), device)
     cseg = Segmenter.from_bank(Bank.from_prototypes(cpu, ref), "cpu")
     imgs = toy_scenes(2, 96, seed=40)
-    for d, c in zip(dseg.segment_batch(imgs, ablate=["no_prefilter"]), cseg.segment_batch(imgs, ablate=["no_prefilter"])):
-        assert agreement(d.labels, c.labels) >= LABEL_AGREEMENT
+    kw = {"ablate": ["no_prefilter"], "return_scores": True}
+    for d, c in zip(dseg.segment_batch(imgs, **kw), cseg.segment_batch(imgs, **kw)):
+        # two banks (fp16-drawn vs fp32-drawn support images) of random-weight features: compare the labels where
+        # the fp32 reference is decided by more than the fp16 tolerance (top-two score margin > DECIDED)
+        top2 = np.sort(c.scores, 0)[-2:]
+        decided = (top2[1] - top2[0]) > DECIDED
+        assert decided.mean() >= 0.1, decided.mean()
+        assert agreement(d.labels[decided], c.labels[decided]) >= LABEL_AGREEMENT
