@@ -27,6 +27,15 @@ def device_under_test(config) -> str:
     return d or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    """tests/conftest.py keeps CI at one thread; the CPU reference of a lent GPU machine may take more
+    (`OVDIFF_TEST_THREADS`, bench/gpu_check.sh sets 8)."""
+    n = int(os.environ.get("OVDIFF_TEST_THREADS", "0"))
+    if n > 0:
+        torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def device(request) -> str:
     d = device_under_test(request.config)
