@@ -311,6 +311,8 @@ def run_path(path: str, recipe, models, d2h: D2H, timer: DeviceTimer, inertia: I
     with DeviceTime(device, enabled=profile) as dt, d2h.counting():
         protos = sample_class(name, recipe, models, path=path)
     timer.on = False
+    if dt.error:
+        print(f"{inertia.path}.profiler_error: {dt.error}", flush=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if str(device).startswith("cuda") else float("nan")
     return protos, {"wall": dt.wall_s, "host": dt.host_s, "busy": dt.busy_share, "d2h": d2h.bytes,
                     "peak_gib": peak, "stages": dict(protos.info.get("seconds", {})), "model_s": timer.seconds}

@@ -83,22 +83,32 @@ class DeviceTime:
         with _quiet_stderr():
             self._prof.__exit__(None, None, None)
         try:
-            events = self._prof.events()
+            a = self._intervals()
         except Exception as e:  # noqa: BLE001
             self.error = f"{type(e).__name__}: {e}"
+            self._prof = None
             return
         if self.cuda:
-            from torch.autograd import DeviceType
-
-            iv = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
-            a = np.array(iv, np.float64).reshape(-1, 2)
             self.busy_s = min(self.wall_s, union_s(a[:, 0], a[:, 1]))
         else:
-            iv = [(e.time_range.start, e.time_range.end) for e in events
-                  if e.cpu_parent is None and e.name.startswith("aten::")]
-            a = np.array(iv, np.float64).reshape(-1, 2)
             self.torch_s = min(self.wall_s, union_s(a[:, 0], a[:, 1]))
         self._prof = None
+
+    def _intervals(self) -> np.ndarray:
+        """`[n, 2]` (start, end) in microseconds: GPU activity (kernels, memcpy, memset) on CUDA, torch operators on
+        a CPU. Read from the profiler's raw events (building its FunctionEvents for the ~10^5-10^6 kernels of a
+        class takes minutes)."""
+        from torch.autograd import DeviceType
+
+        want = DeviceType.CUDA if self.cuda else DeviceType.CPU
+        try:
+            raw = self._prof.profiler.kineto_results.events()
+            iv = [(e.start_ns() / 1e3, e.end_ns() / 1e3) for e in raw if e.device_type() == want
+                  and (self.cuda or e.name().startswith("aten::"))]
+        except AttributeError:  # another torch: the slow, public way
+            iv = [(e.time_range.start, e.time_range.end) for e in self._prof.events() if e.device_type == want
+                  and (self.cuda or e.name.startswith("aten::"))]
+        return np.array(iv, np.float64).reshape(-1, 2)
 
     @property
     def host_s(self) -> float | None:

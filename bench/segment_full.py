@@ -262,6 +262,8 @@ def main(argv=None) -> int:
         with DeviceTime(device) as dt:
             for _ in range(reps):
                 seg.segment_batch(batch)
+        if dt.error:
+            out(f"full.profiler_error_batch{b}", dt.error)
         out(f"full.images_per_s_batch{b}", b * reps / dt.wall_s)
         out(f"full.device_busy_share_batch{b}", fmt(dt.busy_share))
         out(f"full.host_s_per_image_batch{b}", fmt(None if dt.host_s is None else dt.host_s / (b * reps), ".4f"))

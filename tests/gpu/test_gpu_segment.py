@@ -87,7 +87,7 @@ def test_tiny_models_segment_batch(tiny_pair, precision):
     dev = dseg.segment_batch(imgs, return_scores=True, ablate=["no_prefilter"])
     cpu = cseg.segment_batch(imgs, return_scores=True, ablate=["no_prefilter"])
     assert_same(dev, cpu, SCORE_MAD[precision])
-    x = [torch.from_numpy(i).permute(2, 0, 1).float().div(255) for i in imgs]
+    x = [torch.from_numpy(np.array(i)).permute(2, 0, 1).float().div(255) for i in imgs]
     ed = dseg._prefilter.image_embeddings([t.to(dseg.device) for t in x])
     ec = cseg._prefilter.image_embeddings(x)
     cos = (ed * ec).sum(1) / np.linalg.norm(ed, axis=1) / np.linalg.norm(ec, axis=1)
