@@ -2,12 +2,19 @@
 device pipeline (`new`: `ovdiff_ray/pipeline/`), in the same process, with the recipe's full-size architectures
 (SD 1.5, DINO ViT-B/8, CLIP ViT-B/16) built offline with random weights from their configs (nothing downloaded).
 
-Measures, per path: seconds per stage (device-synchronised), host-only seconds per support image (work that stays on
-the host with a GPU: numpy, scipy, the CRF library; for `new`, what the device waits on it), MB per support image
-crossing from the models' device to the host (every `.cpu()`, `.numpy()`, `.tolist()`, `.item()`, `.to("cpu")`;
-on a CPU run, what would cross), the device-busy share (1 - host-only seconds / class seconds) and peak device
-memory; then how close the two banks are (class / instance prototypes, part k-means inertia), and MaskCut alone on
-keys with object structure at paper size (60 x 60 x 768, a few blobs plus noise, 3 cuts).
+Measures, per path, with one definition for both (`bench/devicetime.py`): seconds per stage (device-synchronised);
+host seconds per support image = wall time in which the device does no tensor work (on CUDA: the class's wall minus
+the union of kernel / memcpy intervals the profiler records on the GPU; on a CPU run: minus the union of torch
+operator intervals, i.e. numpy, scipy, the CRF library, Python and waits); the device-busy share = kernel time /
+class wall, measured on the device (CUDA only: `n/a` on a CPU, never inferred); MB per support image crossing from
+the models' device to the host (every `.cpu()`, `.numpy()`, `.tolist()`, `.item()`; on a CPU run, what would
+cross); peak device memory; then how close the two banks are (class / instance prototypes, part k-means inertia),
+and MaskCut alone on keys with object structure at paper size (60 x 60 x 768, a few blobs plus noise, 3 cuts).
+
+`--keys structured` (default): MaskCut's DINO keys are replaced by keys with object structure (`structured_keys`:
+a background split by lines, three discs, noise; one seed per support image, the same in both paths), so MaskCut
+makes its cuts and the CRF refines each of them as it would with real weights (random DINO keys give one small
+first cut and leave the CRF little to do). `--keys model`: the random model's own keys.
 
     python bench/class_bench.py --recipe paper --n 2 --steps 1       # this machine's CPU, ~10 minutes
     python bench/class_bench.py --recipe paper --n 64 --steps 30     # a GPU (bench/class_bench_gpu.sh)
@@ -26,6 +33,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+sys.path.insert(0, str(ROOT / "bench"))
+from devicetime import DeviceTime, fmt  # noqa: E402
 
 from ovdiff_ray import prototypes as host_protos  # noqa: E402
 from ovdiff_ray.models import default_device  # noqa: E402
@@ -167,6 +177,83 @@ def structured_keys(h: int, d: int, seed: int, blobs: int = 3) -> np.ndarray:
     return (vec[lab].transpose(2, 0, 1) + noise * rng.normal(size=(d, h, h))).astype(np.float32)
 
 
+class StructuredKeyExtractor:
+    """MaskCut's DINO with `structured_keys` in place of its keys (same shape, dtype and device): support image i of
+    a path (counted from `reset()`) gets seed 9000 + i, so both paths cut the same keys."""
+
+    def __init__(self, inner):
+        self.inner, self.count = inner, 0
+        self.name, self.dim, self.stride = getattr(inner, "name", "dino"), inner.dim, inner.stride
+
+    def reset(self) -> None:
+        self.count = 0
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        g = images.shape[-1] // self.stride
+        keys = torch.stack([structured_keys_on(g, self.dim, 9000 + self.count + i, images.device)
+                            for i in range(len(images))])
+        self.count += len(images)
+        return keys
+
+
+def structured_keys_on(h: int, d: int, seed: int, device, blobs: int = 3) -> torch.Tensor:
+    """`structured_keys` drawn on `device` (the keys never cross the bus, as DINO's would not): `[d, h, h]`."""
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(h, device=device) / h, torch.arange(h, device=device) / h, indexing="ij")
+    lines = []
+    for lo in (0.2, 0.3):
+        a = rng.uniform(0, np.pi)
+        lines.append((np.cos(a) * (yy - 0.5) + np.sin(a) * (xx - 0.5)) > rng.uniform(-lo, lo))
+    lab = lines[0].long() + 2 * (lines[1] & ~lines[0]).long()
+    for k in range(blobs):
+        cy, cx = rng.uniform(0.25, 0.75, 2)
+        r = rng.uniform(0.08, 0.18)
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 3 + k
+    vec = torch.randn(3 + blobs, d, generator=gen, device=device)
+    noise = torch.randn(d, h, h, generator=gen, device=device)
+    return vec[lab].permute(2, 0, 1) + (2.2 if d > 100 else 1.2) * noise
+
+
+class CrfCount:
+    """MaskCut masks sent to the dense CRF and kept by it: the host path's inline calls (`masks.crf_refine`) and the
+    device path's pool jobs (`CrfPool.submit` / `wait`, whose children this process cannot patch)."""
+
+    def __init__(self):
+        self.sent = self.kept = 0
+        self._in_pool = False
+
+    def install(self) -> None:
+        import ovdiff_ray.models.masks as masks
+        from ovdiff_ray.pipeline.instances import CrfPool
+
+        me = self
+        refine = masks.crf_refine
+
+        def counted(image, mask):
+            out = refine(image, mask)
+            if not me._in_pool:
+                me.sent += 1
+                me.kept += out is not None
+            return out
+        masks.crf_refine = counted
+        submit, wait = CrfPool.submit, CrfPool.wait
+
+        def submit_counted(pool, image, grid_masks):
+            me.sent += len(grid_masks)
+            me._in_pool = True
+            try:
+                return submit(pool, image, grid_masks)
+            finally:
+                me._in_pool = False
+
+        def wait_counted(pool, futures):
+            out = wait(pool, futures)
+            me.kept += sum(len(m) for m in out)
+            return out
+        CrfPool.submit, CrfPool.wait = submit_counted, wait_counted
+
+
 def maskcut_alone(device: str, n_images: int, side: int = 60, dim: int = 768) -> dict:
     from ovdiff_ray.models.masks import maskcut
     from ovdiff_ray.pipeline.maskcut import maskcut_batch
@@ -209,28 +296,26 @@ def bench_recipe(name: str, n: int, steps: int, models_dir: Path, device: str, s
     return recipe
 
 
-def run_path(path: str, recipe, models, d2h: D2H, timer: DeviceTimer, inertia: Inertia, name: str):
+def run_path(path: str, recipe, models, d2h: D2H, timer: DeviceTimer, inertia: Inertia, name: str,
+             keys: "StructuredKeyExtractor | None" = None, profile: bool = True):
+    """One class through `path`; host time and device busy by `devicetime.DeviceTime` (the same for both paths)."""
     from ovdiff_ray.sample import sample_class
 
     device = models.device
     inertia.path = "old" if path == "host" else "new"
+    if keys is not None:
+        keys.reset()
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     timer.seconds, timer.on = 0.0, True
-    sync(device)
-    t0 = time.perf_counter()
-    with d2h.counting():
+    with DeviceTime(device, enabled=profile) as dt, d2h.counting():
         protos = sample_class(name, recipe, models, path=path)
-    sync(device)
-    wall = time.perf_counter() - t0
     timer.on = False
-    if path == "host":
-        host = max(0.0, wall - timer.seconds)
-    else:
-        host = float(protos.info.get("host_s", 0.0))
+    if dt.error:
+        print(f"{inertia.path}.profiler_error: {dt.error}", flush=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if str(device).startswith("cuda") else float("nan")
-    return protos, {"wall": wall, "host": host, "d2h": d2h.bytes, "peak_gib": peak,
-                    "stages": dict(protos.info.get("seconds", {}))}
+    return protos, {"wall": dt.wall_s, "host": dt.host_s, "busy": dt.busy_share, "d2h": d2h.bytes,
+                    "peak_gib": peak, "stages": dict(protos.info.get("seconds", {})), "model_s": timer.seconds}
 
 
 def compare(a, b) -> float:
@@ -266,6 +351,11 @@ def main(argv=None) -> int:
                     help="full: the recipe's architectures at full size, random weights (default); recipe: its own models")
     ap.add_argument("--no-crf", action="store_true", help="MaskCut without its dense CRF (no pydensecrf2 here)")
     ap.add_argument("--no-old", action="store_true", help="skip the host path (a GPU at paper size: it takes long)")
+    ap.add_argument("--keys", choices=["structured", "model"], default="structured",
+                    help="MaskCut's keys: structured (objects to cut, so the CRF works as with real weights; default) "
+                         "or the random model's own")
+    ap.add_argument("--no-profile", action="store_true",
+                    help="no profiler: host time and device busy print n/a (the profiler's own cost is small)")
     a = ap.parse_args(argv)
     device = default_device() if a.device == "auto" else a.device
     crf_workers = a.crf_workers if a.crf_workers is not None else max(1, min(8, (os.cpu_count() or 2) - 1))
@@ -293,6 +383,11 @@ def main(argv=None) -> int:
     import ovdiff_ray.pipeline.pooling as pooling
 
     pooling.kmeans = inertia.wrap(device_kmeans.kmeans)
+    keys = None
+    if a.keys == "structured" and hasattr(models.masker, "extractor"):
+        keys = models.masker.extractor = StructuredKeyExtractor(models.masker.extractor)
+    crf_count = CrfCount()
+    crf_count.install()
     d2h.install()
     results = {}
     paths = ["new"] if a.no_old else ["old", "new"]
@@ -304,23 +399,29 @@ def main(argv=None) -> int:
     sample_class("warm up", recipe, models, path="device")
     recipe.generation.n_images = sample_warm
     for path in paths:
+        sent0, kept0 = crf_count.sent, crf_count.kept
         protos, r = run_path("host" if path == "old" else "device", recipe, models, d2h, timer, inertia,
-                             a.class_name)
+                             a.class_name, keys, not a.no_profile)
+        r["crf_sent"], r["crf_kept"] = crf_count.sent - sent0, crf_count.kept - kept0
         results[path] = (protos, r)
         print(f"{path}: {r['wall']:.2f}s for the class; stages " +
               ", ".join(f"{k} {v:.2f}s" for k, v in r["stages"].items()), flush=True)
     n = a.n
-    print("| path | class s | host-only s/image | D->H MB/image | device busy | peak device GiB |")
-    print("|---|---|---|---|---|---|")
+    host = lambda r: None if r["host"] is None else r["host"] / n  # noqa: E731
+    print(f"keys: {a.keys}; host = wall time in which the device does no tensor work; device busy = kernel time "
+          "(profiler, CUDA only)")
+    print("| path | class s | host s/image | D->H MB/image | device busy | CRF masks sent / kept | peak device GiB |")
+    print("|---|---|---|---|---|---|---|")
     for path, (_, r) in results.items():
-        busy = 1 - r["host"] / max(r["wall"], 1e-9)
-        print(f"| {path} | {r['wall']:.2f} | {r['host'] / n:.4f} | {r['d2h'] / n / 2**20:.3f} | {busy:.1%} | "
-              f"{r['peak_gib']:.2f} |")
+        print(f"| {path} | {r['wall']:.2f} | {fmt(host(r), '.4f')} | {r['d2h'] / n / 2**20:.3f} | "
+              f"{fmt(r['busy'], '.1%')} | {r['crf_sent']} / {r['crf_kept']} | {r['peak_gib']:.2f} |")
     for path, (_, r) in results.items():
         print(f"{path}.class_s: {r['wall']:.3f}")
-        print(f"{path}.host_s_per_image: {r['host'] / n:.4f}")
+        print(f"{path}.host_s_per_image: {fmt(host(r), '.4f')}")
         print(f"{path}.d2h_mb_per_image: {r['d2h'] / n / 2**20:.3f}")
-        print(f"{path}.device_busy_share: {1 - r['host'] / max(r['wall'], 1e-9):.3f}")
+        print(f"{path}.device_busy_share: {fmt(r['busy'])}")
+        print(f"{path}.crf_masks_sent: {r['crf_sent']}")
+        print(f"{path}.crf_masks_kept: {r['crf_kept']}")
         print(f"{path}.peak_device_gib: {r['peak_gib']:.2f}")
     import tempfile
 
@@ -340,7 +441,8 @@ def main(argv=None) -> int:
     if "old" in results:
         po, ro = results["old"]
         pn, rn = results["new"]
-        print(f"new_vs_old.host_ratio: {rn['host'] / max(ro['host'], 1e-9):.4f}")
+        if rn["host"] is not None and ro["host"] is not None:
+            print(f"new_vs_old.host_ratio: {rn['host'] / max(ro['host'], 1e-9):.4f}")
         print(f"new_vs_old.d2h_ratio: {rn['d2h'] / max(ro['d2h'], 1):.4f}")
         print(f"new_vs_old.max_abs_mean_prototype_diff: {compare(po, pn):.6f}")
         if inertia.total["old"] > 0:

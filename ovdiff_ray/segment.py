@@ -128,18 +128,29 @@ def upsample_argmax(scores: torch.Tensor, h0: int, w0: int, rows: int = 256) -> 
     """
     c, h, w = scores.shape
     if (h, w) == (h0, w0):
-        return scores.clamp_min(0).argmax(0).cpu().numpy()
+        return to_host_index(scores.clamp_min(0).argmax(0), c)
     tmp = F.interpolate(scores[None], size=(h, w0), mode="bilinear", align_corners=False)[0]  # [C, h, w0]
     src = ((torch.arange(h0, dtype=torch.float64) + 0.5) * (h / h0) - 0.5).clamp_min(0)
     i0 = src.floor().long().clamp_max(h - 1)
     i1 = (i0 + 1).clamp_max(h - 1)
     wt = (src - i0).float().to(tmp.device)[None, :, None]
-    out = np.empty((h0, w0), np.int64)
+    out = np.empty((h0, w0), index_dtype(c))
     for y in range(0, h0, rows):
         sl = slice(y, y + rows)
         blend = tmp[:, i0[sl]] * (1 - wt[:, sl]) + tmp[:, i1[sl]] * wt[:, sl]
-        out[sl] = blend.clamp_min_(0).argmax(0).cpu().numpy()
+        out[sl] = to_host_index(blend.clamp_min_(0).argmax(0), c)
     return out
+
+
+def index_dtype(c: int) -> np.dtype:
+    """The narrowest dtype for row indices `< c` (what crosses to the host: uint8 for up to 256 rows)."""
+    return np.dtype(np.uint8 if c <= 256 else np.int16 if c <= 32767 else np.int32)
+
+
+def to_host_index(arg: torch.Tensor, c: int) -> np.ndarray:
+    """An argmax over `c` rows -> numpy, narrowed on the device first (1 byte a pixel instead of 8 for int64)."""
+    return arg.to({np.dtype(np.uint8): torch.uint8, np.dtype(np.int16): torch.int16}.get(index_dtype(c),
+                                                                                          torch.int32)).cpu().numpy()
 
 
 # ------------------------------------------------------------------------------------------------- segmenter
@@ -483,7 +494,7 @@ class Segmenter:
             if scores.shape[-2:] != (h0, w0):
                 scores = F.interpolate(scores[None], size=(h0, w0), mode="bilinear", align_corners=False)[0]
             scores = scores.clamp_min(0)
-            arg = scores.argmax(0).cpu().numpy()  # first maximum: ties go to background (row 0)
+            arg = to_host_index(scores.argmax(0), len(scores))  # first maximum: ties go to background (row 0)
         else:
             arg = upsample_argmax(scores, h0, w0)
         labels = np.array([0] + [c + 1 for c in it.kept], np.int32)[arg]

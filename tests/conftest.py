@@ -25,6 +25,12 @@ def _one_thread_per_process() -> None:
 _one_thread_per_process()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default=None,
+                     help="device of the GPU tier (tests/gpu, `make test-gpu`): cuda | cpu | cuda:N; default "
+                          "$OVDIFF_TEST_DEVICE, else cuda when available, else cpu")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

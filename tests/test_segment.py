@@ -285,3 +285,15 @@ def test_chunked_upsample_argmax_equals_interpolate():
         want = ref.clamp_min(0).argmax(0).numpy()
         got = upsample_argmax(scores, h0, w0, rows=64)
         assert (got == want).mean() > 0.9999
+        assert got.dtype == np.uint8  # 5 rows: one byte a pixel crosses to the host, not eight
+
+
+def test_argmax_crosses_narrow_and_confidence_is_optional(seg, scenes):
+    from ovdiff_ray.segment import to_host_index
+
+    arg = torch.tensor([[0, 299], [12, 7]])
+    assert to_host_index(arg, 300).dtype == np.int16 and to_host_index(arg, 300).tolist() == arg.tolist()
+    assert to_host_index(arg, 70000).dtype == np.int32
+    full, bare = seg.segment(scenes[0][0]), seg.segment(scenes[0][0], confidence=False)
+    assert bare.confidence is None and full.confidence.shape == full.labels.shape
+    assert np.array_equal(bare.labels, full.labels) and bare.labels.dtype == np.int32
