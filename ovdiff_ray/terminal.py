@@ -246,8 +246,7 @@ def forward_worker_lines(verbose: bool = False, json_lines: bool = False) -> Non
         actor = data.get("actor_name") or data.get("task_name") or None
         for x in lines:
             if x.strip():
-                print(as_json(x, "WARNING" if data.get("is_err") else "INFO", pid=data.get("pid"), actor=actor),
-                      file=sink, flush=True)
+                emit(as_json(x, "WARNING" if data.get("is_err") else "INFO", pid=data.get("pid"), actor=actor), sink)
 
     disp.remove_handler("ray_print_logs")
     disp.remove_handler("ovdiff_print_logs")
@@ -258,4 +257,15 @@ def say(msg: str, json_lines: bool = False, level: str = "INFO", logger: str = "
     """One of our own lines on the terminal: as is, or as a JSON object in JSON mode."""
     if json_lines:
         msg = json.dumps({"ts": _iso(None), "level": level, "logger": logger, "msg": msg})
-    print(msg, file=file or sys.stdout, flush=True)
+    emit(msg, file or sys.stdout)
+
+
+_EMIT = threading.Lock()
+
+
+def emit(line: str, file) -> None:
+    """One whole line in one write, under one lock: Ray's printer thread and ours never interleave halves of lines
+    (`print` writes the text and its newline separately)."""
+    with _EMIT:
+        file.write(line + "\n")
+        file.flush()

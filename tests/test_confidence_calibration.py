@@ -30,6 +30,10 @@ def small_recipe():
     r = load_recipe("toy")
     r.generation.n_images = 8
     r.generation.batch_size = 8
+    # issue 27's background_margin (on in toy.yaml) counts background only where it leads clearly; in the noisy
+    # world background leads by little, so with it on the calibrated unsure share rises to ~0.42 (measured at the
+    # merge): this file checks the calibration, so the presence rule is pinned to the one it was measured with
+    r.segmentation.background_margin = 0.0
     return r
 
 

@@ -470,8 +470,11 @@ def test_a_job_and_build_bank_adding_different_classes_get_unique_ids(client, li
 
     root = live[1]
     names = names_of(root)
+    # two toy things the shared live bank does not hold yet (other tests of this module add classes to it)
+    star, tri = [n for n in ("orange star", "cyan cross", "magenta star", "yellow cross", "blue star")
+                 if n not in names][:2]
     voc = tmp_path / "more.tsv"
-    voc.write_text("name\tkind\n" + "".join(f"{n}\tthing\n" for n in names) + "orange star\tthing\n")
+    voc.write_text("name\tkind\n" + "".join(f"{n}\tthing\n" for n in names) + f"{star}\tthing\n")
     planned, job_done, seen = threading.Event(), threading.Event(), {}
     real_plan, real_commit = bb.plan, bb.BuildState.commit
 
@@ -493,18 +496,18 @@ def test_a_job_and_build_bank_adding_different_classes_get_unique_ids(client, li
         ["--vocab", str(voc), "--recipe", "toy", "--out", root, "--workers", "1", "--cpus-per-worker", "0.5"])))
     t.start()
     assert planned.wait(120)
-    r = client.post("/v1/classes", headers=AUTH, json={"classes": [{"name": "purple triangle"}]})
-    assert r.status_code == 202 and r.json()["pending"] == ["purple triangle"], r.text
+    r = client.post("/v1/classes", headers=AUTH, json={"classes": [{"name": tri}]})
+    assert r.status_code == 202 and r.json()["pending"] == [tri], r.text
     job = wait_job(client, r.json()["job"])
     job_done.set()
     t.join(300)
     assert rc.get("rc") == 0 and job["state"] == "done" and job["committed"], job
     m = read_manifest(Location(root))
     by = {c["name"]: c for c in m["classes"]}
-    assert by["purple triangle"]["id"] == seen["proposed"][0]  # the same id was proposed to both writers ...
-    assert by["orange star"]["id"] != by["purple triangle"]["id"]  # ... and the later commit re-derived its own
+    assert by[tri]["id"] == seen["proposed"][0]  # the same id was proposed to both writers ...
+    assert by[star]["id"] != by[tri]["id"]  # ... and the later commit re-derived its own
     ids = [c["id"] for c in m["classes"]]
-    assert len(ids) == len(set(ids)) and names_of(root).count("orange star") == 1
+    assert len(ids) == len(set(ids)) and names_of(root).count(star) == 1
 
 
 def test_rebuild_remove_and_rename_over_http(client, live, scenes):

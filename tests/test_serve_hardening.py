@@ -83,8 +83,10 @@ def test_schemathesis_fuzzing_finds_no_5xx_and_undocumented_responses(backend):
     # the service's own routes; Label Studio's protocol routes have their own tests (tests/test_labelstudio_backend.py)
     schema = schemathesis.openapi.from_asgi("/openapi.json", app).include(path_regex="^/(healthz|v1/)")
     ops = sorted(f"{r.ok().method.upper()} {r.ok().path}" for r in schema.get_all_operations())
-    assert ops == ["GET /healthz", "GET /v1/bank", "GET /v1/jobs/{job}", "POST /v1/classes", "POST /v1/classes/alias",
-                   "POST /v1/classes/remove", "POST /v1/classes/rename", "POST /v1/segment"], ops
+    assert ops == ["GET /healthz", "GET /v1/bank", "GET /v1/bank/classes", "GET /v1/bank/classes/{class_id}/support",
+                   "GET /v1/bank/classes/{class_id}/support/{index}.png", "GET /v1/jobs/{job}", "POST /v1/classes",
+                   "POST /v1/classes/alias", "POST /v1/classes/remove", "POST /v1/classes/rename",
+                   "POST /v1/segment"], ops
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
     seen: dict[int, int] = {}
     for mode, n in ((GenerationMode.POSITIVE, 60), (GenerationMode.NEGATIVE, 60)):

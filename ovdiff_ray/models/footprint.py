@@ -35,10 +35,16 @@ _ELEMENT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "
 
 
 def _safetensors_params(path: Path) -> int:
-    """Elements in a safetensors file, from its header (the first 8 bytes give the header's length)."""
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(min(n, 100 << 20)))
+    """Elements in a safetensors file, from its header (the first 8 bytes give the header's length). A file whose
+    header does not parse is sized as fp32 bytes: loading it is the worker's job, and it fails there with its name."""
+    try:
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(min(n, 100 << 20)))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (OSError, ValueError, struct.error, UnicodeDecodeError):
+        return path.stat().st_size // 4
     total = 0
     for k, v in header.items():
         if k == "__metadata__":

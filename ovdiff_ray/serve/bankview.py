@@ -27,6 +27,8 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from .errors import error_responses
+
 from .limits import RequestError
 
 log = logging.getLogger("ovdiff.serve")
@@ -129,7 +131,7 @@ def router(backend) -> APIRouter:
     async def bank_page() -> HTMLResponse:
         return HTMLResponse(page)
 
-    @r.get("/v1/bank/classes")
+    @r.get("/v1/bank/classes", responses=error_responses(400, 404, 503))
     async def classes(bank: str | None = None, q: str | None = None, offset: str | None = None,
                       limit: str | None = None, order: str | None = None) -> JSONResponse:
         """One page of the bank's classes with their support-record summary and audit score (worst first with
@@ -181,7 +183,7 @@ def router(backend) -> APIRouter:
                              "total": len(rows), "offset": off, "limit": lim, "audit": state,
                              "classes": rows[off:off + lim]})
 
-    @r.get("/v1/bank/classes/{class_id}/support")
+    @r.get("/v1/bank/classes/{class_id}/support", responses=error_responses(400, 404, 503))
     async def support(class_id: int, bank: str | None = None) -> JSONResponse:
         """A class's support images: seed, kept, why dropped, per-image signals, the tile's URL."""
         e, m = await _entry(bank)
@@ -201,7 +203,8 @@ def router(backend) -> APIRouter:
         return JSONResponse({"id": class_id, "name": c["name"], "prompt": c.get("prompt", ""),
                              "mode": rec.meta.get("mode"), "images": images})
 
-    @r.get("/v1/bank/classes/{class_id}/support/{index}.png")
+    @r.get("/v1/bank/classes/{class_id}/support/{index}.png",
+           responses={200: {"content": {"image/png": {}}}, **error_responses(400, 404, 503)})
     async def support_tile(class_id: int, index: int, bank: str | None = None) -> Response:
         """One support image as a tile with its fg/bg outlines (dimmed when dropped)."""
         e, m = await _entry(bank)
