@@ -471,8 +471,9 @@ def test_a_job_and_build_bank_adding_different_classes_get_unique_ids(client, li
     root = live[1]
     names = names_of(root)
     # two toy things the shared live bank does not hold yet (other tests of this module add classes to it)
-    star, tri = [n for n in ("orange star", "cyan cross", "magenta star", "yellow cross", "blue star")
-                 if n not in names][:2]
+    from ovdiff_ray.models.toy import COLOURS, SHAPES
+
+    star, tri = [n for n in (f"{c} {sh}" for sh in reversed(SHAPES) for c in COLOURS) if n not in names][:2]
     voc = tmp_path / "more.tsv"
     voc.write_text("name\tkind\n" + "".join(f"{n}\tthing\n" for n in names) + f"{star}\tthing\n")
     planned, job_done, seen = threading.Event(), threading.Event(), {}
